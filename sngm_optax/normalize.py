@@ -1,0 +1,118 @@
+"""Normalization of gradients by their L2 norm, computed safely in float32."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sngm_optax import _checks
+
+# Below this squared norm float32 squares may have underflowed (and above
+# float32's max they have overflowed): the norm is then recomputed after
+# dividing by the largest entry. The common case stays a single reduction.
+_SMALLEST_SAFE_SQUARED_NORM = 1e-20
+
+
+def _sum_of_squares(leaves, scale=None):
+  total = jnp.zeros((), jnp.float32)
+  for leaf in leaves:
+    leaf = leaf.astype(jnp.float32)
+    if scale is not None:
+      leaf = leaf / scale
+    total += jnp.sum(jnp.square(leaf))
+  return total
+
+
+def global_norm(tree) -> jax.Array:
+  r"""The L2 norm of a pytree, as one float32 scalar, without over/underflow.
+
+  .. math::
+    \|g\| = \sqrt{\textstyle\sum_{\text{leaves}} \sum_j g_j^2}
+
+  Squares are accumulated in float32 whatever the leaves' dtype. When the sum
+  overflows (entries above ~1e19) or is too small to be accurate (entries
+  below ~1e-10), the norm is recomputed as `s * ‖g / s‖` with `s = max |g_j|`,
+  so gradients of any finite magnitude get an accurate norm. A NaN or infinite
+  entry gives a NaN norm.
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    A float32 scalar.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  squared = _sum_of_squares(leaves)
+
+  def rescaled_norm(_):
+    scale = jnp.zeros((), jnp.float32)
+    for leaf in leaves:
+      scale = jnp.maximum(scale, jnp.max(jnp.abs(leaf.astype(jnp.float32))))
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    return safe_scale * jnp.sqrt(_sum_of_squares(leaves, safe_scale))
+
+  needs_rescaling = (squared < _SMALLEST_SAFE_SQUARED_NORM) | ~jnp.isfinite(
+      squared
+  )
+  return jax.lax.cond(
+      needs_rescaling, rescaled_norm, lambda _: jnp.sqrt(squared), None
+  )
+
+
+def _scale_tree(tree, factor):
+  return jax.tree.map(
+      lambda g: (g.astype(jnp.float32) * factor).astype(g.dtype), tree
+  )
+
+
+def normalize_by_global_norm(
+    eps: float = 1e-30,
+    per_layer: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Divides the updates by their global L2 norm.
+
+  .. math::
+    g \leftarrow \frac{g}{\max(\|g\|, \epsilon)}
+
+  The norm is taken over the whole pytree (all leaves together), as in SNGM;
+  with `per_layer=True` each leaf is divided by its own norm instead. The norm
+  is computed in float32 by :func:`global_norm`, so bfloat16/float16 updates
+  and gradients of magnitude 1e-30 or 1e30 are normalized accurately. A zero
+  gradient gives a zero update; a NaN or infinite gradient gives a NaN update
+  (so `optax.apply_if_finite` can skip the step).
+
+  Args:
+    eps: lower bound on the divisor; must be positive. The default is tiny, so
+      any nonzero float32 gradient of norm above 1e-30 gets a unit-norm update.
+    per_layer: normalize each leaf by its own norm instead of the global one.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with empty state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sngm_optax import normalize_by_global_norm
+    >>> tx = normalize_by_global_norm()
+    >>> updates, _ = tx.update({'w': jnp.array([3.0, 4.0])}, tx.init(None))
+    >>> updates['w']
+    Array([0.6, 0.8], dtype=float32)
+
+  References:
+    Zhao, Xie, Li, `Stochastic Normalized Gradient Descent with Momentum for
+    Large-Batch Training <https://arxiv.org/abs/2007.13985>`_, 2020
+  """
+  _checks.check_positive("eps", eps)
+
+  def normalize(tree):
+    return _scale_tree(tree, 1.0 / jnp.maximum(global_norm(tree), eps))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    if per_layer:
+      return jax.tree.map(normalize, updates), state
+    return normalize(updates), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn
+  )
