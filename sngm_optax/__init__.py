@@ -1,5 +1,22 @@
 """sngm_optax: optax transforms for training at any batch size."""
 
+from sngm_optax.adadagrad import adadagrad
+from sngm_optax.adadagrad import adadagrad_norm
+from sngm_optax.adagrad_norm import ScaleByAdagradNormState
+from sngm_optax.adagrad_norm import adagrad_norm
+from sngm_optax.adagrad_norm import scale_by_adagrad_norm
+from sngm_optax.batch_size import AdaptiveBatchSizeState
+from sngm_optax.batch_size import GradientNoiseStatistics
+from sngm_optax.batch_size import adaptive_batch_size
+from sngm_optax.batch_size import augmented_inner_product_test
+from sngm_optax.batch_size import coordinate_test
+from sngm_optax.batch_size import inner_product_test
+from sngm_optax.batch_size import microbatch_statistics
+from sngm_optax.batch_size import next_batch_size
+from sngm_optax.batch_size import norm_test
+from sngm_optax.batch_size import orthogonality_test
+from sngm_optax.batch_size import per_device_statistics
+from sngm_optax.batch_size import per_example_statistics
 from sngm_optax.distributed import average_across_devices
 from sngm_optax.normalize import global_norm
 from sngm_optax.normalize import normalize_by_global_norm
@@ -9,9 +26,26 @@ from sngm_optax.sngm import sngm
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaptiveBatchSizeState",
+    "GradientNoiseStatistics",
+    "ScaleByAdagradNormState",
+    "adadagrad",
+    "adadagrad_norm",
+    "adagrad_norm",
+    "adaptive_batch_size",
+    "augmented_inner_product_test",
     "average_across_devices",
+    "coordinate_test",
     "global_norm",
+    "inner_product_test",
+    "microbatch_statistics",
+    "next_batch_size",
+    "norm_test",
     "normalize_by_global_norm",
+    "orthogonality_test",
+    "per_device_statistics",
+    "per_example_statistics",
+    "scale_by_adagrad_norm",
     "scale_by_sngm",
     "sngm",
 )
