@@ -155,6 +155,7 @@ def _unit_statistics(
 
 def per_example_statistics(
     per_example_grads,
+    *,
     axis_name: AxisName | None = None,
     preconditioner=None,
 ):
@@ -196,6 +197,7 @@ def per_example_statistics(
 def microbatch_statistics(
     microbatch_grads,
     microbatch_size,
+    *,
     axis_name: AxisName | None = None,
     preconditioner=None,
 ):
@@ -243,6 +245,7 @@ def per_device_statistics(
     grads,
     per_device_batch_size,
     axis_name: AxisName,
+    *,
     preconditioner=None,
     mean_grads=None,
 ):
@@ -826,11 +829,14 @@ def adaptive_batch_size(
 
     if per_example_grads is not None:
       _, statistics = per_example_statistics(
-          per_example_grads, axis_name, weights
+          per_example_grads, axis_name=axis_name, preconditioner=weights
       )
     elif microbatch_grads is not None:
       _, statistics = microbatch_statistics(
-          microbatch_grads, microbatch_size, axis_name, weights
+          microbatch_grads,
+          microbatch_size,
+          axis_name=axis_name,
+          preconditioner=weights,
       )
     else:
       step_batch = state.next_batch_size if batch_size is None else batch_size
@@ -838,7 +844,11 @@ def adaptive_batch_size(
           axis_name
       )
       _, statistics = per_device_statistics(
-          updates, per_device, axis_name, weights, mean_grads=mean_updates
+          updates,
+          per_device,
+          axis_name,
+          preconditioner=weights,
+          mean_grads=mean_updates,
       )
     used_batch = jnp.round(statistics.num_samples).astype(jnp.int32)
 
