@@ -6,12 +6,16 @@ from sngm_optax.adagrad_norm import ScaleByAdagradNormState
 from sngm_optax.adagrad_norm import adagrad_norm
 from sngm_optax.adagrad_norm import scale_by_adagrad_norm
 from sngm_optax.batch_size import AdaptiveBatchSizeState
+from sngm_optax.batch_size import GradientMoments
 from sngm_optax.batch_size import GradientNoiseStatistics
+from sngm_optax.batch_size import add_gradient_moments
 from sngm_optax.batch_size import adaptive_batch_size
 from sngm_optax.batch_size import augmented_inner_product_test
 from sngm_optax.batch_size import coordinate_test
+from sngm_optax.batch_size import gradient_moments
 from sngm_optax.batch_size import inner_product_test
 from sngm_optax.batch_size import microbatch_statistics
+from sngm_optax.batch_size import moment_statistics
 from sngm_optax.batch_size import next_batch_size
 from sngm_optax.batch_size import norm_test
 from sngm_optax.batch_size import orthogonality_test
@@ -27,18 +31,22 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AdaptiveBatchSizeState",
+    "GradientMoments",
     "GradientNoiseStatistics",
     "ScaleByAdagradNormState",
     "adadagrad",
     "adadagrad_norm",
     "adagrad_norm",
     "adaptive_batch_size",
+    "add_gradient_moments",
     "augmented_inner_product_test",
     "average_across_devices",
     "coordinate_test",
     "global_norm",
+    "gradient_moments",
     "inner_product_test",
     "microbatch_statistics",
+    "moment_statistics",
     "next_batch_size",
     "norm_test",
     "normalize_by_global_norm",

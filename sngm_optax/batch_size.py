@@ -10,12 +10,17 @@ three sources:
 * K microbatch mean gradients, :func:`microbatch_statistics`;
 * per-device mean gradients inside `pmap`/`shard_map`,
   :func:`per_device_statistics` (only the gradient and three scalars are
-  all-reduced).
+  all-reduced);
+
+and, for the norm and coordinate-wise tests, from running sums of unit
+gradients and their squares, :func:`moment_statistics` (constant memory, any
+number of microbatches, e.g. from `optax.microbatching.micro_grad`).
 
 :func:`adaptive_batch_size` puts a test in an `optax.chain`; its state holds
 the batch size the training loop should use next.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +32,8 @@ from sngm_optax import _checks
 from sngm_optax.normalize import global_norm
 
 AxisName = str | tuple[str, ...]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 TESTS = ("norm", "inner_product", "orthogonality", "augmented", "coordinate")
 
@@ -66,12 +73,6 @@ class GradientNoiseStatistics(NamedTuple):
 # Statistics from the three sources.
 
 
-def _sum_per_unit(tree) -> jax.Array:
-  """Sums every leaf over all but its leading axis, then over leaves."""
-  leaves = jax.tree.leaves(tree)
-  return sum(jnp.sum(leaf.reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
-
-
 def _unit_statistics(
     units,
     samples_per_unit,
@@ -87,9 +88,9 @@ def _unit_statistics(
   variance, so `m` times the unbiased variance of unit means is an unbiased
   estimate of the per-sample variance (exact when m = 1). Deviations are taken
   from the mean before squaring (no cancellation), and with `axis_name` the
-  per-device sums are added with one `psum` of three scalars.
+  per-device sums are added with one `psum` of a few scalars.
   """
-  leaves = jax.tree.leaves(units)
+  leaves, treedef = jax.tree.flatten(units)
   if not leaves:
     raise ValueError("the gradient pytree has no leaves")
   local_units = leaves[0].shape[0] if leaves[0].ndim else 0
@@ -105,27 +106,43 @@ def _unit_statistics(
         "gradient-noise statistics need at least 2 examples, microbatches or "
         f"devices to estimate a variance; got {num_units}"
     )
-  units = jax.tree.map(lambda u: u.astype(jnp.float32), units)
+  # Each leaf as a (units, size) float32 matrix. Sums over units are
+  # matrix-vector products: XLA:CPU reduces a leading axis far more slowly.
+  rows = [
+      leaf.reshape(local_units, math.prod(leaf.shape[1:])).astype(jnp.float32)
+      for leaf in leaves
+  ]
   if mean is None:
-    local_sum = jax.tree.map(lambda u: jnp.sum(u, axis=0), units)
+    ones = jnp.ones(local_units, jnp.float32)
+    sums = [jnp.matmul(ones, r, precision=_HIGHEST) for r in rows]
     if axis_name:
-      local_sum = jax.lax.psum(local_sum, axis_name)
-    mean = jax.tree.map(lambda s: s / num_units, local_sum)
+      sums = jax.lax.psum(sums, axis_name)
+    means = [s / num_units for s in sums]
   else:
-    mean = jax.tree.map(lambda g: g.astype(jnp.float32), mean)
-  norm = global_norm(mean)
+    means = [
+        jnp.ravel(g).astype(jnp.float32) for g in treedef.flatten_up_to(mean)
+    ]
+  norm = global_norm(means)
   inverse_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
-  direction = jax.tree.map(lambda g: g * inverse_norm, mean)
-  deviations = jax.tree.map(lambda u, g: u - g, units, mean)
 
-  squared = _sum_per_unit(jax.tree.map(jnp.square, deviations))
-  along = _sum_per_unit(jax.tree.map(lambda d, e: d * e, deviations, direction))
+  squared = sum(jnp.sum(jnp.square(r - m), axis=1) for r, m in zip(rows, means))
+  # <g_u - mean, mean / |mean|> = <g_u, mean> / |mean| - |mean|.
+  along = (
+      sum(jnp.matmul(r, m, precision=_HIGHEST) for r, m in zip(rows, means))
+      * inverse_norm
+      - norm
+  )
   orthogonal = jnp.maximum(squared - jnp.square(along), 0.0)
   sums = [jnp.sum(squared), jnp.sum(jnp.square(along)), jnp.sum(orthogonal)]
   if preconditioner is not None:
-    weights = jax.tree.map(lambda w: w.astype(jnp.float32), preconditioner)
-    sums.append(jnp.sum(_sum_per_unit(jax.tree.map(
-        lambda d, w: jnp.square(d) * w, deviations, weights))))
+    weights = [
+        jnp.ravel(w).astype(jnp.float32)
+        for w in treedef.flatten_up_to(preconditioner)
+    ]
+    sums.append(sum(
+        jnp.sum(jnp.square(r - m) * w)
+        for r, m, w in zip(rows, means, weights)
+    ))
   sums = jnp.stack(sums)
   if axis_name:
     sums = jax.lax.psum(sums, axis_name)
@@ -138,8 +155,7 @@ def _unit_statistics(
   else:
     preconditioned_trace = scale * sums[3]
     preconditioned_sq_norm = sum(
-        jnp.sum(jnp.square(g) * w)
-        for g, w in zip(jax.tree.leaves(mean), jax.tree.leaves(weights))
+        jnp.sum(jnp.square(m) * w) for m, w in zip(means, weights)
     )
   statistics = GradientNoiseStatistics(
       num_samples=samples_per_unit * num_units,
@@ -149,6 +165,9 @@ def _unit_statistics(
       orthogonal_variance=scale * sums[2],
       preconditioned_variance_trace=preconditioned_trace,
       preconditioned_sq_norm=preconditioned_sq_norm,
+  )
+  mean = treedef.unflatten(
+      [m.reshape(leaf.shape[1:]) for m, leaf in zip(means, leaves)]
   )
   return mean, statistics
 
@@ -305,6 +324,151 @@ def per_device_statistics(
   return _unit_statistics(
       units, per_device_batch_size, axis_name, preconditioner, mean=mean_grads
   )
+
+
+class GradientMoments(NamedTuple):
+  r"""Running sums of unit gradients and of their squares, per coordinate.
+
+  The constant-memory, any-count source: accumulate one unit gradient at a
+  time (an example, or a microbatch mean of `m` samples) with
+  :func:`gradient_moments` and `+` of the fields (:func:`add_gradient_moments`),
+  e.g. inside a gradient-accumulation loop whose number of microbatches
+  changes from step to step. All fields are sums, so `jax.lax.psum(moments,
+  axis_name)` pools the units of all devices.
+
+  Attributes:
+    count: int32, the number of unit gradients summed.
+    grad_sum: :math:`\sum_u g_u` (float32 pytree).
+    sq_grad_sum: :math:`\sum_u g_u^2`, elementwise (float32 pytree).
+  """
+
+  count: jax.Array
+  grad_sum: Any
+  sq_grad_sum: Any
+
+
+def gradient_moments(grads) -> GradientMoments:
+  """The :class:`GradientMoments` of one unit gradient (count 1).
+
+  Args:
+    grads: one unit gradient (a pytree; an example's or a microbatch's mean).
+
+  Returns:
+    `GradientMoments(1, grads, grads**2)` in float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sngm_optax import add_gradient_moments, gradient_moments
+    >>> moments = add_gradient_moments(gradient_moments(jnp.array([1.0])),
+    ...                                gradient_moments(jnp.array([3.0])))
+    >>> moments.count, moments.grad_sum, moments.sq_grad_sum
+    (Array(2, dtype=int32), Array([4.], dtype=float32), Array([10.], dtype=float32))
+  """
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  return GradientMoments(
+      count=jnp.ones((), jnp.int32),
+      grad_sum=grads,
+      sq_grad_sum=jax.tree.map(jnp.square, grads),
+  )
+
+
+def add_gradient_moments(a: GradientMoments, b: GradientMoments):
+  """The :class:`GradientMoments` of the units of `a` and `b` together.
+
+  Args:
+    a: moments of some units.
+    b: moments of other units.
+
+  Returns:
+    Their field-wise sum.
+  """
+  return jax.tree.map(jnp.add, a, b)
+
+
+def moment_statistics(
+    moments: GradientMoments,
+    samples_per_unit,
+    *,
+    axis_name: AxisName | None = None,
+    preconditioner=None,
+):
+  r"""Gradient-noise statistics from :class:`GradientMoments`.
+
+  With :math:`n` units of :math:`m` samples each,
+  :math:`\bar g = \frac1n \sum_u g_u` and per coordinate
+  :math:`s_j = \max(0, \sum_u g_{uj}^2 - n \bar g_j^2)
+  = \sum_u (g_{uj} - \bar g_j)^2`:
+
+  .. math::
+    \mathrm{tr}(\Sigma) \approx \tfrac{m}{n-1} \textstyle\sum_j s_j, \qquad
+    \textstyle\sum_j w_j \mathrm{Var}_i(g_{ij}) \approx
+      \tfrac{m}{n-1} \sum_j w_j s_j
+
+  the same estimates as :func:`per_example_statistics` (:math:`m = 1`) or
+  :func:`microbatch_statistics`, but only for the norm and coordinate-wise
+  tests: the moments hold no inner products between units, so
+  `directional_variance` and `orthogonal_variance` are NaN. The squared
+  deviations are formed from sums (float32 cancellation when the gradients'
+  spread is below ~1e-3 of their mean, where the tests ask for no growth
+  anyway). Fewer than 2 units give non-finite statistics, which
+  :func:`adaptive_batch_size` skips. `optax.microbatching.micro_grad` with
+  `accumulator=AccumulationType.SUM` and `transform_fn=lambda g: (g,
+  jax.tree.map(jnp.square, g))` gives the per-example moments of a batch
+  (:math:`m = 1`) in constant memory.
+
+  Args:
+    moments: the :class:`GradientMoments` of this device's units.
+    samples_per_unit: :math:`m` (1 for per-example moments).
+    axis_name: the mapped axis to pool the units of all devices over.
+    preconditioner: optional pytree of diagonal weights :math:`w`.
+
+  Returns:
+    `(mean_grads, statistics)` as :func:`per_example_statistics`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sngm_optax import gradient_moments, moment_statistics
+    >>> from sngm_optax import add_gradient_moments
+    >>> moments = add_gradient_moments(gradient_moments(jnp.array([1.0, 0.0])),
+    ...                                gradient_moments(jnp.array([3.0, 0.0])))
+    >>> _, stats = moment_statistics(moments, samples_per_unit=1)
+    >>> stats.sq_norm, stats.variance_trace
+    (Array(4., dtype=float32), Array(2., dtype=float32))
+  """
+  if axis_name:
+    moments = jax.lax.psum(moments, axis_name)
+  count = jnp.asarray(moments.count, jnp.float32)
+  mean = jax.tree.map(lambda s: s.astype(jnp.float32) / count, moments.grad_sum)
+  deviations = jax.tree.map(
+      lambda s2, g: jnp.maximum(s2.astype(jnp.float32) - count * g * g, 0.0),
+      moments.sq_grad_sum,
+      mean,
+  )
+  samples_per_unit = jnp.asarray(samples_per_unit, jnp.float32)
+  scale = samples_per_unit / (count - 1)
+  zero = jnp.zeros((), jnp.float32)
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  preconditioned_trace, preconditioned_sq_norm = zero, zero
+  if preconditioner is not None:
+    weights = jax.tree.map(lambda w: w.astype(jnp.float32), preconditioner)
+    preconditioned_trace = scale * sum(
+        jnp.sum(d * w)
+        for d, w in zip(jax.tree.leaves(deviations), jax.tree.leaves(weights))
+    )
+    preconditioned_sq_norm = sum(
+        jnp.sum(g * g * w)
+        for g, w in zip(jax.tree.leaves(mean), jax.tree.leaves(weights))
+    )
+  statistics = GradientNoiseStatistics(
+      num_samples=samples_per_unit * count,
+      sq_norm=jnp.square(global_norm(mean)),
+      variance_trace=scale * sum(jnp.sum(d) for d in jax.tree.leaves(deviations)),
+      directional_variance=nan,
+      orthogonal_variance=nan,
+      preconditioned_variance_trace=preconditioned_trace,
+      preconditioned_sq_norm=preconditioned_sq_norm,
+  )
+  return mean, statistics
 
 
 # ----------------------------------------------------------------------------
@@ -661,9 +825,12 @@ def adaptive_batch_size(
   * `per_example_grads=`: pytree with a leading batch axis (exact);
   * `microbatch_grads=`: pytree with a leading axis of microbatch mean
     gradients of `microbatch_size` samples each (estimate);
-  * neither, with `axis_name` set: the devices' own gradients (`updates`)
-    inside `pmap`/`shard_map` (estimate; only three extra scalars are
-    all-reduced). The batch size of that step is the `batch_size=` keyword if
+  * `gradient_moments=`: a :class:`GradientMoments` (sums of unit gradients
+    and of their squares, any number of units of `microbatch_size` samples,
+    constant memory; norm and coordinate tests only);
+  * none of these, with `axis_name` set: the devices' own gradients (`updates`)
+    inside `pmap`/`shard_map` (estimate; besides the gradient mean, only
+    three scalars, four for the coordinate test, are all-reduced). The batch size of that step is the `batch_size=` keyword if
     given, else the state's `next_batch_size` (the loop followed the
     suggestion); each device's gradient is the mean of `batch_size / D`
     samples.
@@ -672,8 +839,10 @@ def adaptive_batch_size(
   microbatches of all devices are pooled (exact global statistics for
   per-example gradients). See :func:`per_example_statistics`,
   :func:`microbatch_statistics`, :func:`per_device_statistics` for the
-  estimators. Steps with non-finite statistics leave the batch sizes and
-  EMAs as they were. Everything is traced arrays: a growing batch size never
+  estimators. Steps with non-finite statistics leave the suggestion, the
+  test statistic and the EMAs as they were. Inside `optax.MultiSteps` the
+  test would only see the last mini-step's samples: pass
+  `microbatch_grads=` instead. Everything is traced arrays: a growing batch size never
   recompiles the update.
 
   Args:
@@ -691,7 +860,8 @@ def adaptive_batch_size(
     nu: :math:`\nu` of the orthogonality and augmented tests.
     batch_size_multiple: :math:`q`; suggestions are rounded up to a multiple
       of it (e.g. devices × microbatch size).
-    microbatch_size: samples per microbatch, needed for `microbatch_grads`.
+    microbatch_size: samples per microbatch, needed for `microbatch_grads`
+      and `gradient_moments` (1 for moments of per-example gradients).
     axis_name: the `pmap`/`shard_map` axis of the devices, or `None`.
     noise_scale_decay: :math:`\beta \in [0, 1)`, the EMA decay of the
       noise-scale estimate (0.95: about the last 20 steps).
@@ -757,6 +927,15 @@ def adaptive_batch_size(
   if axis_name is not None and not axis_name:
     raise ValueError("axis_name must be a non-empty axis name or None")
   coordinate = test == "coordinate"
+  # The statistics the test and the noise scale read (moments leave the
+  # others NaN).
+  checked_fields = ("num_samples", "sq_norm", "variance_trace") + {
+      "norm": (),
+      "inner_product": ("directional_variance",),
+      "orthogonality": ("orthogonal_variance",),
+      "augmented": ("directional_variance", "orthogonal_variance"),
+      "coordinate": ("preconditioned_variance_trace", "preconditioned_sq_norm"),
+  }[test]
 
   def run_test(statistics):
     if test == "norm":
@@ -792,20 +971,35 @@ def adaptive_batch_size(
       *,
       per_example_grads=None,
       microbatch_grads=None,
+      gradient_moments=None,
       batch_size=None,
       **extra_args,
   ):
     del params, extra_args
-    if per_example_grads is not None and microbatch_grads is not None:
-      raise ValueError("pass per_example_grads or microbatch_grads, not both")
-    if microbatch_grads is not None and microbatch_size is None:
+    sources = {
+        "per_example_grads": per_example_grads,
+        "microbatch_grads": microbatch_grads,
+        "gradient_moments": gradient_moments,
+    }
+    given = [name for name, value in sources.items() if value is not None]
+    if len(given) > 1:
+      raise ValueError(f"pass one source of statistics, not both of {given}")
+    if not given and not axis_name:
       raise ValueError(
-          "microbatch_grads needs adaptive_batch_size(microbatch_size=...)"
+          "adaptive_batch_size needs per_example_grads=, microbatch_grads= or "
+          "gradient_moments= in update(), or axis_name= for per-device "
+          "statistics"
       )
-    if per_example_grads is None and microbatch_grads is None and not axis_name:
+    if given and given[0] != "per_example_grads" and microbatch_size is None:
       raise ValueError(
-          "adaptive_batch_size needs per_example_grads= or microbatch_grads= "
-          "in update(), or axis_name= for per-device statistics"
+          f"{given[0]} needs adaptive_batch_size(microbatch_size=...) "
+          "(1 for per-example moments)"
+      )
+    if gradient_moments is not None and test not in ("norm", "coordinate"):
+      raise ValueError(
+          f"test={test!r} needs inner products between units: pass "
+          "per_example_grads= or microbatch_grads=, or use per-device "
+          "statistics; gradient_moments= support the norm and coordinate tests"
       )
     mean_updates = (
         jax.lax.pmean(updates, axis_name) if axis_name else updates
@@ -831,6 +1025,13 @@ def adaptive_batch_size(
       _, statistics = per_example_statistics(
           per_example_grads, axis_name=axis_name, preconditioner=weights
       )
+    elif gradient_moments is not None:
+      _, statistics = moment_statistics(
+          gradient_moments,
+          microbatch_size,
+          axis_name=axis_name,
+          preconditioner=weights,
+      )
     elif microbatch_grads is not None:
       _, statistics = microbatch_statistics(
           microbatch_grads,
@@ -853,7 +1054,9 @@ def adaptive_batch_size(
     used_batch = jnp.round(statistics.num_samples).astype(jnp.int32)
 
     test_batch = run_test(statistics)
-    finite = jnp.all(jnp.isfinite(jnp.stack(list(statistics))))
+    finite = jnp.all(jnp.isfinite(jnp.stack(
+        [getattr(statistics, field) for field in checked_fields]
+    )))
     proposed = jnp.maximum(
         state.next_batch_size,
         next_batch_size(

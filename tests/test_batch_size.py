@@ -22,10 +22,13 @@ from sngm_optax import adadagrad
 from sngm_optax import adadagrad_norm
 from sngm_optax import adagrad_norm
 from sngm_optax import adaptive_batch_size
+from sngm_optax import add_gradient_moments
 from sngm_optax import augmented_inner_product_test
 from sngm_optax import coordinate_test
+from sngm_optax import gradient_moments
 from sngm_optax import inner_product_test
 from sngm_optax import microbatch_statistics
+from sngm_optax import moment_statistics
 from sngm_optax import next_batch_size
 from sngm_optax import norm_test
 from sngm_optax import orthogonality_test
@@ -426,6 +429,119 @@ def test_per_device_estimator_is_unbiased():
   np.testing.assert_allclose(estimates.sq_norm, exact.sq_norm, rtol=1e-4)
 
 
+def moments_of(stacked):
+  """Streams the rows of `stacked` one at a time into GradientMoments."""
+  rows = [jax.tree.map(lambda g, i=i: g[i], stacked)
+          for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+  moments = gradient_moments(rows[0])
+  for row in rows[1:]:
+    moments = add_gradient_moments(moments, gradient_moments(row))
+  return moments
+
+
+MOMENT_FIELDS = ("num_samples", "sq_norm", "variance_trace",
+                 "preconditioned_variance_trace", "preconditioned_sq_norm")
+
+
+def test_moments_give_the_norm_and_coordinate_statistics():
+  per_example = random_per_example(19, batch=12, mean_scale=0.5)
+  weights = jax.tree.map(lambda g: jnp.abs(g[0]) + 0.2, per_example)
+  mean_a, want = per_example_statistics(per_example, preconditioner=weights)
+  mean_b, got = jax.jit(moment_statistics)(
+      moments_of(per_example), 1, preconditioner=weights
+  )
+  for field in MOMENT_FIELDS:
+    np.testing.assert_allclose(
+        getattr(got, field), getattr(want, field), rtol=1e-5, err_msg=field
+    )
+  assert np.isnan(got.directional_variance) and np.isnan(got.orthogonal_variance)
+  for x, y in zip(jax.tree.leaves(mean_a), jax.tree.leaves(mean_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+  # Microbatch means as units, and units pooled across devices by psum.
+  means = jax.tree.map(lambda g: g.reshape((4, 3) + g.shape[1:]).mean(1),
+                       per_example)
+  _, want = microbatch_statistics(means, 3)
+  _, got = moment_statistics(moments_of(means), 3)
+  for field in MOMENT_FIELDS[:3]:
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field),
+                               rtol=1e-5, err_msg=field)
+  split = jax.tree.map(
+      lambda g: g.reshape((NUM_DEVICES, 3) + g.shape[1:]),
+      random_per_example(20, batch=NUM_DEVICES * 3),
+  )
+  _, want = per_example_statistics(
+      jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), split)
+  )
+  got = pmapped(lambda g: moment_statistics(
+      moments_of(g), 1, axis_name="devices")[1])(split)
+  for field in MOMENT_FIELDS[:3]:
+    np.testing.assert_allclose(getattr(got, field)[0], getattr(want, field),
+                               rtol=1e-5, err_msg=field)
+
+
+def test_moments_from_optax_micro_grad():
+  """optax.microbatching.micro_grad streams per-example moments."""
+  rng = np.random.default_rng(21)
+  inputs = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  targets = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0]), "b": jnp.asarray(0.3)}
+
+  def loss(params, x, y):
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+  (grad_sum, sq_grad_sum), _ = optax.microbatching.micro_grad(
+      loss, batch_argnums=(1, 2), microbatch_size=4,
+      accumulator=optax.microbatching.AccumulationType.SUM,
+      transform_fn=lambda g: (g, jax.tree.map(jnp.square, g)),
+  )(params, inputs, targets)
+  moments = sngm_optax.GradientMoments(jnp.int32(16), grad_sum, sq_grad_sum)
+  _, got = moment_statistics(moments, 1)
+
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(
+      params, inputs[:, None], targets[:, None]
+  )
+  want = reference_tests(flatten(per_example), 0.1, 0.1, 0.1)
+  np.testing.assert_allclose(got.variance_trace, want["trace"], rtol=1e-4)
+  np.testing.assert_allclose(norm_test(got), want["norm"], rtol=1e-4)
+
+
+def test_transform_with_moments_and_a_changing_number_of_microbatches():
+  tx = adaptive_batch_size(max_batch_size=4096, initial_batch_size=8,
+                           microbatch_size=4, eta=0.3)
+  traces = []
+
+  @jax.jit
+  def step(state, moments):
+    traces.append(1)
+    mean = jax.tree.map(lambda s: s / moments.count, moments.grad_sum)
+    return tx.update(mean, state, gradient_moments=moments)[1]
+
+  state = tx.init(jnp.zeros(5))
+  rng = np.random.default_rng(22)
+  for num_microbatches in (2, 3, 5):
+    means = jnp.asarray(rng.normal(0.4, 1.0, size=(num_microbatches, 5)),
+                        jnp.float32)
+    state = step(state, moments_of(means))
+    _, want = microbatch_statistics(means, 4)
+    np.testing.assert_allclose(state.test_statistic, norm_test(want, 0.3),
+                               rtol=1e-4)
+    assert int(state.batch_size) == 4 * num_microbatches
+  assert len(traces) == 1  # the count is data, not shape
+
+  previous = state
+  state = step(state, gradient_moments(jnp.ones(5)))  # one unit: no variance
+  np.testing.assert_array_equal(state.next_batch_size, previous.next_batch_size)
+  np.testing.assert_array_equal(state.test_statistic, previous.test_statistic)
+  assert not any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves(state))
+
+  inner = adaptive_batch_size(max_batch_size=64, test="inner_product",
+                              microbatch_size=4, initial_batch_size=8)
+  with pytest.raises(ValueError, match="inner products"):
+    inner.update(jnp.zeros(5), inner.init(jnp.zeros(5)),
+                 gradient_moments=moments_of(jnp.ones((2, 5))))
+
+
 def test_too_few_units_raise():
   with pytest.raises(ValueError, match="at least 2"):
     per_example_statistics(jnp.ones((1, 3)))
@@ -691,6 +807,25 @@ def test_adadagrad_norm_updates_are_adagrad_norm():
   )
 
 
+def test_inside_apply_if_finite():
+  tx = optax.apply_if_finite(
+      adadagrad_norm(0.1, max_batch_size=512, initial_batch_size=4), 3
+  )
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  per_sample = jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0]])
+  _, state = update(per_sample.mean(0), state, params,
+                    per_example_grads=per_sample)
+  grown = int(optax.tree.get(state, "next_batch_size"))
+  assert grown == 67
+  bad = per_sample.at[0, 0].set(jnp.inf)
+  updates, state = update(bad.mean(0), state, params, per_example_grads=bad)
+  np.testing.assert_array_equal(updates, jnp.zeros(2))
+  assert int(optax.tree.get(state, "next_batch_size")) == grown
+  assert int(state.notfinite_count) == 1
+
+
 def test_update_argument_errors():
   tx = adaptive_batch_size(max_batch_size=64, initial_batch_size=8)
   state = tx.init(jnp.zeros(2))
@@ -738,6 +873,8 @@ def test_bad_optimizer_arguments():
 
 def test_everything_is_exported():
   for name in ("adaptive_batch_size", "adadagrad", "adadagrad_norm",
+               "GradientMoments", "gradient_moments", "add_gradient_moments",
+               "moment_statistics",
                "norm_test", "inner_product_test", "orthogonality_test",
                "augmented_inner_product_test", "coordinate_test",
                "next_batch_size", "per_example_statistics",

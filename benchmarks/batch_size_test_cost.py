@@ -1,0 +1,339 @@
+"""Per-step cost of an AdAdaGrad batch-size test, in each statistics mode.
+
+Times one jitted training step of a small MLP (~106k parameters, batch 256)
+with and without the batch-size test, for the three sources of per-sample
+statistics:
+
+* per_example: per-example gradients from `jax.vmap(jax.grad(...))`; baseline
+  is the plain step (`jax.grad` of the mean loss);
+* microbatch: K = 8 microbatches of 32 (`lax.scan`); baseline is the same
+  scan accumulating the gradient sum, the test keeps the 8 microbatch
+  gradients instead;
+* per_device: 8 (simulated CPU) devices under `jax.pmap`, 32 samples each;
+  baseline averages the gradients with `pmean`, the test does that inside
+  `adaptive_batch_size(axis_name=...)` plus one `psum` of three scalars.
+
+Each configuration is timed `--repeats` times (interleaved with its
+baseline), `--steps` steps each; the table shows medians of wall-clock
+ratios, and of CPU-time ratios (this process, all threads), which depend less
+on other load on a shared machine. Writes JSON and a bar chart.
+
+  PYTHONPATH=. python benchmarks/batch_size_test_cost.py
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import sngm_optax  # noqa: E402
+
+NUM_DEVICES = 8
+FEATURES, HIDDEN, CLASSES = 40, 300, 10
+
+
+def init_mlp(key):
+  sizes = [FEATURES, HIDDEN, HIDDEN, CLASSES]
+  params = []
+  for key, (fan_in, fan_out) in zip(
+      jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])
+  ):
+    params.append({
+        "w": jax.random.normal(key, (fan_in, fan_out)) / np.sqrt(fan_in),
+        "b": jnp.zeros(fan_out),
+    })
+  return params
+
+
+def loss_fn(params, inputs, labels):
+  x = inputs
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  logits = x @ params[-1]["w"] + params[-1]["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def single_example_loss(params, inputs, labels):
+  return loss_fn(params, inputs[None], labels[None])
+
+
+def optimizers(test, max_batch, **kwargs):
+  """(baseline, with test) for the test's optimizer family."""
+  if test == "coordinate":
+    return optax.adagrad(0.1), sngm_optax.adadagrad(
+        0.1, max_batch, test=test, initial_batch_size=256, **kwargs
+    )
+  return sngm_optax.adagrad_norm(0.1), sngm_optax.adadagrad_norm(
+      0.1, max_batch, test=test, initial_batch_size=256, **kwargs
+  )
+
+
+def apply(tx, params, state, grads, **extra):
+  updates, state = tx.update(grads, state, params, **extra)
+  return optax.apply_updates(params, updates), state
+
+
+def single_device_steps(mode, test, batch, microbatches):
+  """{variant: (step, optimizer)}: baseline, sources (no test), with_test."""
+  baseline_tx, test_tx = optimizers(
+      test, 4096, microbatch_size=batch // microbatches
+  )
+
+  def plain(params, state, inputs, labels):
+    grads = jax.grad(loss_fn)(params, inputs, labels)
+    return apply(baseline_tx, params, state, grads)
+
+  def per_example(tx, with_test):
+    def step(params, state, inputs, labels):
+      per_example_grads = jax.vmap(
+          jax.grad(single_example_loss), in_axes=(None, 0, 0)
+      )(params, inputs, labels)
+      # The mean as the statistics compute it (a matrix-vector product; under
+      # jit the transform's identical computation is shared and the unused
+      # statistics are dead code). XLA:CPU's g.mean(0) is ~30x slower.
+      grads, _ = sngm_optax.per_example_statistics(per_example_grads)
+      extra = {"per_example_grads": per_example_grads} if with_test else {}
+      return apply(tx, params, state, grads, **extra)
+
+    return step
+
+  def split(x):
+    return x.reshape((microbatches, -1) + x.shape[1:])
+
+  def accumulated(params, state, inputs, labels):
+    def body(total, batch):
+      grads = jax.grad(loss_fn)(params, *batch)
+      return jax.tree.map(jnp.add, total, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(body, zeros, (split(inputs), split(labels)))
+    grads = jax.tree.map(lambda g: g / microbatches, total)
+    return apply(baseline_tx, params, state, grads)
+
+  def microbatched(tx, with_test):
+    def step(params, state, inputs, labels):
+      def body(_, batch):
+        return None, jax.grad(loss_fn)(params, *batch)
+
+      _, microbatch_grads = jax.lax.scan(
+          body, None, (split(inputs), split(labels))
+      )
+      grads, _ = sngm_optax.microbatch_statistics(microbatch_grads, 1)
+      extra = {"microbatch_grads": microbatch_grads} if with_test else {}
+      return apply(tx, params, state, grads, **extra)
+
+    return step
+
+  if mode == "per_example":
+    baseline, source = plain, per_example
+  else:
+    baseline, source = accumulated, microbatched
+  return {
+      "baseline": (baseline, baseline_tx),
+      "sources": (source(baseline_tx, False), baseline_tx),
+      "with_test": (source(test_tx, True), test_tx),
+  }
+
+
+def per_device_steps(test, batch):
+  """{variant: (step, optimizer)}; the per-device gradients cost nothing."""
+  baseline_tx, test_tx = optimizers(
+      test, 4096, axis_name="devices", batch_size_multiple=NUM_DEVICES
+  )
+
+  def averaged(params, state, inputs, labels):
+    grads = jax.lax.pmean(jax.grad(loss_fn)(params, inputs, labels), "devices")
+    return apply(baseline_tx, params, state, grads)
+
+  def tested(params, state, inputs, labels):
+    grads = jax.grad(loss_fn)(params, inputs, labels)  # this device's mean
+    return apply(test_tx, params, state, grads, batch_size=batch)
+
+  return {"baseline": (averaged, baseline_tx), "with_test": (tested, test_tx)}
+
+
+def time_steps(step, params, state, inputs, labels, steps):
+  """Seconds per step: (wall clock, CPU time of this process, all threads)."""
+  params, state = step(params, state, inputs, labels)  # compile, warm up
+  jax.block_until_ready(params)
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    params, state = step(params, state, inputs, labels)
+  jax.block_until_ready(params)
+  return (
+      (time.perf_counter() - wall) / steps,
+      (time.process_time() - cpu) / steps,
+  )
+
+
+def measure(mode, test, batch, microbatches, steps, repeats, mapper):
+  key = jax.random.PRNGKey(0)
+  params = init_mlp(key)
+  inputs = jax.random.normal(jax.random.PRNGKey(1), (batch, FEATURES))
+  labels = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, CLASSES)
+  if mode == "per_device" and mapper == "pmap":
+    variants = per_device_steps(test, batch)
+    replicate = lambda tree: jax.tree.map(
+        lambda x: jnp.stack([x] * NUM_DEVICES), tree
+    )
+    shard = lambda x: x.reshape((NUM_DEVICES, -1) + x.shape[1:])
+    inputs, labels = shard(inputs), shard(labels)
+    compiled = {
+        name: (jax.pmap(step, axis_name="devices"), replicate(params),
+               replicate(tx.init(params)))
+        for name, (step, tx) in variants.items()
+    }
+  elif mode == "per_device":
+    variants = per_device_steps(test, batch)
+    mesh = jax.make_mesh(
+        (NUM_DEVICES,), ("devices",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+    )
+    spec = jax.sharding.PartitionSpec
+    compiled = {
+        name: (jax.jit(jax.shard_map(
+            step, mesh=mesh,
+            in_specs=(spec(), spec(), spec("devices"), spec("devices")),
+            out_specs=(spec(), spec()), check_vma=False,
+        )), params, tx.init(params))
+        for name, (step, tx) in variants.items()
+    }
+  else:
+    variants = single_device_steps(mode, test, batch, microbatches)
+    compiled = {
+        name: (jax.jit(step), params, tx.init(params))
+        for name, (step, tx) in variants.items()
+    }
+
+  times = {name: [] for name in compiled}
+  cpu_times = {name: [] for name in compiled}
+  for _ in range(repeats):  # interleaved, so load changes hit all alike
+    for name, (step, p, s) in compiled.items():
+      wall, cpu = time_steps(step, p, s, inputs, labels, steps)
+      times[name].append(wall)
+      cpu_times[name].append(cpu)
+  ratios = [t / b for t, b in zip(times["with_test"], times["baseline"])]
+  cpu_ratios = [
+      t / b for t, b in zip(cpu_times["with_test"], cpu_times["baseline"])
+  ]
+  row = {
+      "mode": mode,
+      "mapper": mapper if mode == "per_device" else None,
+      "test": test,
+      "ratio_median": statistics.median(ratios),
+      "ratio_min": min(ratios),
+      "ratio_max": max(ratios),
+      "cpu_ratio_median": statistics.median(cpu_ratios),
+  }
+  if "sources" in times:
+    test_only = [t / s for t, s in zip(times["with_test"], times["sources"])]
+    row["test_only_ratio_median"] = statistics.median(test_only)
+  for name in times:
+    row[f"{name}_ms"] = 1e3 * statistics.median(times[name])
+    row[f"{name}_ms_runs"] = [1e3 * t for t in times[name]]
+    row[f"{name}_cpu_ms_runs"] = [1e3 * t for t in cpu_times[name]]
+  return row
+
+
+TABLE_HEADER = (
+    "| mode | test | baseline (ms/step) | statistics source only (ms/step) "
+    "| with test (ms/step) | with test / baseline, median [min, max] "
+    "| with test / source only | CPU-time ratio with test / baseline |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def format_row(row):
+  name = row["mode"] + (f" ({row['mapper']})" if row["mapper"] else "")
+  sources = row.get("sources_ms")
+  return (
+      f"| {name} | {row['test']} | {row['baseline_ms']:.2f} | "
+      + (f"{sources:.2f}" if sources else "—")
+      + f" | {row['with_test_ms']:.2f} | {row['ratio_median']:.2f} "
+      f"[{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] | "
+      + (f"{row['test_only_ratio_median']:.2f}" if sources else "—")
+      + f" | {row['cpu_ratio_median']:.2f} |"
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--microbatches", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--tests", default="norm,coordinate")
+  parser.add_argument("--modes", default="per_example,microbatch,per_device")
+  parser.add_argument("--mapper", choices=("shard_map", "pmap"),
+                      default="shard_map")
+  parser.add_argument("--out", default="benchmarks/results/batch_size_test_cost")
+  args = parser.parse_args()
+  load_start = os.getloadavg()
+
+  num_params = sum(x.size for x in jax.tree.leaves(init_mlp(jax.random.PRNGKey(0))))
+  rows = []
+  for test in args.tests.split(","):
+    for mode in args.modes.split(","):
+      row = measure(mode, test, args.batch, args.microbatches, args.steps,
+                    args.repeats, args.mapper)
+      rows.append(row)
+      print(format_row(row), flush=True)
+
+  result = {
+      "benchmark": "batch_size_test_cost",
+      "num_params": int(num_params),
+      "batch": args.batch,
+      "microbatches": args.microbatches,
+      "devices": NUM_DEVICES,
+      "mapper": args.mapper,
+      "steps": args.steps,
+      "repeats": args.repeats,
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "machine": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "load_average_start": load_start,
+      "load_average_end": os.getloadavg(),
+      "rows": rows,
+  }
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+
+  print("\n" + TABLE_HEADER)
+  for row in rows:
+    print(format_row(row))
+
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(6, 3))
+  labels = [f"{r['mode']}\n{r['test']}" for r in rows]
+  ax.bar(labels, [r["ratio_median"] for r in rows], color="tab:blue")
+  ax.axhline(1.0, color="black", linewidth=0.8)
+  ax.set_yscale("log")
+  ax.set_ylabel("step time / baseline")
+  ax.set_title(f"batch-size test cost ({num_params // 1000}k params, B={args.batch})")
+  ax.tick_params(axis="x", labelsize=7)
+  fig.tight_layout()
+  fig.savefig(args.out + ".png", dpi=120)
+
+
+if __name__ == "__main__":
+  main()
