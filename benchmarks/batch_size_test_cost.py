@@ -9,14 +9,20 @@ statistics:
 * microbatch: K = 8 microbatches of 32 (`lax.scan`); baseline is the same
   scan accumulating the gradient sum, the test keeps the 8 microbatch
   gradients instead;
-* per_device: 8 (simulated CPU) devices under `jax.pmap`, 32 samples each;
-  baseline averages the gradients with `pmean`, the test does that inside
-  `adaptive_batch_size(axis_name=...)` plus one `psum` of three scalars.
+* moments: the same 8 microbatches, the scan carrying `GradientMoments`
+  (sums of microbatch gradients and of their squares: constant memory, any
+  number of microbatches) instead of the gradient sum;
+* per_device: 8 (simulated CPU) devices under `jax.shard_map` (or
+  `--mapper pmap`), 32 samples each; baseline averages the gradients with
+  `pmean`, the test does that inside `adaptive_batch_size(axis_name=...)`
+  plus one `psum` of three scalars.
 
-Each configuration is timed `--repeats` times (interleaved with its
-baseline), `--steps` steps each; the table shows medians of wall-clock
-ratios, and of CPU-time ratios (this process, all threads), which depend less
-on other load on a shared machine. Writes JSON and a bar chart.
+"Source only" runs the step with the statistics' inputs computed but no test
+(per-example gradients, stacked microbatch gradients, moments). Each
+configuration is timed `--repeats` times (interleaved with its baseline), at
+least `--steps` steps and `--min-seconds` each; the table shows medians of
+wall-clock ratios, and of CPU-time ratios (this process, all threads), which
+depend less on other load on a shared machine. Writes JSON and a bar chart.
 
   PYTHONPATH=. python benchmarks/batch_size_test_cost.py
 """
@@ -137,10 +143,28 @@ def single_device_steps(mode, test, batch, microbatches):
 
     return step
 
-  if mode == "per_example":
-    baseline, source = plain, per_example
-  else:
-    baseline, source = accumulated, microbatched
+  def with_moments(tx, with_test):
+    def step(params, state, inputs, labels):
+      def body(moments, batch):
+        grads = sngm_optax.gradient_moments(jax.grad(loss_fn)(params, *batch))
+        return sngm_optax.add_gradient_moments(moments, grads), None
+
+      zeros = jax.tree.map(
+          lambda x: jnp.zeros(x.shape, jnp.float32), params
+      )
+      moments = sngm_optax.GradientMoments(jnp.int32(0), zeros, zeros)
+      moments, _ = jax.lax.scan(body, moments, (split(inputs), split(labels)))
+      grads = jax.tree.map(lambda g: g / microbatches, moments.grad_sum)
+      extra = {"gradient_moments": moments} if with_test else {}
+      return apply(tx, params, state, grads, **extra)
+
+    return step
+
+  baseline, source = {
+      "per_example": (plain, per_example),
+      "microbatch": (accumulated, microbatched),
+      "moments": (accumulated, with_moments),
+  }[mode]
   return {
       "baseline": (baseline, baseline_tx),
       "sources": (source(baseline_tx, False), baseline_tx),
@@ -165,10 +189,18 @@ def per_device_steps(test, batch):
   return {"baseline": (averaged, baseline_tx), "with_test": (tested, test_tx)}
 
 
-def time_steps(step, params, state, inputs, labels, steps):
-  """Seconds per step: (wall clock, CPU time of this process, all threads)."""
+def time_steps(step, params, state, inputs, labels, steps, min_seconds):
+  """Seconds per step: (wall clock, CPU time of this process, all threads).
+
+  Runs at least `steps` steps and at least `min_seconds`, so that cheap steps
+  are timed over enough calls to average out scheduling noise.
+  """
   params, state = step(params, state, inputs, labels)  # compile, warm up
   jax.block_until_ready(params)
+  start = time.perf_counter()
+  params, state = step(params, state, inputs, labels)
+  jax.block_until_ready(params)
+  steps = max(steps, int(min_seconds / (time.perf_counter() - start)))
   wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(steps):
     params, state = step(params, state, inputs, labels)
@@ -179,7 +211,8 @@ def time_steps(step, params, state, inputs, labels, steps):
   )
 
 
-def measure(mode, test, batch, microbatches, steps, repeats, mapper):
+def measure(mode, test, batch, microbatches, steps, repeats, mapper,
+            min_seconds):
   key = jax.random.PRNGKey(0)
   params = init_mlp(key)
   inputs = jax.random.normal(jax.random.PRNGKey(1), (batch, FEATURES))
@@ -222,7 +255,7 @@ def measure(mode, test, batch, microbatches, steps, repeats, mapper):
   cpu_times = {name: [] for name in compiled}
   for _ in range(repeats):  # interleaved, so load changes hit all alike
     for name, (step, p, s) in compiled.items():
-      wall, cpu = time_steps(step, p, s, inputs, labels, steps)
+      wall, cpu = time_steps(step, p, s, inputs, labels, steps, min_seconds)
       times[name].append(wall)
       cpu_times[name].append(cpu)
   ratios = [t / b for t, b in zip(times["with_test"], times["baseline"])]
@@ -275,8 +308,11 @@ def main():
   parser.add_argument("--microbatches", type=int, default=8)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--min-seconds", type=float, default=0.5,
+                      help="each timing runs at least this long")
   parser.add_argument("--tests", default="norm,coordinate")
-  parser.add_argument("--modes", default="per_example,microbatch,per_device")
+  parser.add_argument("--modes",
+                      default="per_example,microbatch,moments,per_device")
   parser.add_argument("--mapper", choices=("shard_map", "pmap"),
                       default="shard_map")
   parser.add_argument("--out", default="benchmarks/results/batch_size_test_cost")
@@ -288,7 +324,7 @@ def main():
   for test in args.tests.split(","):
     for mode in args.modes.split(","):
       row = measure(mode, test, args.batch, args.microbatches, args.steps,
-                    args.repeats, args.mapper)
+                    args.repeats, args.mapper, args.min_seconds)
       rows.append(row)
       print(format_row(row), flush=True)
 
@@ -300,6 +336,7 @@ def main():
       "devices": NUM_DEVICES,
       "mapper": args.mapper,
       "steps": args.steps,
+      "min_seconds": args.min_seconds,
       "repeats": args.repeats,
       "jax": jax.__version__,
       "backend": jax.default_backend(),
