@@ -316,7 +316,13 @@ def main():
   parser.add_argument("--mapper", choices=("shard_map", "pmap"),
                       default="shard_map")
   parser.add_argument("--out", default="benchmarks/results/batch_size_test_cost")
+  parser.add_argument("--replot", metavar="JSON",
+                      help="only redraw the chart of an earlier run")
   args = parser.parse_args()
+  if args.replot:
+    with open(args.replot) as f:
+      plot(json.load(f), args.replot.removesuffix(".json") + ".png")
+    return
   load_start = os.getloadavg()
 
   num_params = sum(x.size for x in jax.tree.leaves(init_mlp(jax.random.PRNGKey(0))))
@@ -354,22 +360,31 @@ def main():
   for row in rows:
     print(format_row(row))
 
+  plot(result, args.out + ".png")
+
+
+def plot(result, path):
+  """A bar chart of the median wall-clock ratios (log scale)."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError:
     return
-  fig, ax = plt.subplots(figsize=(6, 3))
+  rows = result["rows"]
+  fig, ax = plt.subplots(figsize=(8, 3.4))
   labels = [f"{r['mode']}\n{r['test']}" for r in rows]
   ax.bar(labels, [r["ratio_median"] for r in rows], color="tab:blue")
   ax.axhline(1.0, color="black", linewidth=0.8)
   ax.set_yscale("log")
   ax.set_ylabel("step time / baseline")
-  ax.set_title(f"batch-size test cost ({num_params // 1000}k params, B={args.batch})")
+  ax.set_title(
+      f"batch-size test cost ({result['num_params'] // 1000}k params, "
+      f"B={result['batch']}, {result['backend']})"
+  )
   ax.tick_params(axis="x", labelsize=7)
   fig.tight_layout()
-  fig.savefig(args.out + ".png", dpi=120)
+  fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,45 @@ class GradientNoiseStatistics(NamedTuple):
 # Statistics from the three sources.
 
 
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # JAX before 0.10
+
+
+def _check_varying(tree, axis_name: AxisName) -> None:
+  """Raises if `tree` is typed as identical on all devices of `axis_name`.
+
+  Under `jax.shard_map` with `check_vma=True` (the default), the gradient
+  with respect to replicated (device-invariant) params is already summed over
+  the devices: per-device statistics of it would see no variance at all.
+  Under `pmap` or `check_vma=False` JAX does not track this and nothing is
+  checked.
+  """
+  names = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+  cast = getattr(jax.lax, "pcast", None)
+  probe = jnp.zeros((), jnp.float32)
+  try:
+    if cast is not None:
+      probe = cast(probe, axis_name, to="varying")
+    else:
+      probe = jax.lax.pvary(probe, axis_name)
+  except (AttributeError, TypeError, ValueError, NotImplementedError):
+    return
+  if not names <= _varying_axes(probe):
+    return  # device variance is not tracked here
+  if any(not names <= _varying_axes(x) for x in jax.tree.leaves(tree)):
+    raise ValueError(
+        f"the gradients are identical on all devices of {axis_name!r} (under "
+        "shard_map with check_vma=True, the gradient of replicated params is "
+        "already summed over devices). Differentiate with respect to "
+        f"jax.lax.pcast(params, {axis_name!r}, to='varying') to get each "
+        "device's own gradient, or use check_vma=False"
+    )
+
+
 def _unit_statistics(
     units,
     samples_per_unit,
@@ -100,6 +139,8 @@ def _unit_statistics(
         f"(batch) axis; got shapes {[leaf.shape for leaf in leaves]}"
     )
   num_devices = jax.lax.axis_size(axis_name) if axis_name else 1
+  if axis_name:
+    _check_varying(units, axis_name)
   num_units = local_units * num_devices
   if num_units < 2:
     raise ValueError(
@@ -296,6 +337,13 @@ def per_device_statistics(
   are the same on every device. The estimate has :math:`D - 1` degrees of
   freedom; it needs :math:`D \ge 2`.
 
+  Under `jax.shard_map` with `check_vma=True` (the default), the gradient of
+  replicated params is already summed over the devices; differentiate with
+  respect to `jax.lax.pcast(params, axis_name, to='varying')` to get each
+  device's own gradient (a ValueError says so when the gradients are typed as
+  device-invariant). Under `jax.pmap`, or `check_vma=False`, `jax.grad` of
+  the local loss gives each device's own gradient.
+
   Args:
     grads: this device's mean gradient (a pytree).
     per_device_batch_size: :math:`m`, the number of samples behind `grads`.
@@ -436,6 +484,7 @@ def moment_statistics(
     (Array(4., dtype=float32), Array(2., dtype=float32))
   """
   if axis_name:
+    _check_varying((moments.grad_sum, moments.sq_grad_sum), axis_name)
     moments = jax.lax.psum(moments, axis_name)
   count = jnp.asarray(moments.count, jnp.float32)
   mean = jax.tree.map(lambda s: s.astype(jnp.float32) / count, moments.grad_sum)
