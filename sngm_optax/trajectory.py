@@ -17,14 +17,15 @@ _DEFAULT_RELATIVE_STRENGTH = 0.1
 
 
 class TrajectoryRegularizedState(NamedTuple):
-  """State of :func:`trajectory_regularized`.
+  r"""State of :func:`trajectory_regularized`.
 
   Attributes:
     count: number of updates taken (int32), used to evaluate schedules.
-    inner_step: position :math:`k \\in [0, S)` in the current inner window
+    inner_step: position :math:`k \in [0, S)` in the current inner window
       (int32); the anchor is reset when it is 0.
     anchor: the params at the start of the current inner window,
-      :math:`\\tilde w` (same structure and dtypes as the params).
+      :math:`\tilde w` (same structure and dtypes as the params: one extra
+      copy of the params in memory).
     inner_state: the state of the wrapped transformation; never reset.
   """
 
@@ -83,6 +84,10 @@ def trajectory_regularized(
   :math:`\lambda_t` = `strength` :math:`/ \eta_t` (`strength` is then their
   :math:`\lambda_0`), so the pull per step :math:`\eta_t \gamma_t` stays
   constant while the schedule decays (a zero learning rate gives no pull).
+
+  :math:`k` counts the updates actually applied: under `optax.MultiSteps` it
+  advances once per accumulated step, and a step skipped by
+  `optax.apply_if_finite` does not advance it.
 
   Args:
     inner: the transformation to regularize, with its learning rate included

@@ -102,11 +102,11 @@ def _reference(
   return history, anchors, w
 
 
-def _run(tx, grad_fn, num_steps, params=None, jit=True):
-  """Runs tx; returns (flat params before each step, flat anchors, final)."""
-  params = _initial_params() if params is None else params
-  flat, unravel = ravel_pytree(params)
-  del flat
+def _run(tx, grad_fn, num_steps):
+  """Runs tx under jit; returns (flat params before each step, flat anchors,
+  flat final params, final state)."""
+  params = _initial_params()
+  _, unravel = ravel_pytree(params)
 
   def step(params, state, t):
     flat, _ = ravel_pytree(params)
@@ -114,8 +114,7 @@ def _run(tx, grad_fn, num_steps, params=None, jit=True):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  if jit:
-    step = jax.jit(step)
+  step = jax.jit(step)
   state = tx.init(params)
   history, anchors = [], []
   for t in range(num_steps):
@@ -334,18 +333,15 @@ def test_one_inner_step_means_no_pull_and_no_decay():
 def test_anchor_resets_exactly_every_inner_steps(inner_steps):
   _, jax_grad = _grad_fns(noise_scale=1.0)
   tx = tr_sgd(0.1, inner_steps=inner_steps)
-  history, anchors, _, _ = _run(tx, jax_grad, NUM_STEPS)
-  params = _initial_params()
-  state = tx.init(params)
-  np.testing.assert_array_equal(state.inner_step, 0)
+  np.testing.assert_array_equal(tx.init(_initial_params()).inner_step, 0)
+  history, anchors, _, state = _run(tx, jax_grad, NUM_STEPS)
   for t in range(NUM_STEPS):
     window_start = t - t % inner_steps
     np.testing.assert_array_equal(anchors[t], history[window_start],
                                   err_msg=f"step {t}")
     if t % inner_steps:  # the params have moved away from the anchor
       assert np.abs(history[t] - anchors[t]).max() > 1e-4
-  # The counter after NUM_STEPS updates.
-  _, _, _, state = _run(tx, jax_grad, NUM_STEPS)
+  # The counters after NUM_STEPS updates.
   assert state.inner_step.dtype == jnp.int32
   assert state.count.dtype == jnp.int32
   assert int(state.inner_step) == NUM_STEPS % inner_steps
