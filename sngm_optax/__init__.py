@@ -2,17 +2,17 @@
 
 from sngm_optax.adadagrad import adadagrad
 from sngm_optax.adadagrad import adadagrad_norm
-from sngm_optax.adagrad_norm import ScaleByAdagradNormState
 from sngm_optax.adagrad_norm import adagrad_norm
 from sngm_optax.adagrad_norm import scale_by_adagrad_norm
-from sngm_optax.batch_size import AdaptiveBatchSizeState
-from sngm_optax.batch_size import GradientMoments
-from sngm_optax.batch_size import GradientNoiseStatistics
-from sngm_optax.batch_size import add_gradient_moments
+from sngm_optax.adagrad_norm import ScaleByAdagradNormState
 from sngm_optax.batch_size import adaptive_batch_size
+from sngm_optax.batch_size import AdaptiveBatchSizeState
+from sngm_optax.batch_size import add_gradient_moments
 from sngm_optax.batch_size import augmented_inner_product_test
 from sngm_optax.batch_size import coordinate_test
 from sngm_optax.batch_size import gradient_moments
+from sngm_optax.batch_size import GradientMoments
+from sngm_optax.batch_size import GradientNoiseStatistics
 from sngm_optax.batch_size import inner_product_test
 from sngm_optax.batch_size import microbatch_statistics
 from sngm_optax.batch_size import moment_statistics
@@ -34,20 +34,19 @@ from sngm_optax.trajectory import TrajectoryRegularizedState
 __version__ = "0.1.0"
 
 __all__ = (
-    "AdaptiveBatchSizeState",
-    "GradientMoments",
-    "GradientNoiseStatistics",
-    "ScaleByAdagradNormState",
     "adadagrad",
     "adadagrad_norm",
     "adagrad_norm",
     "adaptive_batch_size",
+    "AdaptiveBatchSizeState",
     "add_gradient_moments",
     "augmented_inner_product_test",
     "average_across_devices",
     "coordinate_test",
     "global_norm",
     "gradient_moments",
+    "GradientMoments",
+    "GradientNoiseStatistics",
     "inner_product_test",
     "microbatch_statistics",
     "moment_statistics",
@@ -59,6 +58,7 @@ __all__ = (
     "per_example_statistics",
     "scale_by_adagrad_norm",
     "scale_by_sngm",
+    "ScaleByAdagradNormState",
     "sngm",
     "tr_adam",
     "tr_sgd",

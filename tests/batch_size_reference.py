@@ -81,6 +81,7 @@ def stats_close(a, b, rtol=1e-5, atol=1e-6):
   for name, x, y in zip(a._fields, a, b):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=name)
 
+
 def pmapped(fn):
   return jax.pmap(fn, axis_name="devices")
 

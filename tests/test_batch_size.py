@@ -541,4 +541,4 @@ def test_everything_is_exported():
                "GradientNoiseStatistics", "AdaptiveBatchSizeState"):
     assert name in sngm_optax.__all__
     assert hasattr(sngm_optax, name)
-  assert list(sngm_optax.__all__) == sorted(sngm_optax.__all__)
+  assert list(sngm_optax.__all__) == sorted(sngm_optax.__all__, key=str.lower)

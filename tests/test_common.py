@@ -20,6 +20,7 @@ OPTIMIZERS = [
      {"learning_rate": 0.05, "couple_to_learning_rate": False,
       "inner_lr_decay": False, "inner_steps": 3}),
     ("tr_adam", sngm_optax.tr_adam, {"learning_rate": 0.1}),
+    ("adagrad_norm", sngm_optax.adagrad_norm, {"learning_rate": 1.0}),
 ]
 IDS = [name for name, _, _ in OPTIMIZERS]
 # optax.adam itself moves by ~7e-6 (relative) under inject_hyperparams, which
