@@ -9,8 +9,8 @@ three sources:
 * per-example gradients (a leading batch axis), :func:`per_example_statistics`;
 * K microbatch mean gradients, :func:`microbatch_statistics`;
 * per-device mean gradients inside `pmap`/`shard_map`,
-  :func:`per_device_statistics` (only the gradient and three scalars are
-  all-reduced);
+  :func:`per_device_statistics` (only the gradient and three or four scalars
+  are all-reduced);
 
 and, for the norm and coordinate-wise tests, from running sums of unit
 gradients and their squares, :func:`moment_statistics` (constant memory, any
@@ -329,8 +329,9 @@ def per_device_statistics(
 
   the microbatch estimator of :func:`microbatch_statistics` with the devices
   as microbatches. Each device reduces its own :math:`\delta_d` to three
-  scalars, so the only all-reduces are the gradient mean (which data-parallel
-  training needs anyway) and one `psum` of three float32 scalars. All tests,
+  scalars (four with a preconditioner), so the only all-reduces are the
+  gradient mean (which data-parallel training needs anyway) and one `psum`
+  of those float32 scalars. All tests,
   orthogonality and coordinate-wise included, need nothing more: the
   orthogonal component of :math:`g_d` is determined by :math:`\|\delta_d\|^2`
   and :math:`\langle\delta_d, \hat g\rangle`, and the preconditioner weights
