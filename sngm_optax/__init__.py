@@ -1,5 +1,13 @@
 """sngm_optax: optax transforms for training at any batch size."""
 
+from sngm_optax.compression import ScaleByDgcState
+from sngm_optax.compression import ScaleByGmcState
+from sngm_optax.compression import dgc
+from sngm_optax.compression import gmc
+from sngm_optax.compression import num_selected
+from sngm_optax.compression import scale_by_dgc
+from sngm_optax.compression import scale_by_gmc
+from sngm_optax.compression import top_k_by_magnitude
 from sngm_optax.distributed import average_across_devices
 from sngm_optax.normalize import global_norm
 from sngm_optax.normalize import normalize_by_global_norm
@@ -9,9 +17,17 @@ from sngm_optax.sngm import sngm
 __version__ = "0.1.0"
 
 __all__ = (
+    "ScaleByDgcState",
+    "ScaleByGmcState",
     "average_across_devices",
+    "dgc",
+    "gmc",
     "global_norm",
     "normalize_by_global_norm",
+    "num_selected",
+    "scale_by_dgc",
+    "scale_by_gmc",
     "scale_by_sngm",
     "sngm",
+    "top_k_by_magnitude",
 )
