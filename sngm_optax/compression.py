@@ -25,13 +25,17 @@ EXCHANGES = ("auto", "sparse", "dense")
 _INDEX_BYTES = 4  # int32 indices
 _MAX_ENTRIES = 2**31 - 1  # int32 indices must address every entry
 
-# Threshold-by-sampling ('sampled'): the sample holds ~_SAMPLE_HITS entries
-# above the true k-th largest magnitude; the threshold is set at
-# _OVERSELECT * k expected candidates so that fewer than k candidates (which
-# triggers the exact fallback) is a ~3-sigma event.
+# Threshold-by-sampling ('sampled'): the random sample holds about
+# _SAMPLE_HITS entries above the true k-th largest magnitude, and the threshold
+# is the sample's (_OVERSELECT * _SAMPLE_HITS)-th largest, so about
+# _OVERSELECT * k entries pass it; fewer than k passing (which triggers the
+# exact fallback) is then a ~3-sigma event. Passing entries are gathered by
+# blocks of up to _MAX_BLOCK entries, at most _MAX_BLOCKS_PER_K * k blocks,
+# which must be at most 1/8 of the vector for the shortcut to pay.
 _SAMPLE_HITS = 32
 _OVERSELECT = 1.5
 _MAX_BLOCK = 16
+_MAX_BLOCKS_PER_K = 3
 
 
 def num_selected(size: int, density: float) -> int:
@@ -39,58 +43,72 @@ def num_selected(size: int, density: float) -> int:
   return min(size, max(1, int(round(density * size))))
 
 
-def _sampled_plan(size: int, k: int) -> tuple[int, int, int, int] | None:
-  """Static sizes for 'sampled' selection, or None where exact is cheaper."""
+class _SampledPlan(NamedTuple):
+  samples: int  # sample size
+  rank: int  # the threshold is the sample's rank-th largest magnitude
+  block: int  # entries per candidate block
+  max_blocks: int  # static number of gathered blocks
+
+
+def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
+  """Static sizes for 'sampled' selection, or None where exact is as cheap."""
   samples = math.ceil(_SAMPLE_HITS * size / k)
-  rank = max(1, round(_OVERSELECT * _SAMPLE_HITS))
-  # Candidate blocks of `block` entries: small blocks at high density keep
-  # the gathered candidates few; large blocks keep the block count small.
-  block = 1
-  while block < _MAX_BLOCK and 2 * block * 3 * _OVERSELECT * k <= size / 4:
-    block *= 2
-  max_blocks = math.ceil(2 * _OVERSELECT * k)
-  if 4 * samples > size or 4 * max_blocks * block > size:
+  max_blocks = _MAX_BLOCKS_PER_K * k
+  if 4 * samples > size or 8 * max_blocks > size:
     return None
-  return samples, rank, block, max_blocks
+  block = 1
+  while 2 * block <= _MAX_BLOCK and 8 * max_blocks * 2 * block <= size:
+    block *= 2
+  return _SampledPlan(
+      samples, round(_OVERSELECT * _SAMPLE_HITS), block, max_blocks
+  )
 
 
-def _top_k_sampled(magnitude, k, key):
-  """Exact top-k indices, found among the candidates above a sampled threshold."""
+def _top_k_from_sampled_threshold(magnitude, k, key, plan):
+  """Top-k indices among the entries above a sampled threshold.
+
+  Returns the indices and whether they are certainly the exact top k: that is
+  when at least k entries pass the threshold (so the k largest all pass) and
+  all blocks holding one were gathered.
+  """
   size = magnitude.shape[0]
-  plan = _sampled_plan(size, k)
-  if plan is None:
-    return lax.top_k(magnitude, k)[1]
-  samples, rank, block, max_blocks = plan
-  sample = magnitude[jax.random.randint(key, (samples,), 0, size)]
-  threshold = lax.top_k(sample, rank)[0][-1]
+  sample = magnitude[jax.random.randint(key, (plan.samples,), 0, size)]
+  threshold = lax.top_k(sample, plan.rank)[0][-1]
   # NaNs count as candidates so that they are sent, as `lax.top_k` would.
   is_candidate = (magnitude >= threshold) | jnp.isnan(magnitude)
-  whole = (size // block) * block
+  whole = (size // plan.block) * plan.block
   per_block = jnp.sum(
-      is_candidate[:whole].reshape(-1, block), axis=1, dtype=jnp.int32
+      is_candidate[:whole].reshape(-1, plan.block), axis=1, dtype=jnp.int32
   )
   if whole < size:
     per_block = jnp.append(per_block, jnp.sum(is_candidate[whole:]))
-  num_candidates = jnp.sum(per_block)
-  blocks = jnp.nonzero(per_block, size=max_blocks, fill_value=0)[0]
-  # Every entry above the threshold lies in a gathered block and there are at
-  # least k of them, so the top k of the gathered blocks are the global top k.
-  is_exact = (num_candidates >= k) & (
-      jnp.count_nonzero(per_block) <= max_blocks
+  # Padding points past the end, where magnitudes read as -inf.
+  blocks = jnp.nonzero(
+      per_block, size=plan.max_blocks, fill_value=per_block.shape[0]
+  )[0]
+  is_exact = (jnp.sum(per_block) >= k) & (
+      jnp.count_nonzero(per_block) <= plan.max_blocks
   )
+  positions = (blocks[:, None] * plan.block + jnp.arange(plan.block)).reshape(
+      -1
+  )
+  values = jnp.where(
+      positions < size, magnitude[jnp.minimum(positions, size - 1)], -jnp.inf
+  )
+  return positions[lax.top_k(values, k)[1]].astype(jnp.int32), is_exact
 
-  def from_candidates(_):
-    positions = (blocks[:, None] * block + jnp.arange(block)).reshape(-1)
-    inside = positions < size
-    values = jnp.where(
-        inside, magnitude[jnp.minimum(positions, size - 1)], -jnp.inf
-    )
-    return positions[lax.top_k(values, k)[1]].astype(jnp.int32)
 
-  def exact(_):
+def _top_k_sampled(magnitude, k, key):
+  """Exact top-k indices, usually found among sampled-threshold candidates."""
+  plan = _sampled_plan(magnitude.shape[0], k)
+  if plan is None:
     return lax.top_k(magnitude, k)[1]
-
-  return lax.cond(is_exact, from_candidates, exact, None)
+  indices, is_exact = _top_k_from_sampled_threshold(magnitude, k, key, plan)
+  return lax.cond(
+      is_exact,
+      lambda: indices,
+      lambda: lax.top_k(magnitude, k)[1].astype(jnp.int32),
+  )
 
 
 def top_k_by_magnitude(
@@ -353,7 +371,7 @@ def scale_by_gmc(
     >>> step = jax.pmap(lambda u: tx.update(u, tx.init(u)), axis_name='i')
     >>> out, state = step(updates)
     >>> out[0]
-    Array([ 4.,  0.,  2.,  0.], dtype=float32)
+    Array([4., 0., 2., 0.], dtype=float32)
     >>> state.memory[0] * n
     Array([ 0. , -1. ,  0. ,  0.5], dtype=float32)
 
@@ -464,7 +482,7 @@ def gmc(
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from sngm_optax import gmc
-    >>> tx = gmc(learning_rate=0.1, density=0.5, axis_name='batch')
+    >>> tx = gmc(learning_rate=0.1, momentum=0.5, density=0.5, axis_name='batch')
     >>> n = jax.local_device_count()
     >>> loss = lambda w, x: jnp.sum((w - x) ** 2)
     >>> def step(w, state, x):
