@@ -194,15 +194,14 @@ def _assert_updates_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 
 SCHEDULE = optax.piecewise_constant_schedule(0.1, {2: 0.5, 4: 3.0})
-LRS = [float(SCHEDULE(t)) for t in range(6)]
+LRS = [float(SCHEDULE(t)) for t in range(5)]
 
 
 @pytest.mark.parametrize("runner", list(RUNNERS))
-@pytest.mark.parametrize("density, per_layer", [(0.1, False), (0.3, True),
-                                                 (0.05, True)])
+@pytest.mark.parametrize("density, per_layer", [(0.1, False), (0.05, True)])
 def test_gmc_matches_the_k_worker_reference(runner, density, per_layer):
   params = _params()
-  grads_seq = _worker_grads(params, 6)
+  grads_seq = _worker_grads(params, 5)
   tx = sngm_optax.gmc(SCHEDULE, momentum=0.9, density=density,
                       axis_name=AXIS, weight_decay=0.01, per_layer=per_layer)
   actual, _ = RUNNERS[runner](tx, params, grads_seq)
@@ -212,13 +211,16 @@ def test_gmc_matches_the_k_worker_reference(runner, density, per_layer):
   _assert_updates_close(actual, expected)
 
 
-@pytest.mark.parametrize("runner", ["pmap", "shard_map"])
-@pytest.mark.parametrize("masking", [True, False])
-@pytest.mark.parametrize("density, per_layer", [(0.1, False), (0.3, True)])
+@pytest.mark.parametrize("runner, masking, density, per_layer", [
+    ("pmap", True, 0.1, False),
+    ("pmap", False, 0.3, True),
+    ("shard_map", True, 0.3, True),
+    ("shard_map", False, 0.1, False),
+])
 def test_dgc_matches_the_k_worker_reference(runner, masking, density,
                                             per_layer):
   params = _params()
-  grads_seq = _worker_grads(params, 6)
+  grads_seq = _worker_grads(params, 5)
   tx = sngm_optax.dgc(SCHEDULE, momentum=0.8, density=density, axis_name=AXIS,
                       momentum_masking=masking, per_layer=per_layer)
   actual, _ = RUNNERS[runner](tx, params, grads_seq)
@@ -258,8 +260,9 @@ def _averaged_run(tx, params, grads_seq):
   return outputs
 
 
-@pytest.mark.parametrize("runner", list(RUNNERS))
-@pytest.mark.parametrize("exchange", ["auto", "sparse", "dense"])
+@pytest.mark.parametrize("runner, exchange", [
+    ("pmap", "auto"), ("shard_map", "sparse"), ("shard_map_check_vma", "dense"),
+])
 def test_gmc_at_density_one_is_momentum_sgd_on_the_mean_gradient(runner,
                                                                  exchange):
   params = _params()
@@ -273,7 +276,7 @@ def test_gmc_at_density_one_is_momentum_sgd_on_the_mean_gradient(runner,
 
 def test_gmc_at_density_one_with_a_schedule_is_momentum_of_scaled_updates():
   params = _params()
-  grads_seq = _worker_grads(params, 6)
+  grads_seq = _worker_grads(params, 5)
   tx = sngm_optax.gmc(SCHEDULE, momentum=0.9, density=1.0, axis_name=AXIS)
   actual, _ = _run_pmap(tx, params, grads_seq)
   expected = _averaged_run(
@@ -356,8 +359,9 @@ def test_dgc_masks_momentum_where_it_sent():
 BYTES_PARAMS = {"a": jnp.zeros(3), "b": jnp.zeros(3), "c": jnp.zeros((10, 10))}
 
 
-@pytest.mark.parametrize("factory", [sngm_optax.gmc, sngm_optax.dgc])
-@pytest.mark.parametrize("kwargs, dtype, expected", [
+@pytest.mark.parametrize("factory, kwargs, dtype, expected", [
+    (sngm_optax.dgc, dict(density=0.1), jnp.float32, 88),
+] + [(sngm_optax.gmc,) + case for case in [
     # d = 106 entries; global k = round(10.6) = 11 -> 11 * (4 + 4)
     (dict(density=0.1), jnp.float32, 88),
     # per leaf: 1 + 1 + 10 = 12 entries
@@ -367,7 +371,7 @@ BYTES_PARAMS = {"a": jnp.zeros(3), "b": jnp.zeros(3), "c": jnp.zeros((10, 10))}
     (dict(density=1.0, exchange="sparse"), jnp.float32, 848),
     (dict(density=0.1), jnp.bfloat16, 66),  # 11 * (4 + 2)
     (dict(density=1.0), jnp.bfloat16, 212),
-])
+]])
 def test_bytes_sent(factory, kwargs, dtype, expected):
   params = jax.tree.map(lambda x: (x + 1.0).astype(dtype), BYTES_PARAMS)
   tx = factory(0.1, axis_name=AXIS, **kwargs)
@@ -415,45 +419,52 @@ def test_blocks_require_an_axis_name(factory):
 
 # Top-k selections.
 
-@pytest.mark.parametrize("size, density", [(200_000, 0.001), (100_000, 0.01)])
-def test_sampled_selection_is_the_exact_top_k(size, density):
-  vector = jax.random.normal(jax.random.key(0), (size,))
-  k = _n_kept(size, density)
-  plan = compression._sampled_plan(size, k)
+def _sampled_top_k(vector, k):
+  """The public 'sampled' selection, and whether its fallback was needed."""
+  plan = compression._sampled_plan(vector.shape[0], k)
   assert plan is not None  # the sampled path is taken for these sizes
-  indices, is_exact = jax.jit(
-      lambda v: compression._top_k_from_sampled_threshold(
-          jnp.abs(v), k, jax.random.key(1), plan))(vector)
-  assert bool(is_exact)  # no fallback needed
-  expected = np.argsort(-np.abs(np.asarray(vector)))[:k]
+
+  @jax.jit
+  def select(v):
+    key = jax.random.key(0)
+    _, is_exact = compression._top_k_from_sampled_threshold(
+        jnp.abs(v), k, key, plan)
+    return sngm_optax.top_k_by_magnitude(v, k, "sampled", key), is_exact
+
+  indices, is_exact = select(jnp.asarray(vector))
+  return np.asarray(indices), bool(is_exact)
+
+
+@pytest.mark.parametrize("size, density", [(100_000, 0.002), (50_000, 0.01)])
+def test_sampled_selection_is_the_exact_top_k(size, density):
+  vector = np.random.default_rng(0).normal(size=size).astype(np.float32)
+  k = _n_kept(size, density)
+  indices, is_exact = _sampled_top_k(vector, k)
+  assert is_exact  # found without the fallback
+  expected = np.argsort(-np.abs(vector))[:k]
   np.testing.assert_array_equal(np.sort(indices), np.sort(expected))
-  public = sngm_optax.top_k_by_magnitude(vector, k, "sampled")
-  np.testing.assert_array_equal(np.sort(public), np.sort(expected))
 
 
 def test_sampled_selection_falls_back_to_exact():
-  # 150 nonzeros out of 200k, k = 200: the sampled threshold is 0, every
+  # 150 nonzeros out of 100k, k = 200: the sampled threshold is 0, every
   # block is a candidate, and the exact fallback must be used.
-  vector = np.zeros(200_000, np.float32)
+  vector = np.zeros(100_000, np.float32)
   rng = np.random.default_rng(0)
   hot = rng.choice(vector.size, 150, replace=False)
   vector[hot] = rng.normal(size=150) + 10.0
-  k = 200
-  plan = compression._sampled_plan(vector.size, k)
-  _, is_exact = compression._top_k_from_sampled_threshold(
-      jnp.abs(jnp.asarray(vector)), k, jax.random.key(0), plan)
-  assert not bool(is_exact)
-  indices = np.asarray(sngm_optax.top_k_by_magnitude(jnp.asarray(vector), k,
-                                                     "sampled"))
-  assert len(set(indices.tolist())) == k
+  indices, is_exact = _sampled_top_k(vector, 200)
+  assert not is_exact
+  assert len(set(indices.tolist())) == 200
   assert set(hot.tolist()) <= set(indices.tolist())
 
 
 @pytest.mark.parametrize("selection", compression.SELECTIONS)
 def test_every_selection_returns_k_distinct_large_indices(selection):
-  vector = jax.random.normal(jax.random.key(2), (50_000,))
+  vector = jnp.asarray(
+      np.random.default_rng(2).normal(size=50_000).astype(np.float32))
   k = 500
-  indices = np.asarray(sngm_optax.top_k_by_magnitude(vector, k, selection))
+  indices = np.asarray(jax.jit(
+      lambda v: sngm_optax.top_k_by_magnitude(v, k, selection))(vector))
   assert indices.dtype == np.int32 and len(set(indices.tolist())) == k
   exact = set(np.argsort(-np.abs(np.asarray(vector)))[:k].tolist())
   assert len(exact & set(indices.tolist())) >= 0.95 * k
@@ -467,11 +478,11 @@ def test_top_k_by_magnitude_hand_example():
 
 
 def test_gmc_with_sampled_selection_on_a_large_leaf_matches_reference():
-  # 100k entries at density 1%: big enough for the sampled path.
-  params = [jnp.zeros(100_000)]
+  # 20k entries at density 1%: big enough for the sampled path.
+  params = [jnp.zeros(20_000)]
   grads_seq = _worker_grads(params, 2, seed=3)
   tx = sngm_optax.gmc(0.1, density=0.01, axis_name=AXIS, selection="sampled")
-  assert compression._sampled_plan(100_000, 1000) is not None
+  assert compression._sampled_plan(20_000, 200) is not None
   actual, _ = _run_pmap(tx, params, grads_seq)
   expected, _ = gmc_reference(*_as_reference_input(params, grads_seq),
                               [0.1] * 2, 0.9, 0.01)
@@ -491,8 +502,10 @@ def test_gmc_runs_with_every_selection(selection):
 
 # optax conventions inside pmap.
 
-@pytest.mark.parametrize("factory", FACTORIES)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("factory, dtype", [
+    (sngm_optax.gmc, jnp.bfloat16), (sngm_optax.dgc, jnp.bfloat16),
+    (sngm_optax.gmc, jnp.float32),
+])
 def test_dtypes_and_state_are_stable(factory, dtype):
   params = _params(dtype)
   tx = factory(0.1, density=0.2, axis_name=AXIS)
