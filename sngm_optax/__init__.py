@@ -9,6 +9,7 @@ from sngm_optax.compression import scale_by_dgc
 from sngm_optax.compression import scale_by_gmc
 from sngm_optax.compression import top_k_by_magnitude
 from sngm_optax.distributed import average_across_devices
+from sngm_optax.distributed import per_device_state
 from sngm_optax.normalize import global_norm
 from sngm_optax.normalize import normalize_by_global_norm
 from sngm_optax.sngm import scale_by_sngm
@@ -25,6 +26,7 @@ __all__ = (
     "global_norm",
     "normalize_by_global_norm",
     "num_selected",
+    "per_device_state",
     "scale_by_dgc",
     "scale_by_gmc",
     "scale_by_sngm",

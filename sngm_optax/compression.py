@@ -39,7 +39,13 @@ _MAX_BLOCKS_PER_K = 3
 
 
 def num_selected(size: int, density: float) -> int:
-  """How many of `size` entries are sent at `density`: `round(density·size)`, at least 1."""
+  """Entries sent out of `size` at `density`: round(density·size), at least 1.
+
+  Example:
+    >>> from sngm_optax import num_selected
+    >>> num_selected(106, 0.1), num_selected(3, 0.1), num_selected(8, 1.0)
+    (11, 1, 8)
+  """
   return min(size, max(1, int(round(density * size))))
 
 
@@ -117,20 +123,27 @@ def top_k_by_magnitude(
     selection: str = "exact",
     key: jax.Array | None = None,
 ) -> jax.Array:
-  """Indices (int32, shape `(k,)`) of `k` entries of `vector` with the largest `|·|`.
+  """Indices (int32, shape `(k,)`) of the `k` entries of largest magnitude.
 
   Three algorithms, all returning exactly `k` distinct indices so that the
   exchanged buffers have a static size:
 
   - `'exact'`: `jax.lax.top_k` of `|vector|`.
-  - `'approx'`: `jax.lax.approx_max_k` with recall target 0.95 (exact on CPU,
-    approximate on TPU).
+  - `'approx'`: `jax.lax.approx_max_k` with recall target 0.95; only TPUs
+    have an approximate kernel, CPUs and GPUs sort the whole vector (exact).
   - `'sampled'`: DGC's threshold by sampling. The magnitude threshold that
-    keeps about 1.5 k entries is estimated from a random sample of
-    `32 · size / k` entries; the entries above it are compacted by blocks and
-    the top k of those are taken. When fewer than k entries pass the
-    threshold (or too many blocks hold one) it falls back to `'exact'`
-    under `jax.lax.cond`, so the result is always the exact top k.
+    about 1.5 k entries pass is estimated from a random sample of
+    `32 · size / k` entries; the blocks of (up to 16) entries holding one
+    are compacted into a static buffer of `3 k` blocks
+    (`jnp.nonzero(..., size=)`) and the top k of those are taken. When fewer
+    than k entries pass, or more than `3 k` blocks hold one, it falls back to
+    `'exact'` under `jax.lax.cond`; so the result is always the exact top k,
+    only the time differs. Below k = 128, or above a density of 1/24, the
+    sampling does not pay and `'exact'` is used.
+
+  On a 2-core CPU `'exact'` was the fastest or within noise of the fastest
+  (see benchmarks/topk_selection.py), hence the default of :func:`gmc` and
+  :func:`dgc`.
 
   Args:
     vector: a 1-D array.
@@ -148,7 +161,9 @@ def top_k_by_magnitude(
     Array([1, 2], dtype=int32)
   """
   if selection not in SELECTIONS:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    raise ValueError(
+        f"selection must be one of {SELECTIONS}, got {selection!r}"
+    )
   if vector.ndim != 1 or not 1 <= k <= vector.shape[0]:
     raise ValueError(
         f"expected a 1-D vector and 1 <= k <= its size, got shape "
@@ -199,6 +214,8 @@ def _select(flat, leaves, density, per_layer, selection, key):
     if k == size:
       return None
     return top_k_by_magnitude(flat, k, selection, key)
+  if all(leaf.size == num_selected(leaf.size, density) for leaf in leaves):
+    return None
   chunks, offset = [], 0
   for i, leaf in enumerate(leaves):
     k = num_selected(leaf.size, density)
@@ -207,8 +224,6 @@ def _select(flat, leaves, density, per_layer, selection, key):
     )
     chunks.append(chunk + offset)
     offset += leaf.size
-  if all(leaf.size == num_selected(leaf.size, density) for leaf in leaves):
-    return None
   return jnp.concatenate(chunks)
 
 
@@ -216,6 +231,8 @@ def _sparse_all_reduce(
     tree, *, density, axis_name, per_layer, selection, exchange, key
 ) -> _Exchanged:
   """Sends the top entries of `tree`, sums what all workers sent."""
+  if not jax.tree.leaves(tree):
+    return _Exchanged(tree, tree, None, 0)
   flat, leaves, treedef = _flatten(tree)
   size = flat.shape[0]
   if size > _MAX_ENTRIES:
@@ -287,7 +304,9 @@ def _check_compression_args(density, axis_name, selection, exchange):
         " workers"
     )
   if selection not in SELECTIONS:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    raise ValueError(
+        f"selection must be one of {SELECTIONS}, got {selection!r}"
+    )
   if exchange not in EXCHANGES:
     raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
 
@@ -318,7 +337,7 @@ def scale_by_gmc(
     exchange: str = "auto",
     accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Global momentum compression of each worker's (learning-rate scaled) update.
+  r"""Global momentum compression of each worker's learning-rate scaled update.
 
   With :math:`K` workers along `axis_name`, worker :math:`k`'s incoming
   update :math:`u_k`, its memory :math:`e_k` and the previous output
@@ -462,7 +481,9 @@ def gmc(
     learning_rate: :math:`\eta_t`, a non-negative scalar or an
       `optax.Schedule`.
     momentum: :math:`\beta`, in [0, 1).
-    density: fraction of the entries each worker sends, in (0, 1].
+    density: fraction of the entries each worker sends, in (0, 1]; a Python
+      number, since it fixes the message size (with
+      `optax.inject_hyperparams`, list it in `static_args`).
     axis_name: the `pmap`/`shard_map` axis (or axes) indexing the workers;
       required.
     weight_decay: coupled weight decay :math:`\lambda \ge 0` (scalar or
@@ -482,7 +503,7 @@ def gmc(
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from sngm_optax import gmc
-    >>> tx = gmc(learning_rate=0.1, momentum=0.5, density=0.5, axis_name='batch')
+    >>> tx = gmc(0.1, momentum=0.5, density=0.5, axis_name='batch')
     >>> n = jax.local_device_count()
     >>> loss = lambda w, x: jnp.sum((w - x) ** 2)
     >>> def step(w, state, x):
@@ -588,8 +609,10 @@ def scale_by_dgc(
     >>> out, state = step(grads)
     >>> out[0]
     Array([4., 0., 0., 0.], dtype=float32)
-    >>> state.trace[0], state.memory[0]
-    (Array([ 0. , -1. ,  2. ,  0.5], dtype=float32), Array([ 0. , -1. ,  2. ,  0.5], dtype=float32))
+    >>> state.memory[0]  # v = u = g; the entry 4 was sent
+    Array([ 0. , -1. ,  2. ,  0.5], dtype=float32)
+    >>> state.trace[0]  # momentum masked where sent
+    Array([ 0. , -1. ,  2. ,  0.5], dtype=float32)
 
   References:
     Lin, Han, Mao, Wang, Dally, `Deep Gradient Compression: Reducing the

@@ -58,16 +58,13 @@ def _shard_map_run(tx, mesh, per_device_state):
 
   state_spec = P(AXIS) if per_device_state else P()
   if per_device_state:  # a leading worker axis, sharded over the mesh
-    wrap = lambda t: jax.tree.map(lambda a: a[None], t)
-    unwrap = lambda t: jax.tree.map(lambda a: a[0], t)
-  else:
-    wrap = unwrap = lambda t: t
+    tx = sngm_optax.per_device_state(tx)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(),
                      out_specs=state_spec)
   def init(params):
-    return wrap(tx.init(params))
+    return tx.init(params)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh,
@@ -75,9 +72,8 @@ def _shard_map_run(tx, mesh, per_device_state):
                      out_specs=(P(), state_spec))
   def step(params, state, batch):
     local = jax.lax.pcast(params, AXIS, to="varying")  # per-device gradients
-    updates, state = tx.update(jax.grad(_loss)(local, batch), unwrap(state),
-                               params)
-    return optax.apply_updates(params, updates), wrap(state)
+    updates, state = tx.update(jax.grad(_loss)(local, batch), state, params)
+    return optax.apply_updates(params, updates), state
 
   params, batch = _problem()
   params = jax.tree.map(lambda v: _global_array(v, mesh, P()), params)

@@ -144,23 +144,23 @@ def _run_shard_map(tx, params, grads_seq, mesh=None, axis=AXIS,
   come back stacked, to check that every worker computed the same.
   """
   mesh = mesh or jax.make_mesh((K,), (AXIS,))
+  tx = sngm_optax.per_device_state(tx)
   add_axis = lambda t: jax.tree.map(lambda x: x[None], t)
-  drop_axis = lambda t: jax.tree.map(lambda x: x[0], t)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(),
                      out_specs=P(axis), check_vma=check_vma)
   def init(params):
-    return add_axis(tx.init(params))
+    return tx.init(params)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh,
                      in_specs=(P(axis), P(axis), P()),
                      out_specs=(P(axis), P(axis), P()), check_vma=check_vma)
   def step(grads, state, params):
-    updates, state = tx.update(drop_axis(grads), drop_axis(state), params)
-    return (add_axis(updates), add_axis(state),
-            optax.apply_updates(params, updates))
+    grads = jax.tree.map(lambda x: x[0], grads)  # this worker's gradient
+    updates, state = tx.update(grads, state, params)
+    return add_axis(updates), state, optax.apply_updates(params, updates)
 
   sharded = jax.NamedSharding(mesh, P(axis))
   params = jax.device_put(params, jax.NamedSharding(mesh, P()))

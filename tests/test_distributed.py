@@ -75,16 +75,14 @@ def _shard_map_trajectory(tx, n, check_vma, per_device_state=False):
   params, batch = _problem()
   mesh = jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
   state_spec = P(AXIS) if per_device_state else P()
-  wrap = ((lambda t: jax.tree.map(lambda a: a[None], t)) if per_device_state
-          else (lambda t: t))
-  unwrap = ((lambda t: jax.tree.map(lambda a: a[0], t)) if per_device_state
-            else (lambda t: t))
+  if per_device_state:
+    tx = sngm_optax.per_device_state(tx)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(),
                      out_specs=state_spec, check_vma=check_vma)
   def init(params):
-    return wrap(tx.init(params))
+    return tx.init(params)
 
   @jax.jit
   @functools.partial(jax.shard_map, mesh=mesh,
@@ -95,9 +93,8 @@ def _shard_map_trajectory(tx, n, check_vma, per_device_state=False):
     # the mesh by JAX itself; marking them per-device keeps it local, as
     # under pmap, and the optimizer does the averaging.
     local = jax.lax.pcast(params, AXIS, to="varying") if check_vma else params
-    updates, state = tx.update(jax.grad(_loss)(local, batch), unwrap(state),
-                               params)
-    return optax.apply_updates(params, updates), wrap(state)
+    updates, state = tx.update(jax.grad(_loss)(local, batch), state, params)
+    return optax.apply_updates(params, updates), state
 
   params = jax.device_put(params, jax.NamedSharding(mesh, P()))
   state = init(params)

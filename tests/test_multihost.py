@@ -41,7 +41,8 @@ def _child_env():
 def _run_processes(tmp_path):
   address = f"localhost:{_free_port()}"
   outputs = [tmp_path / f"process{i}.npz" for i in range(NUM_PROCESSES)]
-  logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(NUM_PROCESSES)]
+  logs = [open(tmp_path / f"process{i}.log", "w+")
+          for i in range(NUM_PROCESSES)]
   processes = [
       subprocess.Popen(
           [sys.executable, str(WORKER), address, str(NUM_PROCESSES), str(i),
