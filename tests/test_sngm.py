@@ -401,6 +401,7 @@ def test_makes_progress_on_rosenbrock():
         ({"learning_rate": 0.1, "weight_decay": -1e-4}, "weight_decay"),
         ({"learning_rate": 0.1, "eps": 0.0}, "eps"),
         ({"learning_rate": 0.1, "eps": -1e-8}, "eps"),
+        ({"learning_rate": 0.1, "eps": 1e-40}, "eps"),  # a subnormal
         ({"learning_rate": jnp.ones(2)}, "learning_rate"),
     ],
 )
