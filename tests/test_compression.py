@@ -549,3 +549,36 @@ def test_gmc_over_two_mesh_axes():
   expected, _ = gmc_reference(*_as_reference_input(params, grads_seq),
                               [0.1] * 3, 0.9, 0.1)
   _assert_updates_close(actual, expected)
+
+
+def test_multisteps_sends_once_per_accumulated_gradient():
+  params = _params()
+  grads_seq = _worker_grads(params, 4)
+  tx = optax.MultiSteps(sngm_optax.gmc(0.1, density=0.1, axis_name=AXIS),
+                        every_k_schedule=2)
+  actual, _ = _run_pmap(tx, params, grads_seq)
+  mean_of_pairs = [jax.tree.map(lambda a, b: (a + b) / 2, grads_seq[i],
+                                grads_seq[i + 1]) for i in (0, 2)]
+  expected, _ = gmc_reference(*_as_reference_input(params, mean_of_pairs),
+                              [0.1] * 2, 0.9, 0.1)
+  zeros = [np.zeros(x.shape) for x in jax.tree.leaves(params)]
+  _assert_updates_close(actual, [zeros, expected[0], zeros, expected[1]])
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_state_is_stable_under_lax_cond(factory):
+  params = _params()
+  tx = factory(0.1, density=0.1, axis_name=AXIS)
+  replicated = jax.tree.map(lambda x: jnp.stack([x] * K), params)
+
+  @functools.partial(jax.pmap, axis_name=AXIS)
+  def maybe_update(take_step, params, state):
+    return jax.lax.cond(take_step,
+                        lambda s: tx.update(params, s, params)[1],
+                        lambda s: s, state)
+
+  state = jax.pmap(tx.init)(replicated)
+  stepped = maybe_update(jnp.ones(K, bool), replicated, state)
+  kept = maybe_update(jnp.zeros(K, bool), replicated, state)
+  assert np.all(optax.tree.get(stepped, "bytes_sent") == 8 * 4)  # k = 4
+  assert np.all(optax.tree.get(kept, "bytes_sent") == 0)
