@@ -473,9 +473,12 @@ def gmc(
   and `optax.chain(optax.scale_by_learning_rate(lr), optax.trace(momentum))`
   for a schedule.
 
-  The memory is per worker, so under `jax.shard_map` the optimizer state must
-  be sharded along `axis_name` (e.g. a leading axis of size K with
-  `PartitionSpec(axis_name)`), not replicated.
+  The memory is per worker: under `jax.pmap` that is automatic; under
+  `jax.shard_map` wrap the optimizer in :func:`per_device_state` and pass
+  its state with `PartitionSpec(axis_name)`. With `shard_map`'s default
+  `check_vma=True`, take the gradient at
+  `jax.lax.pcast(params, axis_name, to='varying')`: otherwise JAX already
+  sums the gradients of replicated params densely across devices.
 
   Args:
     learning_rate: :math:`\eta_t`, a non-negative scalar or an
