@@ -21,7 +21,16 @@ from sngm_optax.batch_size import norm_test
 from sngm_optax.batch_size import orthogonality_test
 from sngm_optax.batch_size import per_device_statistics
 from sngm_optax.batch_size import per_example_statistics
+from sngm_optax.compression import dgc
+from sngm_optax.compression import gmc
+from sngm_optax.compression import num_selected
+from sngm_optax.compression import scale_by_dgc
+from sngm_optax.compression import scale_by_gmc
+from sngm_optax.compression import ScaleByDgcState
+from sngm_optax.compression import ScaleByGmcState
+from sngm_optax.compression import top_k_by_magnitude
 from sngm_optax.distributed import average_across_devices
+from sngm_optax.distributed import per_device_state
 from sngm_optax.normalize import global_norm
 from sngm_optax.normalize import normalize_by_global_norm
 from sngm_optax.sngm import scale_by_sngm
@@ -43,7 +52,9 @@ __all__ = (
     "augmented_inner_product_test",
     "average_across_devices",
     "coordinate_test",
+    "dgc",
     "global_norm",
+    "gmc",
     "gradient_moments",
     "GradientMoments",
     "GradientNoiseStatistics",
@@ -53,13 +64,20 @@ __all__ = (
     "next_batch_size",
     "norm_test",
     "normalize_by_global_norm",
+    "num_selected",
     "orthogonality_test",
+    "per_device_state",
     "per_device_statistics",
     "per_example_statistics",
     "scale_by_adagrad_norm",
+    "scale_by_dgc",
+    "scale_by_gmc",
     "scale_by_sngm",
     "ScaleByAdagradNormState",
+    "ScaleByDgcState",
+    "ScaleByGmcState",
     "sngm",
+    "top_k_by_magnitude",
     "tr_adam",
     "tr_sgd",
     "trajectory_regularized",

@@ -47,3 +47,70 @@ def average_across_devices(
   return optax.GradientTransformationExtraArgs(
       lambda params: optax.EmptyState(), update_fn
   )
+
+
+def per_device_state(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Gives each leaf of `inner`'s state a leading axis of size 1, for shard_map.
+
+  Inside `jax.shard_map` each device sees its own block of every input, so a
+  state that differs between devices (the error-feedback memory of
+  :func:`gmc` and :func:`dgc`) must be sharded over the mesh axis, not
+  replicated. With this wrapper the state seen from outside has a leading
+  axis with one entry per device, to be passed with
+  `PartitionSpec(axis_name)` as both in- and out-spec; `init` must then run
+  inside the `shard_map` too. The updates are those of `inner`. Under
+  `jax.pmap` the state is per device already and no wrapper is needed.
+
+  Args:
+    inner: the transformation whose state is per device.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` with `inner`'s state
+    structure, each leaf with an extra leading axis of size 1.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from sngm_optax import gmc, per_device_state
+    >>> n = jax.device_count()
+    >>> mesh = jax.make_mesh((n,), ('data',))
+    >>> tx = per_device_state(gmc(0.1, density=0.5, axis_name='data'))
+    >>> @jax.jit
+    ... @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(),
+    ...                    out_specs=P('data'))
+    ... def init(params):
+    ...   return tx.init(params)
+    >>> @jax.jit
+    ... @functools.partial(jax.shard_map, mesh=mesh,
+    ...                    in_specs=(P(), P('data'), P('data')),
+    ...                    out_specs=(P(), P('data')))
+    ... def step(params, state, x):
+    ...   local = jax.lax.pcast(params, 'data', to='varying')
+    ...   grads = jax.grad(lambda w: jnp.mean((w - x) ** 2))(local)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> params = jnp.zeros(4)
+    >>> state = init(params)
+    >>> x = jax.device_put(jnp.ones((n, 4)), jax.NamedSharding(mesh, P('data')))
+    >>> params, state = step(params, state, x)
+    >>> optax.tree.get(state, 'memory').shape == (n, 4)  # one per device
+    True
+  """
+
+  def add_axis(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+  def init_fn(params):
+    return add_axis(inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    state = jax.tree.map(lambda x: x[0], state)
+    if isinstance(inner, optax.GradientTransformationExtraArgs):
+      updates, state = inner.update(updates, state, params, **extra_args)
+    else:
+      updates, state = inner.update(updates, state, params)
+    return updates, add_axis(state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
