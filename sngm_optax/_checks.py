@@ -59,8 +59,20 @@ def check_momentum(name: str, value: Any) -> None:
   check_range(name, value, 0.0, 1.0, high_inclusive=False)
 
 
-def check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+def check_positive_int(name: str, value: Any) -> int | None:
+  """Checks an integer >= 1; returns it, or `None` when it is traced.
+
+  `optax.inject_hyperparams` passes integers as 0-d integer arrays, which are
+  accepted.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if (
+      isinstance(value, bool)
+      or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer)
+      or int(array) < 1
+  ):
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(array)

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sngm_optax import _checks
@@ -813,21 +812,6 @@ class AdaptiveBatchSizeState(NamedTuple):
   preconditioner_accumulator: Any
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int | None:
-  """Validates an integer hyperparameter; `None` when traced (injected)."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  array = np.asarray(value)
-  if (
-      isinstance(value, bool)
-      or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer)
-      or int(array) < minimum
-  ):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(array)
-
-
 def _noise_scale(variance_trace_ema, sq_norm_ema):
   safe = jnp.where(sq_norm_ema > 0, sq_norm_ema, 1.0)
   at_zero = jnp.where(variance_trace_ema > 0, jnp.inf, 0.0)
@@ -945,11 +929,11 @@ def adaptive_batch_size(
   """
   if test not in TESTS:
     raise ValueError(f"test must be one of {TESTS}, got {test!r}")
-  max_batch = _check_int("max_batch_size", max_batch_size)
-  initial_batch = _check_int("initial_batch_size", initial_batch_size)
-  multiple = _check_int("batch_size_multiple", batch_size_multiple)
+  max_batch = _checks.check_positive_int("max_batch_size", max_batch_size)
+  initial_batch = _checks.check_positive_int("initial_batch_size", initial_batch_size)
+  multiple = _checks.check_positive_int("batch_size_multiple", batch_size_multiple)
   if microbatch_size is not None:
-    _check_int("microbatch_size", microbatch_size)
+    _checks.check_positive_int("microbatch_size", microbatch_size)
   if None not in (max_batch, initial_batch, multiple):
     if max_batch % multiple:
       raise ValueError(

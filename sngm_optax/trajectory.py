@@ -4,7 +4,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sngm_optax import _checks
@@ -33,20 +32,6 @@ class TrajectoryRegularizedState(NamedTuple):
   inner_step: jax.Array
   anchor: optax.Params
   inner_state: optax.OptState
-
-
-def _check_inner_steps(value: Any) -> None:
-  # `optax.inject_hyperparams` passes integer defaults as (possibly traced)
-  # arrays; only concrete values can be checked.
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, (jax.Array, np.ndarray)):
-    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
-      raise ValueError(
-          f"inner_steps must be a positive integer, got {value!r}"
-      )
-    value = int(value)
-  _checks.check_positive_int("inner_steps", value)
 
 
 def _value_at(hyperparameter: optax.ScalarOrSchedule, count: jax.Array):
@@ -124,7 +109,7 @@ def trajectory_regularized(
     version); code: https://github.com/huiqu18/TRAlgorithm
   """
   _checks.check_non_negative("strength", strength)
-  _check_inner_steps(inner_steps)
+  _checks.check_positive_int("inner_steps", inner_steps)
   if learning_rate is not None:
     _checks.check_non_negative("learning_rate", learning_rate)
   inner = optax.with_extra_args_support(inner)

@@ -24,3 +24,10 @@ def test_readme_training_step_example_trains():
     params, opt_state, loss = namespace["train_step"](params, opt_state, x, y)
     first_loss = loss if first_loss is None else first_loss
   assert loss < 1e-3 * first_loss
+
+
+def test_readme_adaptive_batch_example_grows_the_batch():
+  namespace = {}
+  exec(python_blocks()[1], namespace)  # pylint: disable=exec-used
+  import optax  # pylint: disable=g-import-not-at-top
+  assert int(optax.tree.get(namespace["opt_state"], "next_batch_size")) > 32
