@@ -117,11 +117,14 @@ def adagrad_norm(
     >>> from sngm_optax import adagrad_norm
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
     >>> tx = adagrad_norm(learning_rate=1.0)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
     >>> for _ in range(100):
-    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-3)
     True
 

@@ -115,11 +115,14 @@ def sngm(
     >>> from sngm_optax import sngm
     >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
     >>> tx = sngm(learning_rate=optax.cosine_decay_schedule(0.1, 200))
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
     >>> for _ in range(200):
-    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-2)
     True
 
