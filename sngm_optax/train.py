@@ -13,7 +13,7 @@ gradient of its own shard; the optimizer averages the gradients itself
 `pmap`. On one device the mesh has one entry and the same code runs.
 
 Batches have the shape `[num_microbatches, microbatch, ...]` plus a weight per
-example: the step scans over the microbatches and accumulates the weighted
+example: the step loops over the microbatches and accumulates the weighted
 gradient sum, so a controller that grows the batch can feed a variable number
 of fixed-shape microbatches (and pad with weight-0 examples) without
 recompiling for every batch size.
@@ -28,6 +28,7 @@ Example:
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -231,8 +232,11 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {name!r}; choose one of "
                      f"{', '.join(sorted(OPTIMIZERS))}")
-  return OPTIMIZERS[name](learning_rate, axis_name, weight_decay=weight_decay,
-                          **kwargs)
+  try:
+    return OPTIMIZERS[name](learning_rate, axis_name,
+                            weight_decay=weight_decay, **kwargs)
+  except TypeError as error:  # an unknown keyword in optimizer_kwargs
+    raise ValueError(f"optimizer {name!r}: {error}") from None
 
 
 def _warmup_cosine(peak, total_steps, warmup_steps):
@@ -277,19 +281,17 @@ def make_train_step(mesh: jax.sharding.Mesh):
       weight = microbatch["weight"]
       return jnp.sum(weight * losses), jnp.sum(weight * correct)
 
-    def accumulate(carry, microbatch):
-      grads, loss_sum, correct = carry
+    # A Python loop over the (static, bucketed) number of microbatches, i.e.
+    # a fully unrolled scan: XLA:CPU runs this model several times slower
+    # inside lax.scan.
+    grad_sum = optax.tree.zeros_like(state.params)
+    loss_sum = correct = jnp.zeros(())
+    for index in range(batch["x"].shape[0]):
+      microbatch = jax.tree.map(lambda array: array[index], batch)
       (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
           state.params, microbatch)
-      return (optax.tree.add(grads, grad), loss_sum + loss,
-              correct + right), None
-
-    zeros = (optax.tree.zeros_like(state.params), jnp.zeros(()),
-             jnp.zeros(()))
-    # Unrolled: XLA:CPU runs convolutions inside a while loop several times
-    # slower, and the number of microbatches is small (bucketed).
-    (grad_sum, loss_sum, correct), _ = jax.lax.scan(accumulate, zeros, batch,
-                                                     unroll=True)
+      grad_sum = optax.tree.add(grad_sum, grad)
+      loss_sum, correct = loss_sum + loss, correct + right
     # This device's share of the global mean-loss gradient, scaled so that
     # the optimizer's mean over devices is the global-batch gradient.
     grads = optax.tree.scale(num_devices / total_weight, grad_sum)
@@ -338,6 +340,48 @@ def evaluate(eval_step, params, x, y, chunk: int) -> dict:
     loss_sum += float(batch_loss)
     correct += float(batch_correct)
   return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The compiled pieces of a run, shared by runs that differ only in the
+  peak learning rate, the seeds and the data values."""
+
+  mesh: jax.sharding.Mesh
+  apply_fn: Callable
+  init_fn: Callable
+  tx: optax.GradientTransformation
+  train_step: Callable
+  eval_step: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def build_program(model: str, num_classes: int, optimizer: str,
+                  optimizer_kwargs_json: str, weight_decay: float,
+                  schedule: str, total_steps: int, warmup_steps: int,
+                  devices: tuple) -> Program:
+  """Builds (and caches) model, optimizer and jitted steps for a run.
+
+  The peak learning rate is a hyperparameter in the optimizer state
+  (`optax.inject_hyperparams`, initialized to 1; set it with
+  `optax.tree.set(opt_state, learning_rate=...)`), so a learning-rate grid
+  compiles its steps once.
+  """
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  network = models.make_model(model, num_classes)
+  unit_schedule = SCHEDULES[schedule](1.0, total_steps, warmup_steps)
+  kwargs = json.loads(optimizer_kwargs_json)
+
+  def optimizer_with_peak(learning_rate):
+    return make_optimizer(optimizer, lambda count: learning_rate *
+                          unit_schedule(count), axis_name=AXIS,
+                          weight_decay=weight_decay, **kwargs)
+
+  tx = optax.inject_hyperparams(optimizer_with_peak)(learning_rate=1.0)
+  apply_fn = network.apply
+  return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
+                 tx=tx, train_step=make_train_step(mesh),
+                 eval_step=make_eval_step(mesh, apply_fn))
 
 
 # ----------------------------------------------------------------------------
@@ -411,7 +455,6 @@ def train_and_evaluate(
   if num_devices > len(available):
     raise ValueError(f"num_devices={num_devices} but only {len(available)} "
                      "local devices exist")
-  mesh = jax.sharding.Mesh(np.array(available[:num_devices]), (AXIS,))
   microbatch = config.batch_size // config.num_microbatches
   if microbatch % num_devices:
     raise ValueError(
@@ -419,25 +462,27 @@ def train_and_evaluate(
         f"num_microbatches) is not divisible by {num_devices} devices")
   eval_chunk = -(-config.eval_batch_size // num_devices) * num_devices
 
-  # --- Model and optimizer.
-  model = models.make_model(config.model, dataset.num_classes)
-  params = jax.jit(model.init)(jax.random.key(config.seed),
-                               dataset.x[:1])["params"]
+  # --- Model, optimizer and compiled steps (cached across a grid of peak
+  # learning rates: the peak is a value in the optimizer state).
   warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
                      total_steps - 1)
-  schedule = SCHEDULES[config.schedule](config.learning_rate, total_steps,
-                                        warmup_steps)
-  tx = make_optimizer(config.optimizer, schedule, axis_name=AXIS,
-                      weight_decay=config.weight_decay,
-                      **config.optimizer_kwargs)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=tx)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  program = build_program(
+      config.model, dataset.num_classes, config.optimizer,
+      json.dumps(config.optimizer_kwargs, sort_keys=True),
+      config.weight_decay, config.schedule, total_steps, warmup_steps,
+      tuple(available[:num_devices]))
+  params = program.init_fn(jax.random.key(config.seed),
+                           dataset.x[:1])["params"]
+  state = train_state.TrainState.create(apply_fn=program.apply_fn,
+                                        params=params, tx=program.tx)
+  state = state.replace(opt_state=optax.tree.set(
+      state.opt_state,
+      learning_rate=jnp.asarray(config.learning_rate, jnp.float32)))
+  state = jax.device_put(state, NamedSharding(program.mesh, P()))
 
   # --- Update and evaluation steps.
-  train_step = make_train_step(mesh)
-  eval_step = make_eval_step(mesh, model.apply)
-  batch_sharding = NamedSharding(mesh, P(None, AXIS))
+  train_step, eval_step = program.train_step, program.eval_step
+  batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
 
   def next_batch():
     indices = sampler.next_batch(config.batch_size)
