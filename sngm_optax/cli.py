@@ -17,6 +17,13 @@ from sngm_optax import data as data_lib
 _NO_DEFAULT = None
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+  """Reports usage errors in one line (status 2), without the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
   try:
     value = int(text)
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
   from sngm_optax import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax import train  # pylint: disable=g-import-not-at-top
 
-  parser = argparse.ArgumentParser(
+  parser = _ArgumentParser(
       prog="sngm-optax",
       description="Train MNIST-1D models with SNGM and large-batch "
                   "baselines.")
