@@ -5,6 +5,10 @@ from sngm_optax.normalize import global_norm
 from sngm_optax.normalize import normalize_by_global_norm
 from sngm_optax.sngm import scale_by_sngm
 from sngm_optax.sngm import sngm
+from sngm_optax.trajectory import tr_adam
+from sngm_optax.trajectory import tr_sgd
+from sngm_optax.trajectory import trajectory_regularized
+from sngm_optax.trajectory import TrajectoryRegularizedState
 
 __version__ = "0.1.0"
 
@@ -14,4 +18,8 @@ __all__ = (
     "normalize_by_global_norm",
     "scale_by_sngm",
     "sngm",
+    "tr_adam",
+    "tr_sgd",
+    "trajectory_regularized",
+    "TrajectoryRegularizedState",
 )

@@ -14,6 +14,13 @@ def average_across_devices(
   (for example a norm): with K devices each holding the gradient of its own
   shard of the batch, the result is the gradient of the whole batch.
 
+  Under `jax.pmap` and `jax.shard_map(..., check_vma=False)` each device's
+  gradient is its own, and this averages them. Under `jax.shard_map` with the
+  default `check_vma=True`, JAX already *sums* the gradient of replicated
+  params over the mesh axis, and `pmean` of that (device-invariant) value
+  changes nothing: write the loss as `jax.lax.pmean(local_loss, axis_name)`
+  there, so that the summed gradient is the global mean.
+
   Args:
     axis_name: the mapped axis (or axes) to average over.
 

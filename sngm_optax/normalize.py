@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sngm_optax import _checks
@@ -10,6 +11,10 @@ from sngm_optax import _checks
 # float32's max they have overflowed): the norm is then recomputed after
 # dividing by the largest entry. The common case stays a single reduction.
 _SMALLEST_SAFE_SQUARED_NORM = 1e-20
+
+# The smallest normal float32 (~1.18e-38). A smaller eps would be a subnormal,
+# which XLA flushes to zero on CPU and GPU, so `max(‖g‖, eps)` could be 0.
+SMALLEST_NORMAL_FLOAT32 = float(np.finfo(np.float32).tiny)
 
 
 def _sum_of_squares(leaves, scale=None):
@@ -67,7 +72,7 @@ def _scale_tree(tree, factor):
 
 
 def normalize_by_global_norm(
-    eps: float = 1e-30,
+    eps: float = SMALLEST_NORMAL_FLOAT32,
     per_layer: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides the updates by their global L2 norm.
@@ -83,8 +88,9 @@ def normalize_by_global_norm(
   (so `optax.apply_if_finite` can skip the step).
 
   Args:
-    eps: lower bound on the divisor; must be positive. The default is tiny, so
-      any nonzero float32 gradient of norm above 1e-30 gets a unit-norm update.
+    eps: lower bound on the divisor, at least float32's smallest normal
+      number (~1.18e-38, the default): every gradient whose norm is above it
+      gets a unit-norm update.
     per_layer: normalize each leaf by its own norm instead of the global one.
 
   Returns:
@@ -102,7 +108,7 @@ def normalize_by_global_norm(
     Zhao, Xie, Li, `Stochastic Normalized Gradient Descent with Momentum for
     Large-Batch Training <https://arxiv.org/abs/2007.13985>`_, 2020
   """
-  _checks.check_positive("eps", eps)
+  _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
 
   def normalize(tree):
     return _scale_tree(tree, 1.0 / jnp.maximum(global_norm(tree), eps))

@@ -7,6 +7,7 @@ import optax
 
 from sngm_optax import _checks
 from sngm_optax.distributed import average_across_devices
+from sngm_optax.normalize import SMALLEST_NORMAL_FLOAT32
 from sngm_optax.normalize import normalize_by_global_norm
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -15,7 +16,7 @@ MaskOrFn = Any | Callable[[optax.Params], Any] | None
 def scale_by_sngm(
     momentum: float = 0.9,
     nesterov: bool = False,
-    eps: float = 1e-30,
+    eps: float = SMALLEST_NORMAL_FLOAT32,
     per_layer: bool = False,
     accumulator_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -33,7 +34,7 @@ def scale_by_sngm(
   Args:
     momentum: the momentum coefficient :math:`\beta`, in [0, 1).
     nesterov: use Nesterov momentum.
-    eps: lower bound on the norm used as divisor (positive).
+    eps: lower bound on the norm used as divisor (at least ~1.18e-38).
     per_layer: normalize each leaf by its own norm instead of the global norm.
     accumulator_dtype: dtype of the momentum buffer; by default that of the
       params.
@@ -71,7 +72,7 @@ def sngm(
     nesterov: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     weight_decay_mask: MaskOrFn = None,
-    eps: float = 1e-30,
+    eps: float = SMALLEST_NORMAL_FLOAT32,
     axis_name: str | tuple[str, ...] | None = None,
     per_layer: bool = False,
     accumulator_dtype: Any | None = None,
@@ -99,7 +100,8 @@ def sngm(
     weight_decay_mask: pytree of booleans (or a function of the params
       returning one) selecting the leaves to decay, as in `optax.lars`;
       `None` decays every leaf.
-    eps: lower bound on the gradient norm used as divisor (positive).
+    eps: lower bound on the gradient norm used as divisor (at least
+      ~1.18e-38, float32's smallest normal number; the default).
     axis_name: the `pmap`/`shard_map` axis to average gradients over, or
       `None` when the gradient is already the global one.
     per_layer: normalize each leaf separately instead of globally.
@@ -127,7 +129,7 @@ def sngm(
   """
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
-  _checks.check_positive("eps", eps)
+  _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
   return optax.chain(
       average_across_devices(axis_name) if axis_name else optax.identity(),
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
