@@ -313,7 +313,7 @@ class EpochSampler:
   Example:
     >>> sampler = EpochSampler(num_examples=5, seed=0)
     >>> first = sampler.next_batch(3); second = sampler.next_batch(2)
-    >>> sorted(list(first) + list(second))
+    >>> sorted(first.tolist() + second.tolist())
     [0, 1, 2, 3, 4]
     >>> sampler.samples_seen, sampler.state.epoch
     (5, 1)

@@ -19,12 +19,13 @@ of fixed-shape microbatches (and pad with weight-0 examples) without
 recompiling for every batch size.
 
 Example:
-  >>> from sngm_optax import train
-  >>> config = train.Config(optimizer='sngm', learning_rate=0.1, epochs=1,
-  ...                       batch_size=256, num_samples=2000, model='mlp')
-  >>> result = train.train_and_evaluate(config, quiet=True)  # doctest: +SKIP
-  >>> result['final']['test_accuracy'] > 0.2  # doctest: +SKIP
-  True
+  >>> from sngm_optax import data, train
+  >>> config = train.Config(optimizer='sngm', learning_rate=0.2, epochs=3,
+  ...                       batch_size=100, model='mlp', num_devices=1)
+  >>> result = train.train_and_evaluate(
+  ...     config, dataset=data.generate_mnist1d(1000), quiet=True)
+  >>> result['steps'], result['final']['test_accuracy'] > 0.2
+  (24, True)
 """
 
 import dataclasses
