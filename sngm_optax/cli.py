@@ -24,39 +24,26 @@ class _ArgumentParser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(
-        f"expected a positive integer, got {text!r}")
-  return value
+def _checked(convert, description: str, valid):
+  """An argparse `type` converting with `convert` and checking `valid`."""
+
+  def parse(text: str):
+    try:
+      value = convert(text)
+    except ValueError:
+      value = None
+    if value is None or not valid(value):
+      raise argparse.ArgumentTypeError(
+          f"expected {description}, got {text!r}")
+    return value
+
+  return parse
 
 
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected a positive number, got {text!r}") from None
-  if not value > 0 or value == float("inf"):
-    raise argparse.ArgumentTypeError(
-        f"expected a positive number, got {text!r}")
-  return value
+_positive_int = _checked(int, "a positive integer", lambda v: v >= 1)
+_non_negative_int = _checked(int, "an integer >= 0", lambda v: v >= 0)
+_positive_float = _checked(float, "a positive number",
+                           lambda v: 0 < v < float("inf"))
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:

@@ -241,13 +241,8 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(result: dict, path: str | os.PathLike) -> None:
-  """Test accuracy against epoch for every contender's picked run."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  figure, axes = plt.subplots(figsize=(6.4, 4.2))
+def plot_curves(result: dict, axes) -> None:
+  """Draws test accuracy against epoch of every contender's picked run."""
   for contender in result["contenders"]:
     best = contender["best"]
     if best is None:
@@ -264,11 +259,31 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     axes.set_ylim(max(0.0, math.floor(low / 5) * 5 - 10), 100)
   axes.set_xlabel("epoch")
   axes.set_ylabel("test accuracy (%)")
-  axes.set_title(f"MNIST-1D {result['preset']['model']}, "
-                 f"{result['preset']['epochs']:g} epochs")
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+  """Saves the curves of `plot_curves` as a PNG (matplotlib's Agg backend)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, axes = plt.subplots(figsize=(6.4, 4.2))
+  plot_curves(result, axes)
+  axes.set_title(f"MNIST-1D {result['preset']['model']}, "
+                 f"{result['preset']['epochs']:g} epochs")
   figure.tight_layout()
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path, dpi=120)
   plt.close(figure)
+
+
+def without_histories(result: dict) -> dict:
+  """A copy of a `compare` result keeping only the picked runs' histories."""
+  contenders = []
+  for contender in result["contenders"]:
+    runs = [{k: v for k, v in run.items() if k != "history"}
+            for run in contender["runs"]]
+    contenders.append(dict(contender, runs=runs))
+  return dict(result, contenders=contenders)
