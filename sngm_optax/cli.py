@@ -89,15 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--quick", action="store_true",
                    help="small preset (a few minutes on a laptop CPU)")
   cmp.add_argument("--batch-size", type=_positive_int, default=_NO_DEFAULT,
-                   help="the large batch size (default 4096; quick 2048)")
+                   help="the large batch size (default 4096; quick 1024)")
   cmp.add_argument("--small-batch-size", type=_positive_int,
                    default=_NO_DEFAULT,
                    help="batch size of the momentum-SGD reference (128)")
   cmp.add_argument("--epochs", type=_positive_float, default=_NO_DEFAULT,
-                   help="training epochs for every run (default 30; quick 8)")
+                   help="training epochs for every run (default 30; quick 20)")
   cmp.add_argument("--grid-size", type=_positive_int, default=_NO_DEFAULT,
                    help="learning rates tried per optimizer (default 4, at "
-                        "most 4; quick 2)")
+                        "most 4; quick 3)")
   cmp.add_argument("--optimizers", default=",".join(
       compare.LARGE_BATCH_OPTIMIZERS),
                    help="comma-separated large-batch optimizers "
@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
   trn.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS),
                    default="sngm", help="optimizer (default sngm)")
   trn.add_argument("--batch-size", type=_positive_int, default=4096)
-  trn.add_argument("--lr", type=_positive_float, default=0.4,
-                   help="peak learning rate (default 0.4)")
+  trn.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default: the value the large-"
+                        "batch benchmark picked for this optimizer, scaled "
+                        "by sqrt(batch size / 4096))")
   trn.add_argument("--epochs", type=_positive_float, default=30.0)
   trn.add_argument("--model", choices=sorted(_models()), default="cnn")
   trn.add_argument("--weight-decay", type=float, default=1e-4)
@@ -178,11 +180,16 @@ def _run_compare(args, parser) -> int:
 
 def _run_train(args, parser) -> int:
   del parser
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax import train  # pylint: disable=g-import-not-at-top
 
+  learning_rate = args.lr
+  if learning_rate is None:
+    grid = compare.LR_GRIDS.get(args.optimizer)
+    learning_rate = grid.suggested_at(args.batch_size) if grid else 0.1
   config = train.Config(
       data_path=args.data, data_seed=args.data_seed, cache_dir=args.cache_dir,
-      model=args.model, optimizer=args.optimizer, learning_rate=args.lr,
+      model=args.model, optimizer=args.optimizer, learning_rate=learning_rate,
       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
       batch_size=args.batch_size, num_microbatches=args.num_microbatches,
       epochs=args.epochs, seed=args.seed, num_devices=args.num_devices,

@@ -199,9 +199,11 @@ def _sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
 
 
 def _lars(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
+  # Trust ratio on every leaf (optax's default), as LAMB: excluding biases
+  # leaves them at the raw, large LARS learning rate.
   return _device_mean(axis_name, optax.lars(
       learning_rate, weight_decay=weight_decay, momentum=momentum,
-      weight_decay_mask=_matrices_only, trust_ratio_mask=_matrices_only, **kw))
+      weight_decay_mask=_matrices_only, **kw))
 
 
 def _lamb(learning_rate, axis_name, weight_decay=0.0, **kw):
