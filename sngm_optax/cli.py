@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default="sngm", help="optimizer (default sngm)")
   trn.add_argument("--batch-size", type=_positive_int, default=4096)
   trn.add_argument("--lr", type=_positive_float, default=None,
-                   help="peak learning rate (default: the value the large-"
-                        "batch benchmark picked for this optimizer, scaled "
-                        "by sqrt(batch size / 4096))")
+                   help="peak learning rate (default: the benchmark's pick "
+                        "for this optimizer at B=4096, or at B=128 for msgd "
+                        "at small batches, scaled by the square root of the "
+                        "batch-size ratio)")
   trn.add_argument("--epochs", type=_positive_float, default=30.0)
   trn.add_argument("--model", choices=sorted(_models()), default="cnn")
   trn.add_argument("--weight-decay", type=float, default=1e-4)
@@ -185,8 +186,8 @@ def _run_train(args, parser) -> int:
 
   learning_rate = args.lr
   if learning_rate is None:
-    grid = compare.LR_GRIDS.get(args.optimizer)
-    learning_rate = grid.suggested_at(args.batch_size) if grid else 0.1
+    learning_rate = compare.suggested_learning_rate(args.optimizer,
+                                                    args.batch_size)
   config = train.Config(
       data_path=args.data, data_seed=args.data_seed, cache_dir=args.cache_dir,
       model=args.model, optimizer=args.optimizer, learning_rate=learning_rate,

@@ -85,6 +85,18 @@ SMALL_BATCH_GRIDS: dict[str, LearningRateGrid] = {
 }
 
 
+def suggested_learning_rate(optimizer: str, batch_size: int) -> float:
+  """The benchmark's pick for `optimizer`, from the grid whose reference batch
+  is nearest to `batch_size` (on a log scale), scaled to `batch_size`."""
+  grids = [grid for grid in (LR_GRIDS.get(optimizer),
+                             SMALL_BATCH_GRIDS.get(optimizer)) if grid]
+  if not grids:
+    raise ValueError(f"no learning-rate grid for {optimizer!r}")
+  nearest = min(grids, key=lambda grid: abs(
+      math.log(batch_size / grid.reference_batch)))
+  return nearest.suggested_at(batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
   """Sizes of a comparison; `default` is the benchmark's."""
