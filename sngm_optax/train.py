@@ -77,7 +77,7 @@ class Config:
   model: str = "cnn"
   # Optimizer, looked up in OPTIMIZERS, with its peak learning rate.
   optimizer: str = "sngm"
-  learning_rate: float = 0.1
+  learning_rate: float = 0.4
   weight_decay: float = 1e-4
   # Extra keyword arguments for the optimizer factory (e.g. momentum).
   optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -104,20 +104,14 @@ class Config:
     if not (isinstance(self.num_devices, int) and self.num_devices >= 0):
       raise ValueError(
           f"num_devices must be an integer >= 0, got {self.num_devices!r}")
-    if not (math.isfinite(self.epochs) and self.epochs > 0):
-      raise ValueError(f"epochs must be positive, got {self.epochs!r}")
-    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-      raise ValueError(
-          f"learning_rate must be positive, got {self.learning_rate!r}")
-    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-      raise ValueError(
-          f"weight_decay must be >= 0, got {self.weight_decay!r}")
-    if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-      raise ValueError(
-          f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
-    if not 0.0 <= self.val_fraction < 1.0:
-      raise ValueError(
-          f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+    _check_real("epochs", self.epochs, 0.0, low_inclusive=False)
+    _check_real("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
+    _check_real("weight_decay", self.weight_decay, 0.0)
+    _check_real("warmup_epochs", self.warmup_epochs, 0.0)
+    _check_real("val_fraction", self.val_fraction, 0.0, 1.0)
+    if not isinstance(self.optimizer_kwargs, dict):
+      raise ValueError("optimizer_kwargs must be a dict, got "
+                       f"{self.optimizer_kwargs!r}")
     if self.batch_size % self.num_microbatches:
       raise ValueError(
           f"batch_size={self.batch_size} is not divisible by "
@@ -136,6 +130,16 @@ class Config:
 def _check_positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_real(name: str, value: Any, low: float, high: float = math.inf,
+                *, low_inclusive: bool = True) -> None:
+  """Raises ValueError unless `value` is a finite number in [low, high)."""
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not (is_number and math.isfinite(value) and value < high
+          and (value >= low if low_inclusive else value > low)):
+    interval = (("[" if low_inclusive else "(") + f"{low:g}, {high:g})")
+    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
 def override(config: Config, assignments: list[str]) -> Config:
@@ -173,7 +177,7 @@ def override(config: Config, assignments: list[str]) -> Config:
 
 
 def _matrices_only(params):
-  """Mask selecting kernels (rank >= 2): biases get no decay / trust ratio."""
+  """Mask selecting kernels (rank >= 2): biases get no weight decay."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 

@@ -38,7 +38,8 @@ def _tiny(tmp_path):
     (["compare", "--batch-size", "-1"], "--batch-size: expected a positive"),
     (["compare", "--grid-size", "zero"], "--grid-size: expected a positive"),
     (["train", "--set", "colour=red"], "bad override 'colour=red'"),
-    (["train", "--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
+    (["train", "--warmup-epochs", "-1"], "warmup_epochs must be a number"),
+    (["train", "--set", "epochs=many"], "epochs must be a number"),
     (["train", "--batch-size", "100", "--num-microbatches", "3"],
      "not divisible by num_microbatches"),
 ])

@@ -151,8 +151,11 @@ def test_non_finite_loss_stops_after_k_steps(dataset):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(epochs=0.0), "epochs must be positive"),
-    (dict(learning_rate=-1.0), "learning_rate must be positive"),
+    (dict(epochs=0.0), r"epochs must be a number in \(0, inf\)"),
+    (dict(epochs="ten"), "epochs must be a number"),
+    (dict(learning_rate=-1.0), "learning_rate must be a number in"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a number in"),
+    (dict(optimizer_kwargs=[1]), "optimizer_kwargs must be a dict"),
     (dict(optimizer="adam2"), "unknown optimizer 'adam2'"),
     (dict(model="resnet"), "unknown model 'resnet'"),
     (dict(batch_size=100, num_microbatches=3), "not divisible by"),
