@@ -5,7 +5,9 @@ batch size: SNGM, momentum SGD, LARS and LAMB, each with the best peak
 learning rate of a 4-value grid (picked on a validation split, 10% of the
 training set), 30 epochs of linear warmup (2 epochs) + cosine decay, against
 momentum SGD at batch 128 as the reference (trained once, shown in every
-table). See `sngm_optax/compare.py` for the grids.
+table). Each picked learning rate is then trained with 2 more seeds
+(initialization and batch order) for a mean ± standard deviation. See
+`sngm_optax/compare.py` for the grids.
 
 Usage:
   python benchmarks/large_batch.py                          # the benchmark
@@ -45,6 +47,9 @@ def main() -> None:
   parser.add_argument("--epochs", type=float, default=None,
                       help="default: the preset's 30")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--extra-seeds", type=int, default=2,
+                      help="retrain each picked learning rate with this many "
+                           "more seeds (mean ± sd in the table)")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args()
 
@@ -56,7 +61,8 @@ def main() -> None:
   for batch_size in args.batch_sizes:
     result = compare.compare(dataclasses.replace(preset,
                                                  large_batch=batch_size),
-                             reference=reference, quiet=args.quiet)
+                             reference=reference, quiet=args.quiet,
+                             extra_seeds=args.extra_seeds)
     reference = result["contenders"][-1]  # momentum SGD at batch 128
     results.append(result)
     print(f"\nB = {batch_size}:\n{result['table']}", flush=True)

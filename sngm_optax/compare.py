@@ -37,6 +37,8 @@ import os
 import pathlib
 import time
 
+import numpy as np
+
 from sngm_optax import data as data_lib
 from sngm_optax import train
 
@@ -131,47 +133,76 @@ def _grid(optimizer: str, batch_size: int, small: bool, size: int):
   return grids[optimizer].at(batch_size, size)
 
 
-def run_contender(base: train.Config, optimizer: str, batch_size: int,
-                  learning_rates, dataset, quiet: bool) -> dict:
-  """Trains one optimizer at each learning rate; returns the picked run."""
-  runs = []
-  start = time.perf_counter()
-  for learning_rate in learning_rates:
-    config = dataclasses.replace(base, optimizer=optimizer,
-                                 batch_size=batch_size,
-                                 learning_rate=learning_rate)
-    try:
-      result = train.train_and_evaluate(config, dataset=dataset, quiet=quiet,
-                                        log_epochs=False)
-    except train.NonFiniteLossError as error:
-      runs.append({"learning_rate": learning_rate, "diverged": True,
-                   "error": str(error)})
-      continue
+def _one_run(config: train.Config, dataset, quiet: bool) -> dict:
+  """Trains `config`; a summary dict, with `diverged` for non-finite loss."""
+  try:
+    result = train.train_and_evaluate(config, dataset=dataset, quiet=quiet,
+                                      log_epochs=False)
+  except train.NonFiniteLossError as error:
+    run = {"learning_rate": config.learning_rate, "seed": config.seed,
+           "diverged": True, "error": str(error)}
+  else:
     final = result["final"]
-    runs.append({
-        "learning_rate": learning_rate, "diverged": False,
-        "val_accuracy": final.get("val_accuracy"),
+    run = {
+        "learning_rate": config.learning_rate, "seed": config.seed,
+        "diverged": False, "val_accuracy": final.get("val_accuracy"),
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"], "steps": result["steps"],
         "wall_time_s": result["wall_time_s"], "history": result["history"],
-    })
-    if not quiet:
-      print(f"  {optimizer:>5s} B={batch_size:<5d} lr={learning_rate:<8g} "
-            f"val acc {final.get('val_accuracy', float('nan')):.4f}  test acc "
-            f"{final['test_accuracy']:.4f}  ({result['wall_time_s']:.0f} s)",
-            flush=True)
+    }
+  if not quiet:
+    outcome = ("diverged" if run["diverged"] else
+               f"val acc {run['val_accuracy'] or float('nan'):.4f}  test acc "
+               f"{run['test_accuracy']:.4f}  ({run['wall_time_s']:.0f} s)")
+    print(f"  {config.optimizer:>5s} B={config.batch_size:<5d} "
+          f"lr={config.learning_rate:<8g} seed {config.seed}  {outcome}",
+          flush=True)
+  return run
+
+
+def run_contender(base: train.Config, optimizer: str, batch_size: int,
+                  learning_rates, dataset, quiet: bool,
+                  extra_seeds: int = 0) -> dict:
+  """Trains one optimizer at each learning rate and picks the best.
+
+  The pick is the run with the best final validation accuracy (test
+  accuracy without a validation split). With `extra_seeds`, the picked
+  learning rate is trained again with that many more seeds (initialization
+  and batch order), and `test_accuracy_mean` / `test_accuracy_std` summarize
+  all its seeds.
+  """
+  start = time.perf_counter()
+  base = dataclasses.replace(base, optimizer=optimizer, batch_size=batch_size)
+  runs = [_one_run(dataclasses.replace(base, learning_rate=learning_rate),
+                   dataset, quiet) for learning_rate in learning_rates]
+  grid_time = time.perf_counter() - start
   finished = [run for run in runs if not run["diverged"]]
   key = "val_accuracy" if base.val_fraction > 0 else "test_accuracy"
   best = max(finished, key=lambda run: run[key]) if finished else None
-  return {
+  contender = {
       "optimizer": optimizer,
       "batch_size": batch_size,
       "learning_rates": list(learning_rates),
       "selected_by": key,
       "best": best,
       "runs": runs,
-      "grid_wall_time_s": time.perf_counter() - start,
+      "grid_wall_time_s": grid_time,
   }
+  if best is not None and extra_seeds:
+    seed_runs = [_one_run(dataclasses.replace(
+        base, learning_rate=best["learning_rate"], seed=base.seed + offset),
+                          dataset, quiet)
+                 for offset in range(1, extra_seeds + 1)]
+    for run in seed_runs:
+      run.pop("history", None)
+    accuracies = [run["test_accuracy"] for run in [best, *seed_runs]
+                  if not run["diverged"]]
+    contender.update(
+        seed_runs=seed_runs, num_seeds=len(accuracies),
+        test_accuracy_mean=float(np.mean(accuracies)),
+        test_accuracy_std=float(np.std(accuracies, ddof=1))
+        if len(accuracies) > 1 else 0.0)
+  return contender
 
 
 def compare(
@@ -186,6 +217,7 @@ def compare(
     data_seed: int = data_lib.DEFAULT_SEED,
     out_dir: str | os.PathLike | None = None,
     quiet: bool = False,
+    extra_seeds: int = 0,
 ) -> dict:
   """Runs the comparison; writes `compare.json` and `compare.png` to out_dir.
 
@@ -201,6 +233,8 @@ def compare(
     data_seed: seed of the generated dataset and the validation split.
     out_dir: where to write the JSON and the plot (nothing written if None).
     quiet: no progress output.
+    extra_seeds: retrain each picked learning rate with this many more seeds
+      and report the mean and standard deviation of the test accuracy.
 
   Returns:
     A JSON-serializable dict with `preset`, `contenders` and `wall_time_s`.
@@ -233,14 +267,15 @@ def compare(
   for name in optimizers:
     grid = _grid(name, preset.large_batch, False, preset.grid_size)
     contenders.append(run_contender(base, name, preset.large_batch, grid,
-                                    dataset, quiet))
+                                    dataset, quiet, extra_seeds))
   if reference is not None:
     contenders.append(reference)
   elif include_small_batch:
     grid = _grid(SMALL_BATCH_OPTIMIZER, preset.small_batch, True,
                  preset.grid_size)
     contenders.append(run_contender(base, SMALL_BATCH_OPTIMIZER,
-                                    preset.small_batch, grid, dataset, quiet))
+                                    preset.small_batch, grid, dataset, quiet,
+                                    extra_seeds))
   result = {
       "preset": dataclasses.asdict(preset),
       "seed": seed,
@@ -263,28 +298,37 @@ def format_table(result: dict) -> str:
   """A Markdown table: optimizer, batch, best LR, accuracies, steps, times.
 
   "run" is the picked run's wall time; "grid" the time of all the
-  optimizer's runs, which includes compiling its step once (the first run of
-  a grid compiles, the others reuse the program).
+  optimizer's grid runs, which includes compiling its step once (the first
+  run of a grid compiles, the others reuse the program). With extra seeds,
+  a column gives the test accuracy's mean ± standard deviation over seeds.
   """
-  lines = [
-      "| optimizer | batch | best LR | test acc (%) | val acc (%) | steps "
-      "| run (s) | grid (s) |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-  ]
+  seeds = max((c.get("num_seeds", 1) for c in result["contenders"]),
+              default=1)
+  header = "| optimizer | batch | best LR | test acc (%) | val acc (%) "
+  rule = "| --- | ---: | ---: | ---: | ---: "
+  if seeds > 1:
+    header += f"| test acc, {seeds} seeds (%) "
+    rule += "| ---: "
+  lines = [header + "| steps | run (s) | grid (s) |",
+           rule + "| ---: | ---: | ---: |"]
   for contender in result["contenders"]:
     best = contender["best"]
+    cells = [contender["optimizer"], str(contender["batch_size"])]
     if best is None:
-      lines.append(f"| {contender['optimizer']} | {contender['batch_size']} "
-                   "| all diverged | - | - | - | - "
-                   f"| {contender['grid_wall_time_s']:.0f} |")
-      continue
-    val = best.get("val_accuracy")
-    val_text = "-" if val is None else f"{100 * val:.2f}"
-    lines.append(
-        f"| {contender['optimizer']} | {contender['batch_size']} "
-        f"| {best['learning_rate']:g} | {100 * best['test_accuracy']:.2f} "
-        f"| {val_text} | {best['steps']} | {best['wall_time_s']:.0f} "
-        f"| {contender['grid_wall_time_s']:.0f} |")
+      cells += ["all diverged", "-", "-"] + ["-"] * (seeds > 1) + ["-", "-"]
+    else:
+      val = best.get("val_accuracy")
+      cells += [f"{best['learning_rate']:g}",
+                f"{100 * best['test_accuracy']:.2f}",
+                "-" if val is None else f"{100 * val:.2f}"]
+      if seeds > 1:
+        cells.append(
+            f"{100 * contender['test_accuracy_mean']:.2f} ± "
+            f"{100 * contender['test_accuracy_std']:.2f}"
+            if "test_accuracy_mean" in contender else "-")
+      cells += [str(best["steps"]), f"{best['wall_time_s']:.0f}"]
+    cells.append(f"{contender['grid_wall_time_s']:.0f}")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

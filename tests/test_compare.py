@@ -69,6 +69,7 @@ def test_run_contender_picks_by_validation_and_survives_divergence(
     if outcome is None:
       raise compare.train.NonFiniteLossError("non-finite")
     val, test = outcome
+    test += 0.01 * config.seed
     record = {"epoch": 1.0, "val_accuracy": val, "test_accuracy": test,
               "test_loss": 0.3}
     return {"final": record, "history": [record], "steps": 5,
@@ -77,7 +78,16 @@ def test_run_contender_picks_by_validation_and_survives_divergence(
   monkeypatch.setattr(compare.train, "train_and_evaluate", fake_train)
   base = compare.train.Config(val_fraction=0.1)
   result = compare.run_contender(base, "sngm", 4096, (0.1, 0.2, 0.4), None,
-                                 quiet=True)
+                                 quiet=True, extra_seeds=2)
   # Picked on validation accuracy (0.2), not on test accuracy (0.1).
   assert result["best"]["learning_rate"] == 0.2
   assert [run["diverged"] for run in result["runs"]] == [False, False, True]
+  # The pick retrained with seeds 1 and 2: test accuracy 0.91, 0.92, 0.93.
+  assert [(r["learning_rate"], r["seed"]) for r in result["seed_runs"]] == [
+      (0.2, 1), (0.2, 2)]
+  assert result["num_seeds"] == 3
+  assert result["test_accuracy_mean"] == pytest.approx(0.92)
+  assert result["test_accuracy_std"] == pytest.approx(0.01)
+  table = compare.format_table({"contenders": [result]}).splitlines()
+  assert "test acc, 3 seeds (%)" in table[0]
+  assert "| 92.00 ± 1.00 |" in table[2]
