@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
       compare.LARGE_BATCH_OPTIMIZERS),
                    help="comma-separated large-batch optimizers "
                         f"(from {', '.join(sorted(compare.LR_GRIDS))})")
+  cmp.add_argument("--extra-seeds", type=_non_negative_int, default=0,
+                   help="retrain each picked learning rate with this many "
+                        "more seeds and report mean ± sd (default 0)")
   cmp.add_argument("--no-small-batch", action="store_true",
                    help="skip the small-batch reference")
   cmp.add_argument("--model", choices=sorted(_models()), default=None,
@@ -170,7 +173,7 @@ def _run_compare(args, parser) -> int:
       preset, optimizers=optimizers,
       include_small_batch=not args.no_small_batch, data_path=args.data,
       cache_dir=args.cache_dir, seed=args.seed, data_seed=args.data_seed,
-      out_dir=args.out, quiet=args.quiet)
+      out_dir=args.out, quiet=args.quiet, extra_seeds=args.extra_seeds)
   print(result["table"])
   if not args.quiet:
     print(f"wrote {os.path.join(args.out, 'compare.json')} and "
