@@ -138,3 +138,11 @@ def test_console_entry_point_reports_errors_without_traceback():
   assert process.stderr.strip().splitlines() == [
       "sngm-optax train: error: argument --lr: expected a positive number, "
       "got '0' (see sngm-optax train --help)"]
+
+
+def test_train_without_lr_needs_a_benchmark_pick(monkeypatch, capsys):
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  monkeypatch.delitem(compare.LR_GRIDS, "sgd")
+  status, _, err = _run(["train", "--optimizer", "sgd"], capsys)
+  assert status == 2
+  assert "--lr is required for sgd" in err
