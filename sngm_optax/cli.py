@@ -1,0 +1,239 @@
+"""Command line: `sngm-optax compare` (the main job) and `sngm-optax train`.
+
+  sngm-optax compare --quick          # ~1.5 minutes on 2 CPU cores
+  sngm-optax compare --out runs/cmp   # the benchmark preset (30 epochs)
+  sngm-optax train --optimizer sngm --batch-size 4096 --lr 0.4 --epochs 30
+
+Bad arguments print one line and exit with status 2.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from sngm_optax import data as data_lib
+
+_NO_DEFAULT = None
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """Reports usage errors in one line (status 2), without the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(convert, description: str, valid):
+  """An argparse `type` converting with `convert` and checking `valid`."""
+
+  def parse(text: str):
+    try:
+      value = convert(text)
+    except ValueError:
+      value = None
+    if value is None or not valid(value):
+      raise argparse.ArgumentTypeError(
+          f"expected {description}, got {text!r}")
+    return value
+
+  return parse
+
+
+_positive_int = _checked(int, "a positive integer", lambda v: v >= 1)
+_non_negative_int = _checked(int, "an integer >= 0", lambda v: v >= 0)
+_positive_float = _checked(float, "a positive number",
+                           lambda v: 0 < v < float("inf"))
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("data")
+  group.add_argument(
+      "--data", metavar="PATH.npz", default=None,
+      help="your own dataset: an .npz with x, y, x_test, y_test "
+           "(default: MNIST-1D generated locally and cached)")
+  group.add_argument(
+      "--num-samples", type=_positive_int, default=_NO_DEFAULT,
+      help="MNIST-1D size, train + test (80/20 split)")
+  group.add_argument("--data-seed", type=_non_negative_int,
+                     default=data_lib.DEFAULT_SEED,
+                     help="seed of the generated MNIST-1D")
+  group.add_argument(
+      "--cache-dir", default=None,
+      help="MNIST-1D cache directory (default: $SNGM_OPTAX_CACHE, else "
+           "$XDG_CACHE_HOME/sngm_optax or ~/.cache/sngm_optax)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `sngm-optax` argument parser."""
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+
+  parser = _ArgumentParser(
+      prog="sngm-optax",
+      description="Train MNIST-1D models with SNGM and large-batch "
+                  "baselines.")
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+  commands.required = True
+
+  # compare ----------------------------------------------------------------
+  cmp = commands.add_parser(
+      "compare",
+      help="the main job: SNGM vs momentum SGD, LARS and LAMB at a large "
+           "batch, and momentum SGD at batch 128",
+      description="Trains the same model with SNGM, momentum SGD, LARS and "
+                  "LAMB at a large batch, and momentum SGD at a small batch, "
+                  "each with the best learning rate from a grid of the same "
+                  "size (picked on a validation split), then prints a table "
+                  "and writes compare.json and compare.png.")
+  cmp.add_argument("--quick", action="store_true",
+                   help="small preset: 20k examples, batch 1024 vs 128, 20 "
+                        "epochs, 3 learning rates each (~1.5 min on 2 CPU "
+                        "cores)")
+  cmp.add_argument("--batch-size", type=_positive_int, default=_NO_DEFAULT,
+                   help="the large batch size (default 4096; quick 1024)")
+  cmp.add_argument("--small-batch-size", type=_positive_int,
+                   default=_NO_DEFAULT,
+                   help="batch size of the momentum-SGD reference (128)")
+  cmp.add_argument("--epochs", type=_positive_float, default=_NO_DEFAULT,
+                   help="training epochs for every run (default 30; quick 20)")
+  cmp.add_argument("--grid-size", type=_positive_int, default=_NO_DEFAULT,
+                   help="learning rates tried per optimizer (default 4, at "
+                        "most 4; quick 3)")
+  cmp.add_argument("--optimizers", default=",".join(
+      compare.LARGE_BATCH_OPTIMIZERS),
+                   help="comma-separated large-batch optimizers "
+                        f"(from {', '.join(sorted(compare.LR_GRIDS))})")
+  cmp.add_argument("--extra-seeds", type=_non_negative_int, default=0,
+                   help="retrain each picked learning rate with this many "
+                        "more seeds and report mean ± sd (default 0)")
+  cmp.add_argument("--no-small-batch", action="store_true",
+                   help="skip the small-batch reference")
+  cmp.add_argument("--model", choices=sorted(_models()), default=None,
+                   help="model (default cnn)")
+  cmp.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of initialization and batch order")
+  cmp.add_argument("--out", default="runs/compare",
+                   help="output directory (default runs/compare)")
+  cmp.add_argument("--quiet", action="store_true", help="print only the table")
+  _add_data_arguments(cmp)
+
+  # train ------------------------------------------------------------------
+  trn = commands.add_parser(
+      "train", help="one training run",
+      description="Trains one model with one optimizer and writes "
+                  "metrics.json.")
+  trn.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS),
+                   default="sngm", help="optimizer (default sngm)")
+  trn.add_argument("--batch-size", type=_positive_int, default=4096)
+  trn.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default: the benchmark's pick "
+                        "for this optimizer at B=4096, or at B=128 for msgd "
+                        "at small batches, scaled by the square root of the "
+                        "batch-size ratio)")
+  trn.add_argument("--epochs", type=_positive_float, default=30.0)
+  trn.add_argument("--model", choices=sorted(_models()), default="cnn")
+  trn.add_argument("--weight-decay", type=float, default=1e-4)
+  trn.add_argument("--warmup-epochs", type=float, default=2.0)
+  trn.add_argument("--num-microbatches", type=_positive_int, default=1,
+                   help="split each batch into this many microbatches")
+  trn.add_argument("--num-devices", type=_non_negative_int, default=0,
+                   help="devices to split the batch over (0: all local)")
+  trn.add_argument("--seed", type=_non_negative_int, default=0)
+  trn.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="override any Config field, e.g. --set "
+                        "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
+  trn.add_argument("--out", default="runs/train",
+                   help="output directory (default runs/train)")
+  trn.add_argument("--quiet", action="store_true")
+  _add_data_arguments(trn)
+  return parser
+
+
+def _models():
+  from sngm_optax import models  # pylint: disable=g-import-not-at-top
+  return models.MODELS
+
+
+def _run_compare(args, parser) -> int:
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+
+  preset = compare.PRESETS["quick" if args.quick else "default"]
+  changes = {
+      "large_batch": args.batch_size, "small_batch": args.small_batch_size,
+      "epochs": args.epochs, "grid_size": args.grid_size,
+      "num_samples": args.num_samples, "model": args.model,
+  }
+  preset = dataclasses.replace(
+      preset, **{k: v for k, v in changes.items() if v is not None})
+  optimizers = tuple(name.strip() for name in args.optimizers.split(",")
+                     if name.strip())
+  if not optimizers:
+    parser.error("--optimizers: give at least one optimizer")
+  result = compare.compare(
+      preset, optimizers=optimizers,
+      include_small_batch=not args.no_small_batch, data_path=args.data,
+      cache_dir=args.cache_dir, seed=args.seed, data_seed=args.data_seed,
+      out_dir=args.out, quiet=args.quiet, extra_seeds=args.extra_seeds)
+  print(result["table"])
+  if not args.quiet:
+    print(f"wrote {os.path.join(args.out, 'compare.json')} and "
+          f"{os.path.join(args.out, 'compare.png')} "
+          f"({result['wall_time_s']:.0f} s)")
+  return 0
+
+
+def _run_train(args, parser) -> int:
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+
+  learning_rate = args.lr
+  if learning_rate is None:
+    if not (args.optimizer in compare.LR_GRIDS
+            or args.optimizer in compare.SMALL_BATCH_GRIDS):
+      parser.error(f"--lr is required for {args.optimizer} (no benchmark "
+                   "pick to default to)")
+    learning_rate = compare.suggested_learning_rate(args.optimizer,
+                                                    args.batch_size)
+  config = train.Config(
+      data_path=args.data, data_seed=args.data_seed, cache_dir=args.cache_dir,
+      model=args.model, optimizer=args.optimizer, learning_rate=learning_rate,
+      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+      batch_size=args.batch_size, num_microbatches=args.num_microbatches,
+      epochs=args.epochs, seed=args.seed, num_devices=args.num_devices,
+      **({} if args.num_samples is None
+         else {"num_samples": args.num_samples}))
+  config = train.override(config, args.overrides)
+  try:
+    result = train.train_and_evaluate(config, args.out, quiet=args.quiet)
+  except train.NonFiniteLossError as error:
+    print(f"sngm-optax train: error: {error}", file=sys.stderr)
+    return 1
+  final = result["final"]
+  print(f"{config.optimizer} B={config.batch_size} lr={config.learning_rate:g}"
+        f": test accuracy {100 * final['test_accuracy']:.2f}% after "
+        f"{result['steps']} steps ({result['wall_time_s']:.0f} s); wrote "
+        f"{os.path.join(args.out, 'metrics.json')}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the `sngm-optax` console script."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  handlers = {"compare": _run_compare, "train": _run_train}
+  try:
+    return handlers[args.command](args, parser)
+  except ValueError as error:
+    # Bad values found after parsing (batch larger than the data, a
+    # malformed .npz, ...): one line, status 2, like argparse's own errors.
+    subparser = f"{parser.prog} {args.command}"
+    print(f"{subparser}: error: {error}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

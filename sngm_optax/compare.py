@@ -1,0 +1,380 @@
+"""The main job: SNGM against momentum SGD, LARS and LAMB at a large batch.
+
+Every contender trains the same model for the same number of epochs with a
+linear-warmup + cosine learning-rate schedule; its peak learning rate is
+picked from a grid of the same size for every optimizer, by the final
+accuracy on a validation split held out from the training set. The table
+reports the test accuracy of the picked run. Momentum SGD at a small batch
+(128) is the reference that large-batch training tries to match.
+
+Learning-rate grids (`LR_GRIDS`, `SMALL_BATCH_GRIDS`): the same rule for
+every optimizer, four values a factor of 2 apart, `[p/4, p/2, p, 2p]`, where
+`p` is the value a pilot sweep (30 epochs, 6 values a factor of 2 apart,
+picked on validation accuracy) found best at B = 4096; `2p` was at or past
+the edge of stability for every large-batch optimizer. (For the B = 128
+reference the pilot's best, 0.1, was its largest value.) For another batch
+size a
+grid is scaled by `sqrt(batch_size / reference_batch)`, the same rule for
+every family (between the linear rule of Goyal et al. for SGD and the
+batch-size insensitivity of normalized methods).
+
+| optimizer | grid at B = 4096 (peak learning rate) |
+| --- | --- |
+| sngm | 0.1, 0.2, 0.4, 0.8 |
+| msgd (momentum 0.9) | 0.0625, 0.125, 0.25, 0.5 |
+| lars (trust coefficient 0.001, momentum 0.9) | 10, 20, 40, 80 |
+| lamb | 0.01, 0.02, 0.04, 0.08 |
+| msgd at B = 128 (not scaled) | 0.025, 0.05, 0.1, 0.2 |
+
+All runs use coupled weight decay 1e-4 on the kernels (not the biases;
+decoupled for LAMB), warmup for 2 epochs then cosine decay to 0, and the
+same initialization and batch order.
+"""
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from sngm_optax import data as data_lib
+from sngm_optax import train
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRateGrid:
+  """Peak learning rates at `reference_batch`; scaled for other batches."""
+
+  values: tuple[float, ...]
+  reference_batch: int
+  power: float = 0.5
+  # The value the benchmark picked at reference_batch: `sngm-optax train`'s
+  # default learning rate.
+  suggested: float | None = None
+
+  def suggested_at(self, batch_size: int) -> float:
+    """`suggested` (else the grid's third value) scaled to `batch_size`."""
+    value = self.suggested if self.suggested is not None else self.values[2]
+    scale = (batch_size / self.reference_batch) ** self.power
+    return float(f"{value * scale:.3g}")
+
+  def at(self, batch_size: int, size: int | None = None) -> tuple[float, ...]:
+    """The grid for `batch_size`; `size` < len keeps the middle values
+    (the upper middle when the count left out is odd)."""
+    values = self.values
+    if size is not None and size < len(values):
+      start = (len(values) - size + 1) // 2
+      values = values[start:start + size]
+    scale = (batch_size / self.reference_batch) ** self.power
+    return tuple(float(f"{value * scale:.3g}") for value in values)
+
+
+LR_GRIDS: dict[str, LearningRateGrid] = {
+    "sngm": LearningRateGrid((0.1, 0.2, 0.4, 0.8), 4096, suggested=0.4),
+    "msgd": LearningRateGrid((0.0625, 0.125, 0.25, 0.5), 4096,
+                             suggested=0.25),
+    "lars": LearningRateGrid((10.0, 20.0, 40.0, 80.0), 4096, suggested=40.0),
+    "lamb": LearningRateGrid((0.01, 0.02, 0.04, 0.08), 4096, suggested=0.04),
+    # Not tuned: sgd as msgd, adamw as lamb.
+    "sgd": LearningRateGrid((0.0625, 0.125, 0.25, 0.5), 4096),
+    "adamw": LearningRateGrid((0.005, 0.01, 0.02, 0.04), 4096),
+}
+# The small-batch reference has its own grid (no scaling across 32x).
+SMALL_BATCH_GRIDS: dict[str, LearningRateGrid] = {
+    "msgd": LearningRateGrid((0.025, 0.05, 0.1, 0.2), 128, suggested=0.1),
+}
+
+
+def suggested_learning_rate(optimizer: str, batch_size: int) -> float:
+  """The benchmark's pick for `optimizer`, from the grid whose reference batch
+  is nearest to `batch_size` (on a log scale), scaled to `batch_size`."""
+  grids = [grid for grid in (LR_GRIDS.get(optimizer),
+                             SMALL_BATCH_GRIDS.get(optimizer)) if grid]
+  if not grids:
+    raise ValueError(f"no learning-rate grid for {optimizer!r}")
+  nearest = min(grids, key=lambda grid: abs(
+      math.log(batch_size / grid.reference_batch)))
+  return nearest.suggested_at(batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """Sizes of a comparison; `default` is the benchmark's."""
+
+  num_samples: int
+  epochs: float
+  large_batch: int
+  small_batch: int
+  grid_size: int
+  warmup_epochs: float
+  model: str = "cnn"
+  val_fraction: float = 0.1
+  weight_decay: float = 1e-4
+
+
+PRESETS = {
+    "default": Preset(num_samples=60_000, epochs=30, large_batch=4096,
+                      small_batch=128, grid_size=4, warmup_epochs=2),
+    # Under 3 minutes on 2 CPU cores, data generation included.
+    "quick": Preset(num_samples=20_000, epochs=20, large_batch=1024,
+                    small_batch=128, grid_size=3, warmup_epochs=1),
+}
+LARGE_BATCH_OPTIMIZERS = ("sngm", "msgd", "lars", "lamb")
+SMALL_BATCH_OPTIMIZER = "msgd"
+
+
+def _grid(optimizer: str, batch_size: int, small: bool, size: int):
+  grids = SMALL_BATCH_GRIDS if small else LR_GRIDS
+  if optimizer not in grids:
+    raise ValueError(f"no learning-rate grid for {optimizer!r} at "
+                     f"{'small' if small else 'large'} batch")
+  return grids[optimizer].at(batch_size, size)
+
+
+def _one_run(config: train.Config, dataset, quiet: bool) -> dict:
+  """Trains `config`; a summary dict, with `diverged` for non-finite loss."""
+  try:
+    result = train.train_and_evaluate(config, dataset=dataset, quiet=quiet,
+                                      log_epochs=False)
+  except train.NonFiniteLossError as error:
+    run = {"learning_rate": config.learning_rate, "seed": config.seed,
+           "diverged": True, "error": str(error)}
+  else:
+    final = result["final"]
+    run = {
+        "learning_rate": config.learning_rate, "seed": config.seed,
+        "diverged": False, "val_accuracy": final.get("val_accuracy"),
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"], "steps": result["steps"],
+        "wall_time_s": result["wall_time_s"], "history": result["history"],
+    }
+  if not quiet:
+    outcome = ("diverged" if run["diverged"] else
+               f"val acc {run['val_accuracy'] or float('nan'):.4f}  test acc "
+               f"{run['test_accuracy']:.4f}  ({run['wall_time_s']:.0f} s)")
+    print(f"  {config.optimizer:>5s} B={config.batch_size:<5d} "
+          f"lr={config.learning_rate:<8g} seed {config.seed}  {outcome}",
+          flush=True)
+  return run
+
+
+def run_contender(base: train.Config, optimizer: str, batch_size: int,
+                  learning_rates, dataset, quiet: bool,
+                  extra_seeds: int = 0) -> dict:
+  """Trains one optimizer at each learning rate and picks the best.
+
+  The pick is the run with the best final validation accuracy (test
+  accuracy without a validation split). With `extra_seeds`, the picked
+  learning rate is trained again with that many more seeds (initialization
+  and batch order), and `test_accuracy_mean` / `test_accuracy_std` summarize
+  all its seeds.
+  """
+  start = time.perf_counter()
+  base = dataclasses.replace(base, optimizer=optimizer, batch_size=batch_size)
+  runs = [_one_run(dataclasses.replace(base, learning_rate=learning_rate),
+                   dataset, quiet) for learning_rate in learning_rates]
+  grid_time = time.perf_counter() - start
+  finished = [run for run in runs if not run["diverged"]]
+  key = "val_accuracy" if base.val_fraction > 0 else "test_accuracy"
+  best = max(finished, key=lambda run: run[key]) if finished else None
+  contender = {
+      "optimizer": optimizer,
+      "batch_size": batch_size,
+      "learning_rates": list(learning_rates),
+      "selected_by": key,
+      "best": best,
+      "runs": runs,
+      "grid_wall_time_s": grid_time,
+  }
+  if best is not None and extra_seeds:
+    seed_runs = [_one_run(dataclasses.replace(
+        base, learning_rate=best["learning_rate"], seed=base.seed + offset),
+                          dataset, quiet)
+                 for offset in range(1, extra_seeds + 1)]
+    for run in seed_runs:
+      run.pop("history", None)
+    accuracies = [run["test_accuracy"] for run in [best, *seed_runs]
+                  if not run["diverged"]]
+    contender.update(
+        seed_runs=seed_runs, num_seeds=len(accuracies),
+        test_accuracy_mean=float(np.mean(accuracies)),
+        test_accuracy_std=float(np.std(accuracies, ddof=1))
+        if len(accuracies) > 1 else 0.0)
+  return contender
+
+
+def compare(
+    preset: Preset,
+    *,
+    optimizers=LARGE_BATCH_OPTIMIZERS,
+    include_small_batch: bool = True,
+    reference: dict | None = None,
+    data_path: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    data_seed: int = data_lib.DEFAULT_SEED,
+    out_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+    extra_seeds: int = 0,
+) -> dict:
+  """Runs the comparison; writes `compare.json` and `compare.png` to out_dir.
+
+  Args:
+    preset: sizes (see `PRESETS`).
+    optimizers: the large-batch contenders (names in `LR_GRIDS`).
+    include_small_batch: also train momentum SGD at `preset.small_batch`.
+    reference: a small-batch contender result from an earlier call, reused
+      instead of training it again (same data and epochs).
+    data_path: a user's `.npz` instead of generated MNIST-1D.
+    cache_dir: MNIST-1D cache directory.
+    seed: seed of initialization and batch order.
+    data_seed: seed of the generated dataset and the validation split.
+    out_dir: where to write the JSON and the plot (nothing written if None).
+    quiet: no progress output.
+    extra_seeds: retrain each picked learning rate with this many more seeds
+      and report the mean and standard deviation of the test accuracy.
+
+  Returns:
+    A JSON-serializable dict with `preset`, `contenders` and `wall_time_s`.
+  """
+  start = time.perf_counter()
+  for name in optimizers:
+    if name not in LR_GRIDS:
+      raise ValueError(f"unknown optimizer {name!r} for compare; choose from "
+                       f"{', '.join(sorted(LR_GRIDS))}")
+  base = train.Config(
+      data_path=data_path, num_samples=preset.num_samples,
+      data_seed=data_seed, cache_dir=None if cache_dir is None
+      else str(cache_dir), val_fraction=preset.val_fraction,
+      model=preset.model, weight_decay=preset.weight_decay,
+      warmup_epochs=preset.warmup_epochs, epochs=preset.epochs, seed=seed)
+  dataset = train.load_dataset(base)
+  usable = dataset.num_train - max(1, round(preset.val_fraction *
+                                            dataset.num_train))
+  for batch_size in (preset.large_batch, preset.small_batch):
+    if batch_size > usable:
+      raise ValueError(f"batch size {batch_size} is larger than the training "
+                       f"set ({usable} examples after the validation split)")
+  if not quiet:
+    num_val = dataset.num_train - usable
+    print(f"data: {usable} train + {num_val} validation / "
+          f"{dataset.num_test} test examples; {preset.epochs:g} epochs, "
+          f"model {preset.model}", flush=True)
+
+  contenders = []
+  for name in optimizers:
+    grid = _grid(name, preset.large_batch, False, preset.grid_size)
+    contenders.append(run_contender(base, name, preset.large_batch, grid,
+                                    dataset, quiet, extra_seeds))
+  if reference is not None:
+    contenders.append(reference)
+  elif include_small_batch:
+    grid = _grid(SMALL_BATCH_OPTIMIZER, preset.small_batch, True,
+                 preset.grid_size)
+    contenders.append(run_contender(base, SMALL_BATCH_OPTIMIZER,
+                                    preset.small_batch, grid, dataset, quiet,
+                                    extra_seeds))
+  result = {
+      "preset": dataclasses.asdict(preset),
+      "seed": seed,
+      "data": data_path or f"mnist1d(num_samples={preset.num_samples}, "
+                           f"seed={data_seed})",
+      "num_train": dataset.num_train,
+      "num_test": dataset.num_test,
+      "contenders": contenders,
+      "wall_time_s": time.perf_counter() - start,
+  }
+  result["table"] = format_table(result)
+  if out_dir is not None:
+    out_dir = pathlib.Path(out_dir)
+    train.write_json(out_dir / "compare.json", result)
+    plot(result, out_dir / "compare.png")
+  return result
+
+
+def format_table(result: dict) -> str:
+  """A Markdown table: optimizer, batch, best LR, accuracies, steps, times.
+
+  "run" is the picked run's wall time; "grid" the time of all the
+  optimizer's grid runs, which includes compiling its step once (the first
+  run of a grid compiles, the others reuse the program). With extra seeds,
+  a column gives the test accuracy's mean ± standard deviation over seeds.
+  """
+  seeds = max((c.get("num_seeds", 1) for c in result["contenders"]),
+              default=1)
+  header = "| optimizer | batch | best LR | test acc (%) | val acc (%) "
+  rule = "| --- | ---: | ---: | ---: | ---: "
+  if seeds > 1:
+    header += f"| test acc, {seeds} seeds (%) "
+    rule += "| ---: "
+  lines = [header + "| steps | run (s) | grid (s) |",
+           rule + "| ---: | ---: | ---: |"]
+  for contender in result["contenders"]:
+    best = contender["best"]
+    cells = [contender["optimizer"], str(contender["batch_size"])]
+    if best is None:
+      cells += ["all diverged", "-", "-"] + ["-"] * (seeds > 1) + ["-", "-"]
+    else:
+      val = best.get("val_accuracy")
+      cells += [f"{best['learning_rate']:g}",
+                f"{100 * best['test_accuracy']:.2f}",
+                "-" if val is None else f"{100 * val:.2f}"]
+      if seeds > 1:
+        cells.append(
+            f"{100 * contender['test_accuracy_mean']:.2f} ± "
+            f"{100 * contender['test_accuracy_std']:.2f}"
+            if "test_accuracy_mean" in contender else "-")
+      cells += [str(best["steps"]), f"{best['wall_time_s']:.0f}"]
+    cells.append(f"{contender['grid_wall_time_s']:.0f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_curves(result: dict, axes) -> None:
+  """Draws test accuracy against epoch of every contender's picked run."""
+  for contender in result["contenders"]:
+    best = contender["best"]
+    if best is None:
+      continue
+    epochs = [record["epoch"] for record in best["history"]]
+    accuracy = [100 * record["test_accuracy"] for record in best["history"]]
+    axes.plot(epochs, accuracy, marker=".",
+              label=f"{contender['optimizer']} B={contender['batch_size']} "
+                    f"lr={best['learning_rate']:g}")
+  accuracies = [100 * c["best"]["test_accuracy"]
+                for c in result["contenders"] if c["best"] is not None]
+  if accuracies:
+    low = min(accuracies)
+    axes.set_ylim(max(0.0, math.floor(low / 5) * 5 - 10), 100)
+  axes.set_xlabel("epoch")
+  axes.set_ylabel("test accuracy (%)")
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+  """Saves the curves of `plot_curves` as a PNG (matplotlib's Agg backend)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, axes = plt.subplots(figsize=(6.4, 4.2))
+  plot_curves(result, axes)
+  axes.set_title(f"MNIST-1D {result['preset']['model'].upper()}, "
+                 f"{result['preset']['epochs']:g} epochs")
+  figure.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def without_histories(result: dict) -> dict:
+  """A copy of a `compare` result keeping only the picked runs' histories."""
+  contenders = []
+  for contender in result["contenders"]:
+    runs = [{k: v for k, v in run.items() if k != "history"}
+            for run in contender["runs"]]
+    contenders.append(dict(contender, runs=runs))
+  return dict(result, contenders=contenders)

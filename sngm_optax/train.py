@@ -1,0 +1,584 @@
+"""The training loop shared by the CLI, the notebooks and the benchmarks.
+
+`train_and_evaluate(config)` reads top to bottom, in the sections of a Flax
+example: input, devices, model and optimizer, update step, evaluation,
+training loop, metrics. Optimizers are built by name from `OPTIMIZERS`, so a
+new optimizer is one registry line and no change to the loop.
+
+Data parallelism: the global batch is split over a 1-D mesh of the local
+devices (axis name `"data"`) with `jax.shard_map`. Each device computes the
+gradient of its own shard; the optimizer averages the gradients itself
+(`sngm(axis_name=...)`; the optax baselines get
+`sngm_optax.average_across_devices` chained in front), as it would under
+`pmap`. On one device the mesh has one entry and the same code runs.
+
+Batches have the shape `[num_microbatches, microbatch, ...]` plus a weight per
+example: the step loops over the microbatches and accumulates the weighted
+gradient sum, so a controller that grows the batch can feed a variable number
+of fixed-shape microbatches (and pad with weight-0 examples) without
+recompiling for every batch size.
+
+Example:
+  >>> from sngm_optax import data, train
+  >>> config = train.Config(optimizer='sngm', learning_rate=0.2, epochs=3,
+  ...                       batch_size=100, model='mlp', num_devices=1)
+  >>> result = train.train_and_evaluate(
+  ...     config, dataset=data.generate_mnist1d(1000), quiet=True)
+  >>> result['steps'], result['final']['test_accuracy'] > 0.2
+  (24, True)
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sngm_optax import data as data_lib
+from sngm_optax import models
+from sngm_optax.distributed import average_across_devices
+from sngm_optax.sngm import sngm
+
+AXIS = "data"
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a run; override fields with `override`.
+
+  Budgets are in epochs (samples seen / training-set size), so runs at
+  different batch sizes see the same number of examples.
+  """
+
+  # Data: a user's .npz (keys x, y, x_test, y_test), or MNIST-1D generated
+  # with `num_samples` examples (80% train, 20% test) and `data_seed`.
+  data_path: str | None = None
+  num_samples: int = data_lib.DEFAULT_NUM_SAMPLES
+  data_seed: int = data_lib.DEFAULT_SEED
+  cache_dir: str | None = None
+  # Fraction of the training set held out for validation (0: none).
+  val_fraction: float = 0.0
+  model: str = "cnn"
+  # Optimizer, looked up in OPTIMIZERS, with its peak learning rate.
+  optimizer: str = "sngm"
+  learning_rate: float = 0.4
+  weight_decay: float = 1e-4
+  # Extra keyword arguments for the optimizer factory (e.g. momentum).
+  optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+  # "warmup_cosine": linear warmup to the peak, cosine decay to 0.
+  schedule: str = "warmup_cosine"
+  warmup_epochs: float = 2.0
+  batch_size: int = 4096
+  # The batch is fed as num_microbatches x (batch_size / num_microbatches).
+  num_microbatches: int = 1
+  epochs: float = 30.0
+  seed: int = 0
+  # Devices to split the batch over; 0 means all local devices.
+  num_devices: int = 0
+  eval_batch_size: int = 4096
+  # Stop after this many consecutive steps with a non-finite loss.
+  max_nonfinite_steps: int = 5
+
+  def __post_init__(self):
+    _check_positive_int("batch_size", self.batch_size)
+    _check_positive_int("num_microbatches", self.num_microbatches)
+    _check_positive_int("eval_batch_size", self.eval_batch_size)
+    _check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
+    _check_positive_int("num_samples", self.num_samples)
+    if not (isinstance(self.num_devices, int) and self.num_devices >= 0):
+      raise ValueError(
+          f"num_devices must be an integer >= 0, got {self.num_devices!r}")
+    _check_real("epochs", self.epochs, 0.0, low_inclusive=False)
+    _check_real("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
+    _check_real("weight_decay", self.weight_decay, 0.0)
+    _check_real("warmup_epochs", self.warmup_epochs, 0.0)
+    _check_real("val_fraction", self.val_fraction, 0.0, 1.0)
+    if not isinstance(self.optimizer_kwargs, dict):
+      raise ValueError("optimizer_kwargs must be a dict, got "
+                       f"{self.optimizer_kwargs!r}")
+    if self.batch_size % self.num_microbatches:
+      raise ValueError(
+          f"batch_size={self.batch_size} is not divisible by "
+          f"num_microbatches={self.num_microbatches}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                       f"{', '.join(sorted(OPTIMIZERS))}")
+    if self.model not in models.MODELS:
+      raise ValueError(f"unknown model {self.model!r}; choose one of "
+                       f"{', '.join(sorted(models.MODELS))}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
+                       f"{', '.join(sorted(SCHEDULES))}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_real(name: str, value: Any, low: float, high: float = math.inf,
+                *, low_inclusive: bool = True) -> None:
+  """Raises ValueError unless `value` is a finite number in [low, high)."""
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not (is_number and math.isfinite(value) and value < high
+          and (value >= low if low_inclusive else value > low)):
+    interval = (("[" if low_inclusive else "(") + f"{low:g}, {high:g})")
+    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def override(config: Config, assignments: list[str]) -> Config:
+  """Returns `config` with `KEY=VALUE` strings applied (command-line style).
+
+  Values are parsed as JSON when possible (numbers, `null`, `{...}` for
+  dicts), else taken as strings.
+
+  Example:
+    >>> override(Config(), ['batch_size=128', 'optimizer=msgd']).batch_size
+    128
+  """
+  fields = {field.name for field in dataclasses.fields(Config)}
+  changes = {}
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or key not in fields:
+      raise ValueError(f"bad override {assignment!r}: expected KEY=VALUE with "
+                       f"KEY one of {', '.join(sorted(fields))}")
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = text
+    default = getattr(config, key)
+    if isinstance(default, float) and isinstance(value, int):
+      value = float(value)
+    changes[key] = value
+  return dataclasses.replace(config, **changes)
+
+
+# ----------------------------------------------------------------------------
+# Optimizers by name: factory(learning_rate, axis_name, weight_decay, **kw).
+# Each receives per-device gradients and averages over `axis_name` itself.
+
+
+def _matrices_only(params):
+  """Mask selecting kernels (rank >= 2): biases get no weight decay."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _device_mean(axis_name, tx):
+  if axis_name is None:
+    return tx
+  return optax.chain(average_across_devices(axis_name), tx)
+
+
+def _sngm(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
+  return sngm(learning_rate, momentum=momentum, weight_decay=weight_decay,
+              weight_decay_mask=_matrices_only, axis_name=axis_name, **kw)
+
+
+def _msgd(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
+  return _device_mean(axis_name, optax.chain(
+      optax.add_decayed_weights(weight_decay, _matrices_only),
+      optax.sgd(learning_rate, momentum=momentum, **kw)))
+
+
+def _sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
+  return _msgd(learning_rate, axis_name, weight_decay, momentum=0.0, **kw)
+
+
+def _lars(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
+  # Trust ratio on every leaf (optax's default), as LAMB: excluding biases
+  # leaves them at the raw, large LARS learning rate.
+  return _device_mean(axis_name, optax.lars(
+      learning_rate, weight_decay=weight_decay, momentum=momentum,
+      weight_decay_mask=_matrices_only, **kw))
+
+
+def _lamb(learning_rate, axis_name, weight_decay=0.0, **kw):
+  return _device_mean(axis_name, optax.lamb(
+      learning_rate, weight_decay=weight_decay, mask=_matrices_only, **kw))
+
+
+def _adamw(learning_rate, axis_name, weight_decay=0.0, **kw):
+  return _device_mean(axis_name, optax.adamw(
+      learning_rate, weight_decay=weight_decay, mask=_matrices_only, **kw))
+
+
+OptimizerFactory = Callable[..., optax.GradientTransformation]
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "adamw": _adamw,
+    "lamb": _lamb,
+    "lars": _lars,
+    "msgd": _msgd,   # heavy-ball momentum SGD
+    "sgd": _sgd,
+    "sngm": _sngm,
+}
+
+
+def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
+                   axis_name: str | None = None, weight_decay: float = 0.0,
+                   **kwargs) -> optax.GradientTransformation:
+  """Builds the optimizer registered under `name` (see `OPTIMIZERS`)."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; choose one of "
+                     f"{', '.join(sorted(OPTIMIZERS))}")
+  try:
+    return OPTIMIZERS[name](learning_rate, axis_name,
+                            weight_decay=weight_decay, **kwargs)
+  except TypeError as error:  # an unknown keyword in optimizer_kwargs
+    raise ValueError(f"optimizer {name!r}: {error}") from None
+
+
+def _warmup_cosine(peak, total_steps, warmup_steps):
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=0.0)
+
+
+def _constant(peak, total_steps, warmup_steps):
+  del total_steps, warmup_steps
+  return optax.constant_schedule(peak)
+
+
+SCHEDULES = {"constant": _constant, "warmup_cosine": _warmup_cosine}
+
+
+# ----------------------------------------------------------------------------
+# Update and evaluation steps.
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the loss stays NaN/Inf for `max_nonfinite_steps` steps."""
+
+
+def make_train_step(mesh: jax.sharding.Mesh):
+  """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
+
+  `batch` holds `x`, `y` and `weight` of shape `[num_microbatches,
+  microbatch, ...]`, sharded over `mesh` along the microbatch axis. The
+  state's buffers are donated.
+  """
+  num_devices = mesh.size
+
+  def local_step(state, batch):
+    total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
+
+    def weighted_loss(params, microbatch):
+      logits = state.apply_fn({"params": params}, microbatch["x"])
+      losses = optax.softmax_cross_entropy_with_integer_labels(
+          logits, microbatch["y"])
+      correct = jnp.argmax(logits, -1) == microbatch["y"]
+      weight = microbatch["weight"]
+      return jnp.sum(weight * losses), jnp.sum(weight * correct)
+
+    # A Python loop over the (static, bucketed) number of microbatches, i.e.
+    # a fully unrolled scan: XLA:CPU runs this model several times slower
+    # inside lax.scan.
+    grad_sum = optax.tree.zeros_like(state.params)
+    loss_sum = correct = jnp.zeros(())
+    for index in range(batch["x"].shape[0]):
+      microbatch = jax.tree.map(lambda array: array[index], batch)
+      (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
+          state.params, microbatch)
+      grad_sum = optax.tree.add(grad_sum, grad)
+      loss_sum, correct = loss_sum + loss, correct + right
+    # This device's share of the global mean-loss gradient, scaled so that
+    # the optimizer's mean over devices is the global-batch gradient.
+    grads = optax.tree.scale(num_devices / total_weight, grad_sum)
+    state = state.apply_gradients(grads=grads)
+    metrics = {
+        "loss": jax.lax.psum(loss_sum, AXIS) / total_weight,
+        "accuracy": jax.lax.psum(correct, AXIS) / total_weight,
+    }
+    return state, metrics
+
+  # check_vma=False keeps the pmap semantics: the gradient of replicated
+  # params is per device, and the optimizer does the averaging.
+  sharded = jax.shard_map(
+      local_step, mesh=mesh, in_specs=(P(), P(None, AXIS)),
+      out_specs=(P(), P()), check_vma=False)
+  return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
+  """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`."""
+
+  def local_eval(params, x, y, weight):
+    logits = apply_fn({"params": params}, x)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = jnp.argmax(logits, -1) == y
+    return (jax.lax.psum(jnp.sum(weight * losses), AXIS),
+            jax.lax.psum(jnp.sum(weight * correct), AXIS))
+
+  return jax.jit(jax.shard_map(
+      local_eval, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+      out_specs=(P(), P()), check_vma=False))
+
+
+def evaluate(eval_step, params, x, y, chunk: int) -> dict:
+  """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk`."""
+  loss_sum, correct = 0.0, 0.0
+  for start in range(0, len(y), chunk):
+    xs, ys = x[start:start + chunk], y[start:start + chunk]
+    pad = chunk - len(ys)
+    weight = np.ones(chunk, np.float32)
+    if pad:  # keep one compiled shape: pad with zero-weight examples
+      xs = np.concatenate([xs, np.zeros((pad,) + xs.shape[1:], xs.dtype)])
+      ys = np.concatenate([ys, np.zeros(pad, ys.dtype)])
+      weight[chunk - pad:] = 0.0
+    batch_loss, batch_correct = eval_step(params, xs, ys, weight)
+    loss_sum += float(batch_loss)
+    correct += float(batch_correct)
+  return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The compiled pieces of a run, shared by runs that differ only in the
+  peak learning rate, the seeds and the data values."""
+
+  mesh: jax.sharding.Mesh
+  apply_fn: Callable
+  init_fn: Callable
+  tx: optax.GradientTransformation
+  train_step: Callable
+  eval_step: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def build_program(model: str, num_classes: int, optimizer: str,
+                  optimizer_kwargs_json: str, weight_decay: float,
+                  schedule: str, total_steps: int, warmup_steps: int,
+                  devices: tuple) -> Program:
+  """Builds (and caches) model, optimizer and jitted steps for a run.
+
+  The peak learning rate is a hyperparameter in the optimizer state
+  (`optax.inject_hyperparams`, initialized to 1; set it with
+  `optax.tree.set(opt_state, learning_rate=...)`), so a learning-rate grid
+  compiles its steps once.
+  """
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  network = models.make_model(model, num_classes)
+  unit_schedule = SCHEDULES[schedule](1.0, total_steps, warmup_steps)
+  kwargs = json.loads(optimizer_kwargs_json)
+
+  def optimizer_with_peak(learning_rate):
+    return make_optimizer(optimizer, lambda count: learning_rate *
+                          unit_schedule(count), axis_name=AXIS,
+                          weight_decay=weight_decay, **kwargs)
+
+  tx = optax.inject_hyperparams(optimizer_with_peak)(learning_rate=1.0)
+  apply_fn = network.apply
+  return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
+                 tx=tx, train_step=make_train_step(mesh),
+                 eval_step=make_eval_step(mesh, apply_fn))
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def load_dataset(config: Config) -> data_lib.Dataset:
+  """The dataset named by `config`: its .npz, else generated MNIST-1D."""
+  if config.data_path:
+    return data_lib.load_npz(config.data_path)
+  return data_lib.load_mnist1d(config.num_samples, config.data_seed,
+                               config.cache_dir)
+
+
+def _progress_bar(total: int, quiet: bool, description: str):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  interactive = sys.stdout.isatty() and sys.stderr.isatty()
+  return tqdm(total=total, desc=description, unit="step", leave=False,
+              disable=quiet or not interactive, dynamic_ncols=True)
+
+
+def train_and_evaluate(
+    config: Config,
+    workdir: str | os.PathLike | None = None,
+    *,
+    dataset: data_lib.Dataset | None = None,
+    quiet: bool = False,
+    log_epochs: bool = True,
+) -> dict:
+  """Trains `config.model` with `config.optimizer` and evaluates each epoch.
+
+  Args:
+    config: the run's `Config`.
+    workdir: if given, `metrics.json` is written there.
+    dataset: a `Dataset` to use instead of the one `config` names.
+    quiet: no progress bar and no per-epoch lines (the bar is also off when
+      stdout or stderr is not a terminal).
+    log_epochs: print one line per epoch (unless `quiet`).
+
+  Returns:
+    A JSON-serializable dict: `config`, `history` (one entry per epoch with
+    `epoch`, `samples_seen`, `steps`, `train_loss`, `test_loss`,
+    `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
+    `final` (the last entry), `steps`, `samples_seen`, `wall_time_s`.
+
+  Raises:
+    ValueError: the config does not fit the data or the devices.
+    NonFiniteLossError: the loss was NaN/Inf for `max_nonfinite_steps`
+      consecutive steps.
+  """
+  start_time = time.perf_counter()
+
+  # --- Input.
+  if dataset is None:
+    dataset = load_dataset(config)
+  validation = None
+  if config.val_fraction > 0:
+    dataset, validation = dataset.split_validation(config.val_fraction,
+                                                   seed=config.data_seed)
+  num_train = dataset.num_train
+  if config.batch_size > num_train:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the "
+                     f"training set ({num_train} examples)")
+  sampler = data_lib.EpochSampler(num_train, seed=config.seed)
+  steps_per_epoch = num_train / config.batch_size
+  total_steps = math.ceil(config.epochs * steps_per_epoch)
+
+  # --- Devices: a 1-D mesh; the batch is split along it.
+  available = jax.local_devices()
+  num_devices = config.num_devices or len(available)
+  if num_devices > len(available):
+    raise ValueError(f"num_devices={num_devices} but only {len(available)} "
+                     "local devices exist")
+  microbatch = config.batch_size // config.num_microbatches
+  if microbatch % num_devices:
+    raise ValueError(
+        f"the microbatch of {microbatch} examples (batch_size / "
+        f"num_microbatches) is not divisible by {num_devices} devices")
+  eval_chunk = -(-config.eval_batch_size // num_devices) * num_devices
+
+  # --- Model, optimizer and compiled steps (cached across a grid of peak
+  # learning rates: the peak is a value in the optimizer state).
+  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
+                     total_steps - 1)
+  program = build_program(
+      config.model, dataset.num_classes, config.optimizer,
+      json.dumps(config.optimizer_kwargs, sort_keys=True),
+      config.weight_decay, config.schedule, total_steps, warmup_steps,
+      tuple(available[:num_devices]))
+  params = program.init_fn(jax.random.key(config.seed),
+                           dataset.x[:1])["params"]
+  state = train_state.TrainState.create(apply_fn=program.apply_fn,
+                                        params=params, tx=program.tx)
+  state = state.replace(opt_state=optax.tree.set(
+      state.opt_state,
+      learning_rate=jnp.asarray(config.learning_rate, jnp.float32)))
+  state = jax.device_put(state, NamedSharding(program.mesh, P()))
+
+  # --- Update and evaluation steps.
+  train_step, eval_step = program.train_step, program.eval_step
+  batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
+
+  def next_batch():
+    indices = sampler.next_batch(config.batch_size)
+    shape = (config.num_microbatches, microbatch)
+    batch = {
+        "x": dataset.x[indices].reshape(shape + dataset.x.shape[1:]),
+        "y": dataset.y[indices].reshape(shape),
+        "weight": np.ones(shape, np.float32),
+    }
+    return jax.device_put(batch, batch_sharding)
+
+  def run_evaluation(record):
+    splits = [("test", dataset.x_test, dataset.y_test)]
+    if validation is not None:
+      splits.append(("val", *validation))
+    for name, x, y in splits:
+      result = evaluate(eval_step, state.params, x, y, eval_chunk)
+      record[f"{name}_loss"] = result["loss"]
+      record[f"{name}_accuracy"] = result["accuracy"]
+
+  # --- Training loop.
+  history = []
+  epoch_losses = []
+  nonfinite_in_a_row = 0
+  bar = _progress_bar(total_steps, quiet,
+                      f"{config.optimizer} B={config.batch_size}")
+  for step in range(1, total_steps + 1):
+    state, metrics = train_step(state, next_batch())
+    loss = float(metrics["loss"])
+    if math.isfinite(loss):
+      nonfinite_in_a_row = 0
+      epoch_losses.append(loss)
+    else:
+      nonfinite_in_a_row += 1
+      if nonfinite_in_a_row >= config.max_nonfinite_steps:
+        bar.close()
+        raise NonFiniteLossError(
+            f"{config.optimizer} lr={config.learning_rate:g}: the loss was "
+            f"non-finite for {nonfinite_in_a_row} consecutive steps (at step "
+            f"{step}); lower the learning rate")
+    elapsed = time.perf_counter() - start_time
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(metrics['accuracy']):.3f}",
+                    samples_per_s=f"{sampler.samples_seen / elapsed:.0f}",
+                    refresh=False)
+
+    epoch = sampler.samples_seen // num_train
+    if epoch > len(history) or step == total_steps:
+      record = {
+          "epoch": sampler.samples_seen / num_train,
+          "samples_seen": sampler.samples_seen,
+          "steps": step,
+          "train_loss": float(np.mean(epoch_losses)) if epoch_losses
+                        else float("nan"),
+      }
+      run_evaluation(record)
+      record["wall_time_s"] = time.perf_counter() - start_time
+      history.append(record)
+      epoch_losses = []
+      if log_epochs and not quiet:
+        line = (f"{config.optimizer} B={config.batch_size} "
+                f"lr={config.learning_rate:g} epoch {record['epoch']:.2f}: "
+                f"train loss {record['train_loss']:.4f}, test acc "
+                f"{record['test_accuracy']:.4f}")
+        if bar.disable:
+          print(line, flush=True)
+        else:
+          bar.write(line)
+  bar.close()
+
+  # --- Metrics.
+  result = {
+      "config": dataclasses.asdict(config),
+      "num_devices": num_devices,
+      "num_train": num_train,
+      "num_test": dataset.num_test,
+      "num_val": 0 if validation is None else len(validation[1]),
+      "steps": total_steps,
+      "samples_seen": sampler.samples_seen,
+      "wall_time_s": time.perf_counter() - start_time,
+      "history": history,
+      "final": history[-1],
+  }
+  if workdir is not None:
+    write_json(pathlib.Path(workdir) / "metrics.json", result)
+  return result
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+  """Writes `payload` as indented JSON, creating parent directories."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")

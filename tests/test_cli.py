@@ -1,0 +1,148 @@
+"""Tests of the `sngm-optax` command line (sngm_optax.cli)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sngm_optax import cli
+
+
+def _run(argv, capsys):
+  """Calls main(argv) like the console script; returns (status, out, err)."""
+  try:
+    status = cli.main(argv)
+  except SystemExit as exit_:
+    status = exit_.code
+  captured = capsys.readouterr()
+  return status, captured.out, captured.err
+
+
+def _tiny(tmp_path):
+  return ["--num-samples", "300", "--cache-dir", str(tmp_path / "cache")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required: COMMAND"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["train", "--optimizer", "adam2"], "invalid choice: 'adam2'"),
+    (["train", "--batch-size", "0"], "--batch-size: expected a positive"),
+    (["train", "--batch-size", "1.5"], "--batch-size: expected a positive"),
+    (["train", "--lr", "-0.1"], "--lr: expected a positive number"),
+    (["train", "--lr", "nan"], "--lr: expected a positive number"),
+    (["train", "--epochs", "0"], "--epochs: expected a positive number"),
+    (["train", "--num-samples", "-5"], "--num-samples: expected a positive"),
+    (["compare", "--batch-size", "-1"], "--batch-size: expected a positive"),
+    (["compare", "--grid-size", "zero"], "--grid-size: expected a positive"),
+    (["train", "--set", "colour=red"], "bad override 'colour=red'"),
+    (["train", "--warmup-epochs", "-1"], "warmup_epochs must be a number"),
+    (["train", "--set", "epochs=many"], "epochs must be a number"),
+    (["train", "--batch-size", "100", "--num-microbatches", "3"],
+     "not divisible by num_microbatches"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+  status, out, err = _run(argv, capsys)
+  assert status == 2
+  assert out == ""
+  assert len(err.strip().splitlines()) == 1, err
+  assert message in err
+  assert "Traceback" not in err
+
+
+def test_values_that_do_not_fit_the_data_exit_2(tmp_path, capsys):
+  # Checked after loading the data: still one line and status 2.
+  status, _, err = _run(["train", "--batch-size", "4096", "--quiet",
+                         *_tiny(tmp_path)], capsys)
+  assert status == 2
+  assert "larger than the training set (240 examples)" in err
+  assert len(err.strip().splitlines()) == 1
+  status, _, err = _run(["compare", "--optimizers", "sngm,adam2",
+                         "--quiet", *_tiny(tmp_path)], capsys)
+  assert status == 2 and "unknown optimizer 'adam2'" in err
+  status, _, err = _run(["compare", "--batch-size", "1000", "--quiet",
+                         *_tiny(tmp_path)], capsys)
+  assert status == 2 and "larger than the training set" in err
+
+
+def test_missing_and_malformed_npz_exit_2(tmp_path, capsys):
+  status, _, err = _run(["train", "--data", str(tmp_path / "none.npz")],
+                        capsys)
+  assert status == 2 and "none.npz: no such file" in err
+  bad = tmp_path / "bad.npz"
+  with open(bad, "wb") as stream:
+    np.savez(stream, x=np.zeros((4, 3)), y=np.zeros(4, int),
+             x_test=np.zeros((2, 3)))
+  status, _, err = _run(["compare", "--data", str(bad)], capsys)
+  assert status == 2 and "missing key(s) y_test" in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_train_writes_metrics_json(tmp_path, capsys):
+  out = tmp_path / "run"
+  status, stdout, _ = _run([
+      "train", "--optimizer", "sngm", "--batch-size", "48", "--lr", "0.2",
+      "--epochs", "2", "--model", "mlp", "--out", str(out), "--quiet",
+      *_tiny(tmp_path)], capsys)
+  assert status == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["config"]["batch_size"] == 48
+  assert metrics["num_train"] == 240 and len(metrics["history"]) == 2
+  assert metrics["steps"] == 10
+  assert "test accuracy" in stdout
+
+
+def test_train_reads_a_user_npz(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, size=96)
+  x = rng.normal(size=(96, 8)) + labels[:, None]  # separable enough
+  path = tmp_path / "mine.npz"
+  with open(path, "wb") as stream:
+    np.savez(stream, x=x[:64], y=labels[:64], x_test=x[64:],
+             y_test=labels[64:])
+  status, _, _ = _run(["train", "--data", str(path), "--model", "mlp",
+                       "--batch-size", "16", "--epochs", "1", "--lr", "0.1",
+                       "--out", str(tmp_path / "run"), "--quiet"], capsys)
+  assert status == 0
+  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert metrics["num_train"] == 64 and metrics["num_test"] == 32
+
+
+def test_compare_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
+  out = tmp_path / "cmp"
+  status, stdout, _ = _run([
+      "compare", "--optimizers", "sngm,lamb", "--batch-size", "64",
+      "--small-batch-size", "16", "--epochs", "1", "--grid-size", "1",
+      "--model", "mlp", "--out", str(out), "--quiet", *_tiny(tmp_path)],
+      capsys)
+  assert status == 0
+  assert stdout.splitlines()[0].startswith("| optimizer | batch | best LR")
+  rows = [line for line in stdout.splitlines()[2:] if line.startswith("|")]
+  assert [row.split("|")[1].strip() for row in rows] == ["sngm", "lamb",
+                                                         "msgd"]
+  assert [row.split("|")[2].strip() for row in rows] == ["64", "64", "16"]
+  result = json.loads((out / "compare.json").read_text())
+  assert [c["batch_size"] for c in result["contenders"]] == [64, 64, 16]
+  assert all(len(c["runs"]) == 1 for c in result["contenders"])
+  assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_entry_point_reports_errors_without_traceback():
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  process = subprocess.run(
+      [sys.executable, "-m", "sngm_optax.cli", "train", "--lr", "0"],
+      capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert process.returncode == 2
+  assert process.stderr.strip().splitlines() == [
+      "sngm-optax train: error: argument --lr: expected a positive number, "
+      "got '0' (see sngm-optax train --help)"]
+
+
+def test_train_without_lr_needs_a_benchmark_pick(monkeypatch, capsys):
+  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  monkeypatch.delitem(compare.LR_GRIDS, "sgd")
+  status, _, err = _run(["train", "--optimizer", "sgd"], capsys)
+  assert status == 2
+  assert "--lr is required for sgd" in err
