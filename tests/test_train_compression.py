@@ -57,10 +57,9 @@ def test_gmc_at_density_one_matches_momentum_sgd_through_the_harness(dataset):
   assert "bytes_sent_per_step" not in msgd
 
 
-@pytest.mark.parametrize("optimizer", ["gmc", "dgc"])
-def test_sparse_optimizers_train_above_chance_at_one_percent(dataset,
-                                                             optimizer):
-  result = _run(dataset, optimizer, epochs=2.0, density=0.01)
+def test_gmc_trains_above_chance_at_one_percent(dataset):
+  # DGC is trained at 1% and 0.1% by benchmarks/compression.py.
+  result = _run(dataset, "gmc", epochs=2.0, density=0.01)
   history = result["history"]
   # 10 classes: chance is 10%; dense msgd gets ~0.3 here.
   assert history[-1]["test_accuracy"] > 0.15
