@@ -16,10 +16,10 @@ Methods (`p` = `SGD_LR * sqrt(B / 2)`, `a` = `ADAM_LR * sqrt(B / 2)`):
 | --- | --- | --- |
 | sgd | momentum SGD (0.9) | p/3, p, 3p |
 | sgd re-tuned | momentum SGD (0.9) | p/27, p/9, p/3, p, 3p (the sgd runs reused) |
-| adam | Adam, coupled L2 | a/3, a, 3a |
+| adam | Adam, coupled L2 | a/3, a, 3a, 9a |
 | tr_sgd | TR-SGD, lambda = 0.1, S = 10, 1/(k+1) decay | p/3, p, 3p, 9p |
 | decay only | TR-SGD with strength 0 (only the 1/(k+1) decay) | p/3, p, 3p, 9p |
-| tr_adam | TR-Adam, lambda = 0.1, S = 10, 1/(k+1) decay | a/3, a, 3a |
+| tr_adam | TR-Adam, lambda = 0.1, S = 10, 1/(k+1) decay | a/3, a, 3a, 9a |
 
 TR's 1/(k+1) decay makes its average step 0.293x that of SGD at the same
 learning rate: the re-tuned SGD grid extends the sgd grid downward by two
@@ -74,11 +74,11 @@ METHODS = (
     Method("sgd", "msgd", "sgd", (1 / 3, 1, 3)),
     Method("sgd re-tuned", "msgd", "sgd", (1 / 27, 1 / 9, 1 / 3, 1, 3),
            reuse="sgd"),
-    Method("adam", "adam", "adam", (1 / 3, 1, 3)),
+    Method("adam", "adam", "adam", (1 / 3, 1, 3, 9)),
     Method("tr_sgd", "tr_sgd", "sgd", (1 / 3, 1, 3, 9)),
     Method("decay only", "tr_sgd", "sgd", (1 / 3, 1, 3, 9),
            kwargs=(("strength", 0.0),)),
-    Method("tr_adam", "tr_adam", "adam", (1 / 3, 1, 3)),
+    Method("tr_adam", "tr_adam", "adam", (1 / 3, 1, 3, 9)),
 )
 
 
@@ -212,6 +212,8 @@ def main() -> None:
                       help="MNIST-1D samples (80%% train, 20%% test)")
   parser.add_argument("--epochs", type=float, default=2.0)
   parser.add_argument("--extra-seeds", type=int, default=2)
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the grid runs; the extra seeds follow it")
   parser.add_argument("--methods", nargs="+", default=None,
                       help="labels from METHODS (default: all)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -223,7 +225,7 @@ def main() -> None:
   base = train.Config(num_samples=args.num_samples, val_fraction=0.1,
                       model="mlp", weight_decay=1e-4, warmup_epochs=0.0,
                       schedule="warmup_cosine", epochs=args.epochs,
-                      num_devices=1, seed=0)
+                      num_devices=1, seed=args.seed)
   dataset = train.load_dataset(base)
   num_val = max(1, round(0.1 * dataset.num_train))
   data_line = (f"MNIST-1D: {dataset.num_train - num_val} train + {num_val} "
