@@ -189,7 +189,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
   axes.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
   axes.set_xlabel("batch size")
   axes.set_ylabel("test accuracy (%), mean ± sd over seeds")
-  axes.set_title(title, fontsize=9)
+  axes.set_title(title, fontsize=8)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
   figure.tight_layout()
@@ -272,7 +272,8 @@ def main() -> None:
     (args.out / "small_batch.json").write_text(
         json.dumps(summary, indent=1) + "\n")
     plot(results, args.out / "small_batch.png",
-         f"{data_line}; picked LR, {1 + args.extra_seeds} seeds")
+         f"{data_line}\npicked LR, {1 + args.extra_seeds} seeds, "
+         f"first seed {args.seed}")
   print("\n" + summary["table"])
   print(f"\n(* picked at the edge of its grid)\nmachine: {summary['machine']};"
         f" load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; total "
