@@ -220,7 +220,7 @@ def test_registry_optimizers_average_gradients_across_devices(name):
 
 def test_make_optimizer_rejects_unknown_names_and_keywords():
   with pytest.raises(ValueError, match="choose one of adadagrad, "
-                     "adadagrad_norm, adagrad, adagrad_norm, adamw, dgc"):
+                     "adadagrad_norm, adagrad, adagrad_norm, adam, adamw"):
     train.make_optimizer("adagrad_normal", 0.1)
   with pytest.raises(ValueError, match="optimizer 'sngm'.*colour"):
     train.make_optimizer("sngm", 0.1, colour=1)
