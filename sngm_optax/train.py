@@ -46,6 +46,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sngm_optax import checkpoint as checkpoint_lib
 from sngm_optax import data as data_lib
 from sngm_optax import models
 from sngm_optax.distributed import average_across_devices
@@ -94,6 +95,15 @@ class Config:
   eval_batch_size: int = 4096
   # Stop after this many consecutive steps with a non-finite loss.
   max_nonfinite_steps: int = 5
+  # Checkpoints (see sngm_optax.checkpoint): saved to `checkpoint_dir` every
+  # `checkpoint_every_steps` steps (0: not by steps) and/or at epoch ends,
+  # keeping the newest `keep_checkpoints`. `max_steps` > 0 stops the run
+  # (with a checkpoint) after that many steps, as a preemption would.
+  checkpoint_dir: str | None = None
+  checkpoint_every_steps: int = 0
+  checkpoint_at_epoch_end: bool = True
+  keep_checkpoints: int = 3
+  max_steps: int = 0
 
   def __post_init__(self):
     _check_positive_int("batch_size", self.batch_size)
@@ -101,6 +111,14 @@ class Config:
     _check_positive_int("eval_batch_size", self.eval_batch_size)
     _check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
     _check_positive_int("num_samples", self.num_samples)
+    _check_positive_int("keep_checkpoints", self.keep_checkpoints)
+    for name in ("checkpoint_every_steps", "max_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(self.checkpoint_at_epoch_end, bool):
+      raise ValueError("checkpoint_at_epoch_end must be true or false, got "
+                       f"{self.checkpoint_at_epoch_end!r}")
     if not (isinstance(self.num_devices, int) and self.num_devices >= 0):
       raise ValueError(
           f"num_devices must be an integer >= 0, got {self.num_devices!r}")
@@ -417,6 +435,7 @@ def train_and_evaluate(
     dataset: data_lib.Dataset | None = None,
     quiet: bool = False,
     log_epochs: bool = True,
+    resume: bool = False,
 ) -> dict:
   """Trains `config.model` with `config.optimizer` and evaluates each epoch.
 
@@ -427,17 +446,23 @@ def train_and_evaluate(
     quiet: no progress bar and no per-epoch lines (the bar is also off when
       stdout or stderr is not a terminal).
     log_epochs: print one line per epoch (unless `quiet`).
+    resume: continue from the newest good checkpoint in
+      `config.checkpoint_dir` (bit-identical to an uninterrupted run).
 
   Returns:
     A JSON-serializable dict: `config`, `history` (one entry per epoch with
     `epoch`, `samples_seen`, `steps`, `train_loss`, `test_loss`,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
-    `final` (the last entry), `steps`, `samples_seen`, `wall_time_s`.
+    `final` (the last entry, None if stopped before the first epoch
+    ended), `steps`, `samples_seen`, `wall_time_s`, `interrupted` (stopped
+    by `max_steps` before the end).
 
   Raises:
     ValueError: the config does not fit the data or the devices.
     NonFiniteLossError: the loss was NaN/Inf for `max_nonfinite_steps`
       consecutive steps.
+    sngm_optax.checkpoint.CheckpointError: `resume` found no checkpoint
+      that restores, or one written with a different configuration.
   """
   start_time = time.perf_counter()
 
@@ -510,13 +535,23 @@ def train_and_evaluate(
       record[f"{name}_loss"] = result["loss"]
       record[f"{name}_accuracy"] = result["accuracy"]
 
+  # --- Checkpoints: restore the state, the sampler and the loop counters.
+  history, epoch_losses, nonfinite_in_a_row, start_step = [], [], 0, 0
+  checkpoints = checkpoint_lib.LoopCheckpoints.for_config(config, resume)
+  if resume:
+    state, loop = checkpoints.restore(state)
+    sampler = data_lib.EpochSampler(
+        num_train, state=data_lib.SamplerState(**loop["sampler"]))
+    start_step, history, epoch_losses, nonfinite_in_a_row = (
+        loop["step"], loop["history"], loop["epoch_losses"],
+        loop["nonfinite_in_a_row"])
+
   # --- Training loop.
-  history = []
-  epoch_losses = []
-  nonfinite_in_a_row = 0
+  step = start_step
   bar = _progress_bar(total_steps, quiet,
                       f"{config.optimizer} B={config.batch_size}")
-  for step in range(1, total_steps + 1):
+  bar.update(start_step)
+  for step in range(start_step + 1, total_steps + 1):
     state, metrics = train_step(state, next_batch())
     loss = float(metrics["loss"])
     if math.isfinite(loss):
@@ -537,11 +572,13 @@ def train_and_evaluate(
                     refresh=False)
 
     epoch = sampler.samples_seen // num_train
-    if epoch > len(history) or step == total_steps:
+    epoch_ended = epoch > len(history) or step == total_steps
+    if epoch_ended:
       record = {
           "epoch": sampler.samples_seen / num_train,
           "samples_seen": sampler.samples_seen,
           "steps": step,
+      "total_steps": total_steps,
           "train_loss": float(np.mean(epoch_losses)) if epoch_losses
                         else float("nan"),
       }
@@ -558,7 +595,18 @@ def train_and_evaluate(
           print(line, flush=True)
         else:
           bar.write(line)
+    stop = 0 < config.max_steps <= step < total_steps
+    if checkpoints is not None:
+      checkpoints.after_step(
+          step, state, epoch_ended=epoch_ended,
+          force=stop or step == total_steps,
+          sampler=dataclasses.asdict(sampler.state), history=history,
+          epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row)
+    if stop:
+      break
   bar.close()
+  if checkpoints is not None:
+    checkpoints.close()
 
   # --- Metrics.
   result = {
@@ -567,11 +615,13 @@ def train_and_evaluate(
       "num_train": num_train,
       "num_test": dataset.num_test,
       "num_val": 0 if validation is None else len(validation[1]),
-      "steps": total_steps,
+      "steps": step,
+      "total_steps": total_steps,
       "samples_seen": sampler.samples_seen,
       "wall_time_s": time.perf_counter() - start_time,
       "history": history,
-      "final": history[-1],
+      "final": history[-1] if history else None,
+      "interrupted": step < total_steps,
   }
   if workdir is not None:
     write_json(pathlib.Path(workdir) / "metrics.json", result)

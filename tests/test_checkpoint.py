@@ -1,0 +1,175 @@
+"""Checkpoint and resume: an interrupted run continues bit-identically."""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import sngm_optax
+from sngm_optax import checkpoint
+from sngm_optax import cli
+from sngm_optax import data
+from sngm_optax import train
+
+
+@pytest.fixture(name="dataset", scope="module")
+def fixture_dataset() -> data.Dataset:
+  # 320 training examples: 4 steps per epoch at batch 80.
+  return data.generate_mnist1d(400, seed=0)
+
+
+def _tr_sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
+  return optax.chain(
+      sngm_optax.average_across_devices(axis_name),
+      sngm_optax.tr_sgd(learning_rate, weight_decay=weight_decay, **kw))
+
+
+@pytest.fixture(autouse=True)
+def _register_tr(monkeypatch):
+  # TR is not (yet) in the harness registry: register it for these tests.
+  if "tr_sgd" not in train.OPTIMIZERS:
+    monkeypatch.setitem(train.OPTIMIZERS, "tr_sgd", _tr_sgd)
+
+
+def _config(directory, **changes) -> train.Config:
+  defaults = dict(model="mlp", optimizer="sngm", learning_rate=0.1,
+                  batch_size=80, epochs=4, warmup_epochs=0.5, num_devices=2,
+                  checkpoint_dir=str(directory), keep_checkpoints=2)
+  defaults.update(changes)
+  return train.Config(**defaults)
+
+
+def _final_state(config, step):
+  """The saved TrainState pytree (params, optimizer state) of `step`."""
+  path = pathlib.Path(config.checkpoint_dir) / str(step) / "state"
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree.map(np.asarray, checkpointer.restore(path))
+
+
+def _assert_trees_identical(a, b):
+  leaves_a, structure_a = jax.tree.flatten(a)
+  leaves_b, structure_b = jax.tree.flatten(b)
+  assert structure_a == structure_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("optimizer, stop_at", [
+    ("sngm", 6),      # mid-epoch (4 steps per epoch)
+    ("tr_sgd", 13),   # mid inner window (S = 10): k = 3 at the stop
+])
+def test_interrupted_and_resumed_run_is_bit_identical(dataset, tmp_path,
+                                                      optimizer, stop_at):
+  # TR's default strength needs a non-zero learning rate at step 0.
+  schedule = "constant" if optimizer == "tr_sgd" else "warmup_cosine"
+  straight = _config(tmp_path / "straight", optimizer=optimizer,
+                     schedule=schedule)
+  expected = train.train_and_evaluate(straight, dataset=dataset, quiet=True)
+  total = expected["steps"]
+  assert total == 16
+
+  stopped = _config(tmp_path / "resumed", optimizer=optimizer,
+                    schedule=schedule, max_steps=stop_at, checkpoint_at_epoch_end=False,
+                    checkpoint_every_steps=5)
+  first = train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
+  assert first["interrupted"] and first["steps"] == stop_at
+  # every 5 steps plus the forced save at the stop; keep_checkpoints=2
+  assert checkpoint.Checkpointer(stopped.checkpoint_dir).steps() == [
+      5, stop_at]
+
+  resumed = train.train_and_evaluate(
+      _config(tmp_path / "resumed", optimizer=optimizer, schedule=schedule),
+      dataset=dataset,
+      quiet=True, resume=True)
+  assert not resumed["interrupted"] and resumed["steps"] == total
+  assert resumed["samples_seen"] == expected["samples_seen"]
+  _assert_trees_identical(_final_state(straight, total),
+                          _final_state(stopped, total))
+  assert [r["test_loss"] for r in resumed["history"]] == [
+      r["test_loss"] for r in expected["history"]]
+  assert [r["train_loss"] for r in resumed["history"]] == [
+      r["train_loss"] for r in expected["history"]]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(dataset,
+                                                              tmp_path):
+  straight = _config(tmp_path / "straight")
+  train.train_and_evaluate(straight, dataset=dataset, quiet=True)
+
+  stopped = _config(tmp_path / "resumed", max_steps=10,
+                    checkpoint_every_steps=3, checkpoint_at_epoch_end=False,
+                    keep_checkpoints=3)
+  train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
+  directory = pathlib.Path(stopped.checkpoint_dir)
+  assert checkpoint.Checkpointer(directory).steps() == [6, 9, 10]
+  # Damage step 10: truncate every array file of its state to 0 bytes.
+  damaged = 0
+  for path in (directory / "10" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"")
+      damaged += 1
+  assert damaged
+
+  with pytest.warns(RuntimeWarning, match="checkpoint 10 .* cannot be "
+                    "restored; trying an older checkpoint"):
+    resumed = train.train_and_evaluate(_config(directory), dataset=dataset,
+                                       quiet=True, resume=True)
+  assert resumed["steps"] == 16
+  _assert_trees_identical(_final_state(straight, 16),
+                          _final_state(stopped, 16))
+
+
+def test_no_good_checkpoint_is_a_clear_error(dataset, tmp_path):
+  config = _config(tmp_path / "empty")
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint found"):
+    train.train_and_evaluate(config, dataset=dataset, quiet=True,
+                             resume=True)
+  stopped = _config(tmp_path / "one", max_steps=2,
+                    checkpoint_at_epoch_end=False)
+  train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
+  for path in pathlib.Path(stopped.checkpoint_dir).rglob("*"):
+    if path.is_file() and "state" in path.parts:
+      path.write_bytes(b"garbage")
+  with pytest.warns(RuntimeWarning):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="no checkpoint could be restored"):
+      train.train_and_evaluate(_config(tmp_path / "one"), dataset=dataset,
+                               quiet=True, resume=True)
+
+
+def test_resume_with_a_different_config_is_refused(dataset, tmp_path):
+  stopped = _config(tmp_path, max_steps=2)
+  train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"different configuration \(learning_rate\)"):
+    train.train_and_evaluate(_config(tmp_path, learning_rate=0.3),
+                             dataset=dataset, quiet=True, resume=True)
+
+
+def test_cli_resume_continues_the_run(dataset, tmp_path, capsys):
+  path = tmp_path / "data.npz"
+  np.savez(path, x=dataset.x, y=dataset.y, x_test=dataset.x_test,
+           y_test=dataset.y_test)
+  run = tmp_path / "run"
+  argv = ["train", "--data", str(path), "--model", "mlp", "--batch-size",
+          "80", "--lr", "0.1", "--epochs", "2", "--num-devices", "1",
+          "--out", str(run), "--quiet"]
+  assert cli.main(argv + ["--checkpoint-dir", str(run / "ckpt"),
+                          "--set", "max_steps=3"]) == 0
+  out = capsys.readouterr().out
+  assert "stopped after step 3 of 8" in out
+  assert cli.main(["train", "--resume", str(run / "ckpt"), "--out",
+                   str(run), "--quiet"]) == 0
+  out = capsys.readouterr().out
+  assert "after 8 steps" in out
+  assert os.path.exists(run / "metrics.json")
+
+
+def test_cli_resume_without_checkpoint_exits_2(tmp_path, capsys):
+  assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no checkpoint" in err[0]
