@@ -73,13 +73,13 @@ def test_interrupted_and_resumed_run_is_bit_identical(dataset, tmp_path,
   assert total == 16
 
   stopped = _config(tmp_path / "resumed", optimizer=optimizer,
-                    schedule=schedule, max_steps=stop_at, checkpoint_at_epoch_end=False,
-                    checkpoint_every_steps=5)
+                    schedule=schedule, max_steps=stop_at,
+                    checkpoint_at_epoch_end=False, checkpoint_every_steps=5)
   first = train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
   assert first["interrupted"] and first["steps"] == stop_at
   # every 5 steps plus the forced save at the stop; keep_checkpoints=2
   assert checkpoint.Checkpointer(stopped.checkpoint_dir).steps() == [
-      5, stop_at]
+      5 * (stop_at // 5), stop_at]
 
   resumed = train.train_and_evaluate(
       _config(tmp_path / "resumed", optimizer=optimizer, schedule=schedule),
@@ -115,7 +115,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(dataset,
   assert damaged
 
   with pytest.warns(RuntimeWarning, match="checkpoint 10 .* cannot be "
-                    "restored; trying an older checkpoint"):
+                    "restored .*; trying an older checkpoint"):
     resumed = train.train_and_evaluate(_config(directory), dataset=dataset,
                                        quiet=True, resume=True)
   assert resumed["steps"] == 16
