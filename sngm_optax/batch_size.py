@@ -983,6 +983,7 @@ def adaptive_batch_size(
     return coordinate_test(statistics, eta)
 
   def init_fn(params):
+    _checks.check_float_params(params, "adaptive_batch_size")
     zero = jnp.zeros((), jnp.float32)
     initial = jnp.asarray(initial_batch_size, jnp.int32)
     accumulator = optax.EmptyState()
@@ -1009,7 +1010,8 @@ def adaptive_batch_size(
       batch_size=None,
       **extra_args,
   ):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "adaptive_batch_size")
     sources = {
         "per_example_grads": per_example_grads,
         "microbatch_grads": microbatch_grads,

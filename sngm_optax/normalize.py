@@ -113,12 +113,15 @@ def normalize_by_global_norm(
   def normalize(tree):
     return _scale_tree(tree, 1.0 / jnp.maximum(global_norm(tree), eps))
 
+  def init_fn(params):
+    _checks.check_float_params(params, "normalize_by_global_norm")
+    return optax.EmptyState()
+
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "normalize_by_global_norm")
     if per_layer:
       return jax.tree.map(normalize, updates), state
     return normalize(updates), state
 
-  return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn
-  )
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
