@@ -17,11 +17,17 @@ from sngm_optax import data as data_lib
 _NO_DEFAULT = None
 
 
+def _one_line(text: str) -> str:
+  """`text` with control characters (newlines, ...) escaped: one line."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class _ArgumentParser(argparse.ArgumentParser):
   """Reports usage errors in one line (status 2), without the usage block."""
 
   def error(self, message):
-    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} "
+                 "--help)\n")
 
 
 def _checked(convert, description: str, valid):
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad values found after parsing (batch larger than the data, a
     # malformed .npz, ...): one line, status 2, like argparse's own errors.
     subparser = f"{parser.prog} {args.command}"
-    print(f"{subparser}: error: {error}", file=sys.stderr)
+    print(f"{subparser}: error: {_one_line(error)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     return 130
