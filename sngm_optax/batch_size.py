@@ -751,7 +751,8 @@ def next_batch_size(
   multiple of :math:`q` that is at most `max_batch_size`, so the result never
   exceeds `max_batch_size` (:func:`adaptive_batch_size` requires
   `max_batch_size` to be a multiple of :math:`q`, so its cap is exactly
-  `max_batch_size`). An infinite :math:`b_{new}` gives the cap. The result
+  `max_batch_size`). An infinite :math:`b_{new}` gives the cap, a NaN one
+  keeps :math:`b_k` (rounded up to a multiple of :math:`q`). The result
   is at least :math:`b_k` whenever :math:`b_k` is at most the cap.
 
   Args:
@@ -770,7 +771,8 @@ def next_batch_size(
   """
   multiple = jnp.asarray(batch_size_multiple, jnp.int32)
   cap = jnp.asarray(max_batch_size, jnp.int32) // multiple * multiple
-  target = jnp.maximum(
+  # fmax: a NaN test statistic (no usable signal) keeps the current size.
+  target = jnp.fmax(
       jnp.asarray(batch_size, jnp.float32),
       jnp.asarray(test_batch_size, jnp.float32),
   )

@@ -122,7 +122,7 @@ def test_next_batch_size_stays_between_current_and_cap(batch, log_multiple,
     assert result == -(-batch // multiple) * multiple
 
 
-TESTS = ("norm", "inner_product", "orthogonality", "augmented_inner_product",
+TESTS = ("norm", "inner_product", "orthogonality", "augmented",
          "coordinate")
 _CONTROLLER_STEPS = {}
 
