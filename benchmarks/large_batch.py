@@ -54,6 +54,7 @@ def main() -> None:
   args = parser.parse_args()
 
   start = time.perf_counter()
+  load_start = os.getloadavg()[0]
   preset = compare.PRESETS["default"]
   if args.epochs is not None:
     preset = dataclasses.replace(preset, epochs=args.epochs)
@@ -73,6 +74,7 @@ def main() -> None:
       "command": "python benchmarks/large_batch.py " + " ".join(sys.argv[1:]),
       "machine": machine(),
       "wall_time_s": time.perf_counter() - start,
+      "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
       "lr_grids": {name: dataclasses.asdict(grid)
                    for name, grid in compare.LR_GRIDS.items()},
       "small_batch_lr_grids": {

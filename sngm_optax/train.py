@@ -49,7 +49,10 @@ from jax.sharding import PartitionSpec as P
 from sngm_optax import checkpoint as checkpoint_lib
 from sngm_optax import data as data_lib
 from sngm_optax import models
+from sngm_optax.compression import dgc
+from sngm_optax.compression import gmc
 from sngm_optax.distributed import average_across_devices
+from sngm_optax.distributed import per_device_state
 from sngm_optax.sngm import sngm
 
 AXIS = "data"
@@ -238,16 +241,37 @@ def _adamw(learning_rate, axis_name, weight_decay=0.0, **kw):
       learning_rate, weight_decay=weight_decay, mask=_matrices_only, **kw))
 
 
+def _gmc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
+         density=0.01, **kw):
+  return gmc(learning_rate, momentum=momentum, density=density,
+             axis_name=axis_name, weight_decay=weight_decay,
+             weight_decay_mask=_matrices_only, **kw)
+
+
+def _dgc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
+         density=0.01, **kw):
+  return dgc(learning_rate, momentum=momentum, density=density,
+             axis_name=axis_name, weight_decay=weight_decay,
+             weight_decay_mask=_matrices_only, **kw)
+
+
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": _adamw,
+    "dgc": _dgc,     # Deep Gradient Compression (sparse exchange)
+    "gmc": _gmc,     # global momentum compression (sparse exchange)
     "lamb": _lamb,
     "lars": _lars,
     "msgd": _msgd,   # heavy-ball momentum SGD
     "sgd": _sgd,
     "sngm": _sngm,
 }
+
+# Optimizers whose state differs between devices (error-feedback memory):
+# their state gets a leading device axis, sharded over the mesh
+# (`per_device_state`), while the params stay replicated.
+PER_DEVICE_STATE = frozenset({"dgc", "gmc"})
 
 
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
@@ -286,16 +310,20 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when the loss stays NaN/Inf for `max_nonfinite_steps` steps."""
 
 
-def make_train_step(mesh: jax.sharding.Mesh):
+def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False):
   """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
 
   `batch` holds `x`, `y` and `weight` of shape `[num_microbatches,
   microbatch, ...]`, sharded over `mesh` along the microbatch axis. The
-  state's buffers are donated.
+  state's buffers are donated. With `per_device`, the optimizer state has a
+  leading device axis sharded over the mesh (see `per_device_state`), and
+  the metrics include `bytes_sent`, the mean over workers of the optimizer
+  state's `bytes_sent`.
   """
   num_devices = mesh.size
 
-  def local_step(state, batch):
+  def local_step(state, opt_state, batch):
+    state = state.replace(opt_state=opt_state)
     total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
 
     def weighted_loss(params, microbatch):
@@ -325,14 +353,25 @@ def make_train_step(mesh: jax.sharding.Mesh):
         "loss": jax.lax.psum(loss_sum, AXIS) / total_weight,
         "accuracy": jax.lax.psum(correct, AXIS) / total_weight,
     }
-    return state, metrics
+    if per_device:
+      metrics["bytes_sent"] = jax.lax.pmean(
+          jnp.sum(optax.tree.get(state.opt_state, "bytes_sent")), AXIS)
+    return state.replace(opt_state=None), state.opt_state, metrics
 
   # check_vma=False keeps the pmap semantics: the gradient of replicated
   # params is per device, and the optimizer does the averaging.
+  opt_spec = P(AXIS) if per_device else P()
   sharded = jax.shard_map(
-      local_step, mesh=mesh, in_specs=(P(), P(None, AXIS)),
-      out_specs=(P(), P()), check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
+      local_step, mesh=mesh, in_specs=(P(), opt_spec, P(None, AXIS)),
+      out_specs=(P(), opt_spec, P()), check_vma=False)
+
+  def train_step(state, batch):
+    # The optimizer state travels apart so that it can have its own spec.
+    rest, opt_state, metrics = sharded(
+        state.replace(opt_state=None), state.opt_state, batch)
+    return rest.replace(opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
@@ -403,9 +442,12 @@ def build_program(model: str, num_classes: int, optimizer: str,
                           weight_decay=weight_decay, **kwargs)
 
   tx = optax.inject_hyperparams(optimizer_with_peak)(learning_rate=1.0)
+  per_device = optimizer in PER_DEVICE_STATE
+  if per_device:
+    tx = per_device_state(tx)
   apply_fn = network.apply
   return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
-                 tx=tx, train_step=make_train_step(mesh),
+                 tx=tx, train_step=make_train_step(mesh, per_device),
                  eval_step=make_eval_step(mesh, apply_fn))
 
 
@@ -507,10 +549,23 @@ def train_and_evaluate(
                            dataset.x[:1])["params"]
   state = train_state.TrainState.create(apply_fn=program.apply_fn,
                                         params=params, tx=program.tx)
+  per_device = config.optimizer in PER_DEVICE_STATE
+  # A per-device state has a leading axis of 1 (per_device_state): set the
+  # peak with that shape, then give every device its own copy.
+  learning_rate = jnp.full((1,) if per_device else (), config.learning_rate,
+                           jnp.float32)
   state = state.replace(opt_state=optax.tree.set(
-      state.opt_state,
-      learning_rate=jnp.asarray(config.learning_rate, jnp.float32)))
-  state = jax.device_put(state, NamedSharding(program.mesh, P()))
+      state.opt_state, learning_rate=learning_rate))
+  replicated = NamedSharding(program.mesh, P())
+  if per_device:
+    opt_state = jax.device_put(
+        jax.tree.map(lambda x: jnp.repeat(x, num_devices, axis=0),
+                     state.opt_state),
+        NamedSharding(program.mesh, P(AXIS)))
+    state = jax.device_put(state.replace(opt_state=None), replicated)
+    state = state.replace(opt_state=opt_state)
+  else:
+    state = jax.device_put(state, replicated)
 
   # --- Update and evaluation steps.
   train_step, eval_step = program.train_step, program.eval_step
@@ -548,12 +603,15 @@ def train_and_evaluate(
 
   # --- Training loop.
   step = start_step
+  bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
   bar = _progress_bar(total_steps, quiet,
                       f"{config.optimizer} B={config.batch_size}")
   bar.update(start_step)
   for step in range(start_step + 1, total_steps + 1):
     state, metrics = train_step(state, next_batch())
     loss = float(metrics["loss"])
+    if "bytes_sent" in metrics:
+      bytes_sent = float(metrics["bytes_sent"])
     if math.isfinite(loss):
       nonfinite_in_a_row = 0
       epoch_losses.append(loss)
@@ -623,6 +681,8 @@ def train_and_evaluate(
       "final": history[-1] if history else None,
       "interrupted": step < total_steps,
   }
+  if bytes_sent is not None:
+    result["bytes_sent_per_step"] = bytes_sent
   if workdir is not None:
     write_json(pathlib.Path(workdir) / "metrics.json", result)
   return result

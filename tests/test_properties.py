@@ -43,7 +43,7 @@ def norm64(tree):
                      for x in jax.tree.leaves(tree)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(pytrees())
 def test_normalized_update_has_unit_norm_or_is_zero(tree_and_dtype):
   tree, dtype = tree_and_dtype
@@ -58,7 +58,7 @@ def test_normalized_update_has_unit_norm_or_is_zero(tree_and_dtype):
     np.testing.assert_allclose(norm64(updates), 1.0, rtol=RTOL[dtype] * 4)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(pytrees())
 def test_global_norm_matches_float64(tree_and_dtype):
   tree, dtype = tree_and_dtype
