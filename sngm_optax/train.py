@@ -54,6 +54,7 @@ from sngm_optax.compression import gmc
 from sngm_optax.distributed import average_across_devices
 from sngm_optax.distributed import per_device_state
 from sngm_optax.sngm import sngm
+from sngm_optax.trajectory import tr_adam, tr_sgd
 
 AXIS = "data"
 
@@ -241,6 +242,34 @@ def _adamw(learning_rate, axis_name, weight_decay=0.0, **kw):
       learning_rate, weight_decay=weight_decay, mask=_matrices_only, **kw))
 
 
+def _adam(learning_rate, axis_name, weight_decay=0.0, **kw):
+  # Coupled L2 (as TR-Adam), not AdamW's decoupled decay.
+  return _device_mean(axis_name, optax.chain(
+      optax.add_decayed_weights(weight_decay, _matrices_only),
+      optax.adam(learning_rate, **kw)))
+
+
+# TR in the harness: the factory gets the learning rate as a schedule (with a
+# warmup it is 0 at step 0, where the authors' default lambda_0 = 0.1 * eta_0
+# would switch the pull off), so the default here is a constant lambda = 0.1
+# (the authors' value at the initial LR; the pull then follows the schedule).
+# Pass couple_to_learning_rate=True with an absolute strength for lambda_0.
+def _tr_sgd(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
+            strength=0.1, couple_to_learning_rate=False, **kw):
+  return _device_mean(axis_name, tr_sgd(
+      learning_rate, strength=strength, momentum=momentum,
+      weight_decay=weight_decay, weight_decay_mask=_matrices_only,
+      couple_to_learning_rate=couple_to_learning_rate, **kw))
+
+
+def _tr_adam(learning_rate, axis_name, weight_decay=0.0, strength=0.1,
+             couple_to_learning_rate=False, **kw):
+  return _device_mean(axis_name, tr_adam(
+      learning_rate, strength=strength, weight_decay=weight_decay,
+      weight_decay_mask=_matrices_only,
+      couple_to_learning_rate=couple_to_learning_rate, **kw))
+
+
 def _gmc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
          density=0.01, **kw):
   return gmc(learning_rate, momentum=momentum, density=density,
@@ -258,6 +287,7 @@ def _dgc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "adam": _adam,   # coupled L2 weight decay
     "adamw": _adamw,
     "dgc": _dgc,     # Deep Gradient Compression (sparse exchange)
     "gmc": _gmc,     # global momentum compression (sparse exchange)
@@ -266,6 +296,8 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "msgd": _msgd,   # heavy-ball momentum SGD
     "sgd": _sgd,
     "sngm": _sngm,
+    "tr_adam": _tr_adam,   # trajectory-regularized (small batches)
+    "tr_sgd": _tr_sgd,
 }
 
 # Optimizers whose state differs between devices (error-feedback memory):

@@ -218,7 +218,8 @@ def test_registry_optimizers_average_gradients_across_devices(name):
 
 
 def test_make_optimizer_rejects_unknown_names_and_keywords():
-  with pytest.raises(ValueError, match="choose one of adamw, dgc, gmc, lamb"):
+  with pytest.raises(ValueError,
+                     match="choose one of adam, adamw, dgc, gmc, lamb"):
     train.make_optimizer("adagrad_norm", 0.1)
   with pytest.raises(ValueError, match="optimizer 'sngm'.*colour"):
     train.make_optimizer("sngm", 0.1, colour=1)
