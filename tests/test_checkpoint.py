@@ -23,19 +23,6 @@ def fixture_dataset() -> data.Dataset:
   return data.generate_mnist1d(400, seed=0)
 
 
-def _tr_sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
-  return optax.chain(
-      sngm_optax.average_across_devices(axis_name),
-      sngm_optax.tr_sgd(learning_rate, weight_decay=weight_decay, **kw))
-
-
-@pytest.fixture(autouse=True)
-def _register_tr(monkeypatch):
-  # TR is not (yet) in the harness registry: register it for these tests.
-  if "tr_sgd" not in train.OPTIMIZERS:
-    monkeypatch.setitem(train.OPTIMIZERS, "tr_sgd", _tr_sgd)
-
-
 def _config(directory, **changes) -> train.Config:
   defaults = dict(model="mlp", optimizer="sngm", learning_rate=0.1,
                   batch_size=80, epochs=4, warmup_epochs=0.5, num_devices=2,
@@ -66,7 +53,8 @@ def _assert_trees_identical(a, b):
 ])
 def test_interrupted_and_resumed_run_is_bit_identical(dataset, tmp_path,
                                                       optimizer, stop_at):
-  # TR's default strength needs a non-zero learning rate at step 0.
+  # TR with a constant learning rate: the inner 1/(k+1) decay is the only
+  # step-size change, so the stop lands mid window with everything else equal.
   schedule = "constant" if optimizer == "tr_sgd" else "warmup_cosine"
   straight = _config(tmp_path / "straight", optimizer=optimizer,
                      schedule=schedule)
