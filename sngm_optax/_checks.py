@@ -76,3 +76,52 @@ def check_positive_int(name: str, value: Any) -> int | None:
   ):
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return int(array)
+
+
+def check_axis_name(name: str, value: Any, *, optional: bool = False) -> None:
+  """Checks a pmap/shard_map axis name: a non-empty string or tuple of them."""
+  if value is None and optional:
+    return
+  names = value if isinstance(value, tuple) else (value,)
+  if not names or not all(isinstance(n, str) and n for n in names):
+    allowed = "a non-empty string or tuple of strings"
+    raise ValueError(f"{name} must be {allowed}"
+                     + (" (or None)" if optional else "") + f", got {value!r}")
+
+
+def check_params_match(updates: Any, params: Any, where: str) -> None:
+  """Raises `ValueError` naming both structures if `params` does not match.
+
+  Compares tree structures and leaf shapes, which are static: free under jit.
+  Call it from an `update` function when `params` is given.
+  """
+  if params is None:
+    return
+  updates_structure = jax.tree.structure(updates)
+  params_structure = jax.tree.structure(params)
+  if updates_structure != params_structure:
+    raise ValueError(
+        f"{where}: the updates and params pytrees differ: updates have "
+        f"structure {updates_structure}, params have {params_structure}")
+  for path_and_update, param in zip(
+      jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
+    path, update = path_and_update
+    if np.shape(update) != np.shape(param):
+      raise ValueError(
+          f"{where}: the updates and params differ at "
+          f"{jax.tree_util.keystr(path) or 'the root'}: updates have shape "
+          f"{np.shape(update)}, params have {np.shape(param)}")
+
+
+def check_float_params(params: Any, where: str) -> None:
+  """Raises `ValueError` at `init` for integer or boolean parameter leaves."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(leaf).dtype
+    if not (jax.numpy.issubdtype(dtype, jax.numpy.floating)
+            or jax.numpy.issubdtype(dtype, jax.numpy.complexfloating)):
+      raise ValueError(
+          f"{where}: params must be floating point, got dtype {dtype} at "
+          f"{jax.tree_util.keystr(path) or 'the root'} (cast them, e.g. "
+          "jnp.asarray(x, jnp.float32))")

@@ -60,7 +60,7 @@ def scale_by_adagrad_norm(
   _checks.check_non_negative("eps", eps)
 
   def init_fn(params):
-    del params
+    _checks.check_float_params(params, "scale_by_adagrad_norm")
     # jnp.array copies: an injected hyperparameter (optax.inject_hyperparams)
     # must not share its buffer with the state, which a step may donate.
     return ScaleByAdagradNormState(
@@ -68,7 +68,8 @@ def scale_by_adagrad_norm(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "scale_by_adagrad_norm")
     sum_of_squared_norms = (
         state.sum_of_squared_norms + jnp.square(global_norm(updates))
     )

@@ -751,7 +751,8 @@ def next_batch_size(
   multiple of :math:`q` that is at most `max_batch_size`, so the result never
   exceeds `max_batch_size` (:func:`adaptive_batch_size` requires
   `max_batch_size` to be a multiple of :math:`q`, so its cap is exactly
-  `max_batch_size`). An infinite :math:`b_{new}` gives the cap. The result
+  `max_batch_size`). An infinite :math:`b_{new}` gives the cap, a NaN one
+  keeps :math:`b_k` (rounded up to a multiple of :math:`q`). The result
   is at least :math:`b_k` whenever :math:`b_k` is at most the cap.
 
   Args:
@@ -770,7 +771,8 @@ def next_batch_size(
   """
   multiple = jnp.asarray(batch_size_multiple, jnp.int32)
   cap = jnp.asarray(max_batch_size, jnp.int32) // multiple * multiple
-  target = jnp.maximum(
+  # fmax: a NaN test statistic (no usable signal) keeps the current size.
+  target = jnp.fmax(
       jnp.asarray(batch_size, jnp.float32),
       jnp.asarray(test_batch_size, jnp.float32),
   )
@@ -983,6 +985,7 @@ def adaptive_batch_size(
     return coordinate_test(statistics, eta)
 
   def init_fn(params):
+    _checks.check_float_params(params, "adaptive_batch_size")
     # A fresh buffer per field: a shared one could not be donated to a
     # jitted step (XLA refuses to donate the same buffer twice).
     def zero():
@@ -1015,7 +1018,8 @@ def adaptive_batch_size(
       batch_size=None,
       **extra_args,
   ):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "adaptive_batch_size")
     sources = {
         "per_example_grads": per_example_grads,
         "microbatch_grads": microbatch_grads,

@@ -19,11 +19,17 @@ from sngm_optax import data as data_lib
 _NO_DEFAULT = None
 
 
+def _one_line(text: str) -> str:
+  """`text` with control characters (newlines, ...) escaped: one line."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class _ArgumentParser(argparse.ArgumentParser):
   """Reports usage errors in one line (status 2), without the usage block."""
 
   def error(self, message):
-    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} "
+                 "--help)\n")
 
 
 def _checked(convert, description: str, valid):
@@ -163,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE",
                    help="override any Config field, e.g. --set "
                         "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
+  trn.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="save checkpoints (params, optimizer state, sampler "
+                        "position) here at each epoch end")
+  trn.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
+                   metavar="N", help="also checkpoint every N steps")
+  trn.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR with its saved "
+                        "settings (other options but --out, --quiet and "
+                        "--set are ignored)")
   trn.add_argument("--out", default="runs/train",
                    help="output directory (default runs/train)")
   trn.add_argument("--quiet", action="store_true")
@@ -207,6 +222,17 @@ def _run_train(args, parser) -> int:
   from sngm_optax import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax import train  # pylint: disable=g-import-not-at-top
 
+  if args.resume is not None:
+    from sngm_optax import checkpoint  # pylint: disable=g-import-not-at-top
+    saved = checkpoint.saved_config(args.resume)
+    saved.update(checkpoint_dir=args.resume, max_steps=0)
+    try:
+      config = train.Config(**saved)
+    except TypeError as error:
+      raise ValueError(f"{args.resume}: incompatible checkpoint ({error})"
+                       ) from None
+    return _train_and_report(train.override(config, args.overrides), args,
+                             resume=True)
   adaptive_test = args.adaptive_batch
   if adaptive_test is None and args.optimizer in train.ADAPTIVE_OPTIMIZERS:
     adaptive_test = "norm"
@@ -243,16 +269,28 @@ def _run_train(args, parser) -> int:
       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
       batch_size=args.batch_size, num_microbatches=args.num_microbatches,
       epochs=args.epochs, seed=args.seed, num_devices=args.num_devices,
+      checkpoint_dir=args.checkpoint_dir,
+      checkpoint_every_steps=args.checkpoint_every,
       **adaptive, **({} if args.num_samples is None
          else {"num_samples": args.num_samples}))
-  config = train.override(config, args.overrides)
+  return _train_and_report(train.override(config, args.overrides), args)
+
+
+def _train_and_report(config, args, resume: bool = False) -> int:
+  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+
   try:
-    result = train.train_and_evaluate(config, args.out, quiet=args.quiet)
+    result = train.train_and_evaluate(config, args.out, quiet=args.quiet,
+                                      resume=resume)
   except train.NonFiniteLossError as error:
     print(f"sngm-optax train: error: {error}", file=sys.stderr)
     return 1
+  if result["interrupted"]:
+    print(f"stopped after step {result['steps']} of {result['total_steps']};"
+          f" continue with: sngm-optax train --resume {config.checkpoint_dir}")
+    return 0
   final = result["final"]
-  if adaptive:
+  if config.adaptive_batch:
     print(f"{config.optimizer} + {config.adaptive_batch} test: batch size "
           f"{config.batch_size} -> {max(result['batch_sizes'])}")
   print(f"{config.optimizer} B={config.batch_size} lr={config.learning_rate:g}"
@@ -273,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad values found after parsing (batch larger than the data, a
     # malformed .npz, ...): one line, status 2, like argparse's own errors.
     subparser = f"{parser.prog} {args.command}"
-    print(f"{subparser}: error: {error}", file=sys.stderr)
+    print(f"{subparser}: error: {_one_line(error)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     return 130

@@ -46,6 +46,8 @@ def num_selected(size: int, density: float) -> int:
     >>> num_selected(106, 0.1), num_selected(3, 0.1), num_selected(8, 1.0)
     (11, 1, 8)
   """
+  _checks.check_positive_int("size", size)
+  _checks.check_range("density", density, 0.0, 1.0, low_inclusive=False)
   return min(size, max(1, int(round(density * size))))
 
 
@@ -404,6 +406,7 @@ def scale_by_gmc(
   accumulator_dtype = _canonical_dtype(accumulator_dtype)
 
   def init_fn(params):
+    _checks.check_float_params(params, "scale_by_gmc")
     return ScaleByGmcState(
         count=jnp.zeros([], jnp.int32),
         memory=optax.tree.zeros_like(params, dtype=accumulator_dtype),
@@ -412,7 +415,8 @@ def scale_by_gmc(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "scale_by_gmc")
     num_workers = lax.axis_size(axis_name)
     v = jax.tree.map(
         lambda e, u, previous: e + (u + momentum * previous) / num_workers,
@@ -627,6 +631,7 @@ def scale_by_dgc(
   accumulator_dtype = _canonical_dtype(accumulator_dtype)
 
   def init_fn(params):
+    _checks.check_float_params(params, "scale_by_dgc")
     return ScaleByDgcState(
         count=jnp.zeros([], jnp.int32),
         trace=optax.tree.zeros_like(params, dtype=accumulator_dtype),
@@ -635,7 +640,8 @@ def scale_by_dgc(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "scale_by_dgc")
     trace = jax.tree.map(lambda g, u: momentum * u + g, updates, state.trace)
     v = jax.tree.map(jnp.add, state.memory, trace)
     exchanged = _sparse_all_reduce(

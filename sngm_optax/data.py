@@ -180,6 +180,10 @@ def _split_sizes(num_samples: int) -> tuple[int, int]:
   return num_train, total - num_train
 
 
+# Labels must be class indices 0..k-1 with k below this (when k is inferred).
+MAX_INFERRED_CLASSES = 2**16
+
+
 def load_npz(
     path: str | os.PathLike,
     num_classes: int | None = None,
@@ -269,7 +273,14 @@ def _validate(path, arrays, num_classes, expected_sizes,
       raise ValueError(f"{path}: key 'y' / 'y_test' have {sizes} examples, "
                        f"expected {tuple(expected_sizes)}")
   if num_classes is None:
-    num_classes = int(max(arrays["y"].max(), arrays["y_test"].max())) + 1
+    largest = int(max(arrays["y"].max(), arrays["y_test"].max()))
+    if largest >= MAX_INFERRED_CLASSES:
+      # Most likely corrupt or unencoded labels (ids, hashes): a classifier
+      # head with that many outputs would not fit in memory anyway.
+      raise ValueError(
+          f"{path}: labels go up to {largest}, beyond "
+          f"{MAX_INFERRED_CLASSES - 1}: encode them as 0..k-1")
+    num_classes = largest + 1
   for key in ("y", "y_test"):
     labels = arrays[key]
     if labels.min() < 0 or labels.max() >= num_classes:

@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from sngm_optax import _checks
+
 
 def average_across_devices(
     axis_name: str | tuple[str, ...],
@@ -37,8 +39,7 @@ def average_across_devices(
     >>> float(step(jnp.arange(n, dtype=jnp.float32))[0]) == (n - 1) / 2
     True
   """
-  if not axis_name:
-    raise ValueError("axis_name must be a non-empty axis name")
+  _checks.check_axis_name("axis_name", axis_name)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -1,4 +1,11 @@
-"""Normalization of gradients by their L2 norm, computed safely in float32."""
+"""Normalization of gradients by their L2 norm, computed safely in float32.
+
+Failure behaviour: a zero gradient gives a zero update; a gradient with any
+NaN or Inf entry gives an all-NaN update (the state of `scale_by_sngm`'s
+momentum would then become NaN: wrap the optimizer in
+`optax.apply_if_finite` to skip such steps); finite gradients of any
+magnitude, even with a norm beyond float32's range, give a unit-norm update.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +72,22 @@ def global_norm(tree) -> jax.Array:
   )
 
 
+def _normalize_overflowing(tree):
+  """`g / ‖g‖` for finite entries with a norm above 2^64 (or float32's max).
+
+  Dividing by such a norm would silently give zeros (`global_norm` is
+  infinite beyond float32's range; a NaN/Inf entry gives NaN, which fails the
+  `> 2^64` test and stays NaN). Scale by 2^-64 first (exact; a division by
+  `max |g_j|` would become a multiplication by a subnormal, flushed to zero
+  on CPU); entries small enough to underflow are negligible next to the norm.
+  """
+  # The barrier stops XLA from folding 2^-64 into 1/‖g‖ (a subnormal).
+  scaled = jax.lax.optimization_barrier(
+      jax.tree.map(lambda g: g.astype(jnp.float32) * 2.0**-64, tree))
+  inverse = 1.0 / global_norm(scaled)
+  return jax.tree.map(lambda g, s: (s * inverse).astype(g.dtype), tree, scaled)
+
+
 def _scale_tree(tree, factor):
   return jax.tree.map(
       lambda g: (g.astype(jnp.float32) * factor).astype(g.dtype), tree
@@ -85,7 +108,9 @@ def normalize_by_global_norm(
   is computed in float32 by :func:`global_norm`, so bfloat16/float16 updates
   and gradients of magnitude 1e-30 or 1e30 are normalized accurately. A zero
   gradient gives a zero update; a NaN or infinite gradient gives a NaN update
-  (so `optax.apply_if_finite` can skip the step).
+  (never silent zeros: an Inf entry makes the norm NaN, so `g / ‖g‖` is NaN
+  everywhere and `optax.apply_if_finite` can skip the step). Finite entries
+  whose norm exceeds float32's range (~3.4e38) still give a unit-norm update.
 
   Args:
     eps: lower bound on the divisor, at least float32's smallest normal
@@ -111,14 +136,25 @@ def normalize_by_global_norm(
   _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
 
   def normalize(tree):
-    return _scale_tree(tree, 1.0 / jnp.maximum(global_norm(tree), eps))
+    norm = global_norm(tree)
+    # Above 2^64, 1/‖g‖ nears float32's subnormals (flushed to zero): divide
+    # a scaled-down copy instead.
+    return jax.lax.cond(
+        norm > 2.0**64,
+        _normalize_overflowing,
+        lambda t: _scale_tree(t, 1.0 / jnp.maximum(norm, eps)),
+        tree,
+    )
+
+  def init_fn(params):
+    _checks.check_float_params(params, "normalize_by_global_norm")
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _checks.check_params_match(updates, params, "normalize_by_global_norm")
     if per_layer:
       return jax.tree.map(normalize, updates), state
     return normalize(updates), state
 
-  return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn
-  )
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

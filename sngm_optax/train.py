@@ -56,6 +56,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sngm_optax import checkpoint as checkpoint_lib
 from sngm_optax import data as data_lib
 from sngm_optax import models
 from sngm_optax.adadagrad import adadagrad
@@ -121,6 +122,15 @@ class Config:
   # Where the test's statistics come from: "per_device", "microbatch", or
   # "auto" (per_device on two or more devices, else microbatch).
   adaptive_statistics: str = "auto"
+  # Checkpoints (see sngm_optax.checkpoint): saved to `checkpoint_dir` every
+  # `checkpoint_every_steps` steps (0: not by steps) and/or at epoch ends,
+  # keeping the newest `keep_checkpoints`. `max_steps` > 0 stops the run
+  # (with a checkpoint) after that many steps, as a preemption would.
+  checkpoint_dir: str | None = None
+  checkpoint_every_steps: int = 0
+  checkpoint_at_epoch_end: bool = True
+  keep_checkpoints: int = 3
+  max_steps: int = 0
 
   def __post_init__(self):
     _check_positive_int("batch_size", self.batch_size)
@@ -128,6 +138,14 @@ class Config:
     _check_positive_int("eval_batch_size", self.eval_batch_size)
     _check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
     _check_positive_int("num_samples", self.num_samples)
+    _check_positive_int("keep_checkpoints", self.keep_checkpoints)
+    for name in ("checkpoint_every_steps", "max_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(self.checkpoint_at_epoch_end, bool):
+      raise ValueError("checkpoint_at_epoch_end must be true or false, got "
+                       f"{self.checkpoint_at_epoch_end!r}")
     if not (isinstance(self.num_devices, int) and self.num_devices >= 0):
       raise ValueError(
           f"num_devices must be an integer >= 0, got {self.num_devices!r}")
@@ -661,6 +679,7 @@ def train_and_evaluate(
     dataset: data_lib.Dataset | None = None,
     quiet: bool = False,
     log_epochs: bool = True,
+    resume: bool = False,
 ) -> dict:
   """Trains `config.model` with `config.optimizer` and evaluates each epoch.
 
@@ -671,17 +690,23 @@ def train_and_evaluate(
     quiet: no progress bar and no per-epoch lines (the bar is also off when
       stdout or stderr is not a terminal).
     log_epochs: print one line per epoch (unless `quiet`).
+    resume: continue from the newest good checkpoint in
+      `config.checkpoint_dir` (bit-identical to an uninterrupted run).
 
   Returns:
     A JSON-serializable dict: `config`, `history` (one entry per epoch with
     `epoch`, `samples_seen`, `steps`, `train_loss`, `test_loss`,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
-    `final` (the last entry), `steps`, `samples_seen`, `wall_time_s`.
+    `final` (the last entry, None if stopped before the first epoch
+    ended), `steps`, `samples_seen`, `wall_time_s`, `interrupted` (stopped
+    by `max_steps` before the end).
 
   Raises:
     ValueError: the config does not fit the data or the devices.
     NonFiniteLossError: the loss was NaN/Inf for `max_nonfinite_steps`
       consecutive steps.
+    sngm_optax.checkpoint.CheckpointError: `resume` found no checkpoint
+      that restores, or one written with a different configuration.
   """
   start_time = time.perf_counter()
 
@@ -802,18 +827,30 @@ def train_and_evaluate(
       record[f"{name}_loss"] = result["loss"]
       record[f"{name}_accuracy"] = result["accuracy"]
 
+  # --- Checkpoints: restore the state, the sampler and the loop counters.
+  history, epoch_losses, nonfinite_in_a_row, start_step = [], [], 0, 0
+  checkpoints = checkpoint_lib.LoopCheckpoints.for_config(config, resume)
+  if resume:
+    state, loop = checkpoints.restore(state)
+    sampler = data_lib.EpochSampler(
+        num_train, state=data_lib.SamplerState(**loop["sampler"]))
+    start_step, history, epoch_losses, nonfinite_in_a_row = (
+        loop["step"], loop["history"], loop["epoch_losses"],
+        loop["nonfinite_in_a_row"])
+
   # --- Training loop.
-  history = []
+  step = start_step
   bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
-  epoch_losses = []
-  nonfinite_in_a_row = 0
   name = config.optimizer + (f"+{config.adaptive_batch}" if adaptive else "")
   bar = _progress_bar(budget if adaptive else total_steps, quiet, name)
   if adaptive:
     bar.unit = "sample"
   batch_size = config.batch_size
   batch_sizes, noise_scales = [], []
-  step = 0
+  if resume:
+    batch_size = loop["batch_size"]
+    batch_sizes, noise_scales = loop["batch_sizes"], loop["noise_scales"]
+  bar.update(sampler.samples_seen if adaptive else start_step)
   done = False
   while not done:
     step += 1
@@ -852,7 +889,8 @@ def train_and_evaluate(
     done = (sampler.samples_seen >= budget if adaptive
             else step == total_steps)
     epoch = sampler.samples_seen // num_train
-    if epoch > len(history) or done:
+    epoch_ended = epoch > len(history) or done
+    if epoch_ended:
       record = {
           "epoch": sampler.samples_seen / num_train,
           "samples_seen": sampler.samples_seen,
@@ -877,7 +915,19 @@ def train_and_evaluate(
           print(line, flush=True)
         else:
           bar.write(line)
+    stop = 0 < config.max_steps <= step and not done
+    if checkpoints is not None:
+      checkpoints.after_step(
+          step, state, epoch_ended=epoch_ended, force=stop or done,
+          sampler=dataclasses.asdict(sampler.state), history=history,
+          epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row,
+          batch_size=batch_size, batch_sizes=batch_sizes,
+          noise_scales=noise_scales)
+    if stop:
+      break
   bar.close()
+  if checkpoints is not None:
+    checkpoints.close()
 
   # --- Metrics.
   result = {
@@ -887,10 +937,12 @@ def train_and_evaluate(
       "num_test": dataset.num_test,
       "num_val": 0 if validation is None else len(validation[1]),
       "steps": step,
+      "total_steps": total_steps,
       "samples_seen": sampler.samples_seen,
       "wall_time_s": time.perf_counter() - start_time,
       "history": history,
-      "final": history[-1],
+      "final": history[-1] if history else None,
+      "interrupted": not done,
   }
   if adaptive:
     # Per step: the batch size it used and the noise scale after it.

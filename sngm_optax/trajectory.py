@@ -115,6 +115,7 @@ def trajectory_regularized(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _checks.check_float_params(params, "trajectory_regularized")
     return TrajectoryRegularizedState(
         count=jnp.zeros([], jnp.int32),
         inner_step=jnp.zeros([], jnp.int32),
@@ -129,6 +130,7 @@ def trajectory_regularized(
           "trajectory_regularized needs the current params: call "
           "update(updates, state, params)."
       )
+    _checks.check_params_match(updates, params, "trajectory_regularized")
     k = state.inner_step
     anchor = optax.tree.where(k == 0, params, state.anchor)
 
