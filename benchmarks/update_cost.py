@@ -10,11 +10,24 @@ runs, and reports
   over the params' size, counted below) divided by the bandwidth of a plain
   copy of a buffer of the same size, over the measured time.
 
+Per-device transforms (`gmc`, the adaptive-batch chain fed per-device
+statistics, and `sngm`/sgd(momentum) with their gradient mean) run under
+`jax.pmap` over 8 simulated CPU devices (`--devices`); their baseline is
+`average_across_devices` + `optax.sgd(momentum)` under the same pmap, and the
+time is that of one pmapped step (all devices). On a CPU the 8 devices share
+the host's cores, so that time is ~8 devices' work, not a speed-up.
+
 Usage:
-  python benchmarks/update_cost.py                       # all trees, f32 + bf16
-  python benchmarks/update_cost.py --trees flat_1m --repeats 20
+  PYTHONPATH=. python benchmarks/update_cost.py          # all trees, f32 + bf16
+  PYTHONPATH=. python benchmarks/update_cost.py --trees flat_1m --repeats 20
 Writes benchmarks/results/update_cost.json and prints a Markdown table.
 """
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import argparse
 import json
@@ -67,13 +80,47 @@ TREES = {
 
 # name -> (factory, passes over the params' bytes an ideal update makes).
 # SGD with momentum: read g, m, p; write m, p = 5. A global norm adds a read of
-# g. Passes are counted for what the algorithm must touch, not what XLA does.
+# g. Passes are counted for what the algorithm must touch, not what XLA does:
+# - lars: norms of p and g (one read each, fusable into one pass over g and p
+#   with the rest: 6 counting the extra read of g for the norm);
+# - lamb: read g, m, v, p; write m, v, p = 7, plus a pass over the Adam
+#   direction and p for the per-leaf trust-ratio norms = 9;
+# - adagrad_norm: no momentum: read g for the norm, then read g, p and
+#   write p = 4;
+# - tr_sgd: read g, p, anchor, m; write m, p = 6, plus the anchor reset
+#   (a write of p every `inner_steps` = 10 steps) = 6.1.
 OPTIMIZERS = {
     "optax.sgd(momentum)": (lambda: optax.sgd(0.1, momentum=0.9), 5),
     "optax.lars": (lambda: optax.lars(0.1), 6),
     "optax.lamb": (lambda: optax.lamb(1e-3), 9),
     "optax.adagrad": (lambda: optax.adagrad(0.1), 5),
     "sngm": (lambda: sngm_optax.sngm(0.1), 6),
+    "adagrad_norm": (lambda: sngm_optax.adagrad_norm(0.1), 4),
+    "tr_sgd": (lambda: sngm_optax.tr_sgd(0.1, weight_decay=0.0), 6.1),
+}
+
+AXIS = "devices"
+# Per-device transforms, timed under jax.pmap. The gradient mean (all-reduce)
+# is counted as reading each device's g and writing the mean (2 passes), so
+# the baseline pmean + sgd(momentum) is 7. The adaptive-batch chain in the
+# per-device mode (what the harness uses; `adaptive_batch_size(axis_name=...)`
+# in front of sgd(momentum)) adds ||g_d||^2 (a read of g_d, fusable with the
+# all-reduce's read in principle, counted as 1) and ||mean g||^2 (a read of
+# the mean, 1) = 9. sngm's norm is a read of the mean = 8. gmc (density 1%):
+# read g, e (memory), D_{t-1}, p; write e, p, D = 7 plus the top-k selection
+# (at least one read of v) = 8, and the sparse exchange is ~2% of a pass.
+PER_DEVICE_OPTIMIZERS = {
+    "pmean + optax.sgd(momentum)": (lambda: optax.chain(
+        sngm_optax.average_across_devices(AXIS),
+        optax.sgd(0.1, momentum=0.9)), 7),
+    "sngm(axis_name)": (lambda: sngm_optax.sngm(0.1, axis_name=AXIS), 8),
+    "adaptive_batch_size(per-device) + sgd(momentum)": (lambda: optax.chain(
+        sngm_optax.adaptive_batch_size(
+            max_batch_size=65536, initial_batch_size=256,
+            batch_size_multiple=8, axis_name=AXIS),
+        optax.sgd(0.1, momentum=0.9)), 9),
+    "gmc(density=0.01)": (lambda: sngm_optax.gmc(
+        0.1, density=0.01, axis_name=AXIS), 8),
 }
 
 
@@ -105,6 +152,7 @@ def copy_bandwidth(nbytes, repeats):
 
 
 def time_update(factory, params, grads, repeats):
+  """Median seconds of one jitted update + apply_updates (donated)."""
   tx = factory()
 
   def step(params, state, grads):
@@ -117,6 +165,29 @@ def time_update(factory, params, grads, repeats):
   return median_seconds(step, (params, state, grads), repeats, donate=True)
 
 
+def time_pmapped_update(factory, params, grads, repeats, num_devices):
+  """Median seconds of one pmapped update (all devices), params donated.
+
+  Every device gets a different gradient (the tree scaled by 1 + d / D), as
+  per-device statistics and GMC need.
+  """
+  tx = factory()
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1))
+  scales = 1.0 + jnp.arange(num_devices, dtype=jnp.float32) / num_devices
+  grads = jax.tree.map(
+      lambda g: (scales.reshape((-1,) + (1,) * g.ndim) * g).astype(g.dtype),
+      grads)
+  params = jax.tree.map(
+      lambda p: jnp.broadcast_to(p, (num_devices,) + p.shape), params)
+  state = jax.pmap(tx.init)(params)
+  return median_seconds(step, (params, state, grads), repeats, donate=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--trees", nargs="+", default=list(TREES),
@@ -124,7 +195,16 @@ def main():
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                       choices=list(OPTIMIZERS))
+  parser.add_argument("--per-device-optimizers", nargs="*",
+                      default=list(PER_DEVICE_OPTIMIZERS),
+                      choices=list(PER_DEVICE_OPTIMIZERS))
+  parser.add_argument("--per-device-trees", nargs="*",
+                      default=["flat_1m", "resnet50_like"], choices=list(TREES),
+                      help="trees for the pmapped (per-device) transforms")
+  parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--repeats-large", type=int, default=None,
+                      help="repeats for transformer_like (default: --repeats)")
   parser.add_argument("--out", type=pathlib.Path,
                       default=RESULTS / "update_cost.json")
   args = parser.parse_args()
@@ -140,37 +220,56 @@ def main():
       grads = make_tree(shapes, dtype, 1)
       size = sum(int(np.prod(s)) for s in shapes)
       nbytes = size * dtype.itemsize
-      bandwidth = copy_bandwidth(nbytes, args.repeats)
-      baseline = None
-      for name in args.optimizers:
-        factory, passes = OPTIMIZERS[name]
-        seconds = time_update(factory, params, grads, args.repeats)
-        baseline = baseline or seconds
-        roofline_seconds = passes * nbytes / bandwidth
+      repeats = args.repeats
+      if tree_name == "transformer_like" and args.repeats_large:
+        repeats = args.repeats_large
+      bandwidth = copy_bandwidth(nbytes, repeats)
+      groups = [("jit", name, *OPTIMIZERS[name]) for name in args.optimizers]
+      if tree_name in args.per_device_trees:
+        groups += [("pmap", name, *PER_DEVICE_OPTIMIZERS[name])
+                   for name in args.per_device_optimizers]
+      baselines = {}
+      for mode, name, factory, passes in groups:
+        if mode == "jit":
+          seconds = time_update(factory, params, grads, repeats)
+          moved = passes * nbytes
+        else:
+          seconds = time_pmapped_update(factory, params, grads, repeats,
+                                        args.devices)
+          moved = passes * nbytes * args.devices
+        baseline = baselines.setdefault(mode, seconds)
+        roofline_seconds = moved / bandwidth
         rows.append({
             "tree": tree_name, "params": size, "leaves": len(shapes),
-            "dtype": dtype_name, "optimizer": name, "median_ms": seconds * 1e3,
+            "dtype": dtype_name, "mode": mode, "optimizer": name,
+            "devices": 1 if mode == "jit" else args.devices,
+            "repeats": repeats, "median_ms": seconds * 1e3,
             "ratio_to_sgd_momentum": seconds / baseline,
             "ideal_passes": passes,
             "fraction_of_roofline": roofline_seconds / seconds,
             "copy_bandwidth_gb_s": bandwidth / 1e9,
         })
-        print(f"{tree_name:17s} {dtype_name:9s} {name:22s} "
+        print(f"{tree_name:17s} {dtype_name:9s} {mode:4s} {name:48s} "
               f"{seconds * 1e3:9.2f} ms  x{seconds / baseline:5.2f}  "
               f"roofline {roofline_seconds / seconds:5.0%}", flush=True)
 
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(
-      {"machine": machine, "jax": jax.__version__, "repeats": args.repeats,
+      {"machine": machine, "cpu_count": os.cpu_count(), "load_average": load,
+       "jax": jax.__version__, "repeats": args.repeats,
+       "repeats_large": args.repeats_large, "devices": args.devices,
        "rows": rows}, indent=1))
-  print(f"\nmachine: {machine}, jax {jax.__version__}, median of "
-        f"{args.repeats} runs\n")
-  print("| tree | dtype | optimizer | median ms | × sgd(momentum) | "
-        "% of copy roofline |")
-  print("| --- | --- | --- | --- | --- | --- |")
+  print(f"\nmachine: {machine}, {os.cpu_count()} cores, load average at the "
+        f"end {load}, jax {jax.__version__}, median of {args.repeats} runs\n")
+  print("| tree | dtype | mode | optimizer | ideal passes | median ms | "
+        "× baseline | % of copy roofline |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
-    print(f"| {r['tree']} | {r['dtype']} | {r['optimizer']} | "
-          f"{r['median_ms']:.2f} | {r['ratio_to_sgd_momentum']:.2f} | "
+    mode = "jit" if r["mode"] == "jit" else f"pmap×{r['devices']}"
+    print(f"| {r['tree']} | {r['dtype']} | {mode} | {r['optimizer']} | "
+          f"{r['ideal_passes']} | {r['median_ms']:.2f} | "
+          f"{r['ratio_to_sgd_momentum']:.2f} | "
           f"{r['fraction_of_roofline']:.0%} |")
 
 

@@ -61,10 +61,10 @@ def scale_by_adagrad_norm(
 
   def init_fn(params):
     del params
+    # jnp.array copies: an injected hyperparameter (optax.inject_hyperparams)
+    # must not share its buffer with the state, which a step may donate.
     return ScaleByAdagradNormState(
-        sum_of_squared_norms=jnp.asarray(
-            initial_accumulator_value, jnp.float32
-        )
+        sum_of_squared_norms=jnp.array(initial_accumulator_value, jnp.float32)
     )
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -983,18 +983,24 @@ def adaptive_batch_size(
     return coordinate_test(statistics, eta)
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.float32)
-    initial = jnp.asarray(initial_batch_size, jnp.int32)
+    # A fresh buffer per field: a shared one could not be donated to a
+    # jitted step (XLA refuses to donate the same buffer twice).
+    def zero():
+      return jnp.zeros((), jnp.float32)
+
+    def initial():
+      return jnp.array(initial_batch_size, jnp.int32)
+
     accumulator = optax.EmptyState()
     if coordinate:
       accumulator = optax.tree.full_like(params, initial_accumulator_value)
     return AdaptiveBatchSizeState(
-        batch_size=initial,
-        next_batch_size=initial,
-        test_statistic=zero,
-        noise_scale=zero,
-        variance_trace_ema=zero,
-        sq_norm_ema=zero,
+        batch_size=initial(),
+        next_batch_size=initial(),
+        test_statistic=zero(),
+        noise_scale=zero(),
+        variance_trace_ema=zero(),
+        sq_norm_ema=zero(),
         preconditioner_accumulator=accumulator,
     )
 

@@ -3,6 +3,8 @@
   sngm-optax compare --quick          # ~1.5 minutes on 2 CPU cores
   sngm-optax compare --out runs/cmp   # the benchmark preset (30 epochs)
   sngm-optax train --optimizer sngm --batch-size 4096 --lr 0.4 --epochs 30
+  sngm-optax train --optimizer adadagrad_norm --lr 1 --adaptive-batch norm \
+      --max-batch-size 1024 --initial-batch-size 32
 
 Bad arguments print one line and exit with status 2.
 """
@@ -125,7 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
                   "metrics.json.")
   trn.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS),
                    default="sngm", help="optimizer (default sngm)")
-  trn.add_argument("--batch-size", type=_positive_int, default=4096)
+  trn.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="fixed batch size (default 4096)")
+  trn.add_argument("--adaptive-batch", choices=train.ADAPTIVE_TESTS,
+                   default=None,
+                   help="grow the batch with this AdAdaGrad batch-size test "
+                        "in front of the optimizer (default for adadagrad and "
+                        "adadagrad_norm: norm)")
+  trn.add_argument("--max-batch-size", type=_positive_int, default=None,
+                   help="cap of the adaptive batch size (required with "
+                        "--adaptive-batch)")
+  trn.add_argument("--initial-batch-size", type=_positive_int, default=None,
+                   help="first batch size of an adaptive run (default 32)")
+  trn.add_argument("--adaptive-statistics",
+                   choices=("auto", "per_device", "microbatch"),
+                   default="auto",
+                   help="statistics of the test: per-device gradients (only "
+                        "scalars all-reduced) or microbatch moments (default "
+                        "auto: per_device on 2+ devices)")
   trn.add_argument("--lr", type=_positive_float, default=None,
                    help="peak learning rate (default: the benchmark's pick "
                         "for this optimizer at B=4096, or at B=128 for msgd "
@@ -188,6 +207,28 @@ def _run_train(args, parser) -> int:
   from sngm_optax import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax import train  # pylint: disable=g-import-not-at-top
 
+  adaptive_test = args.adaptive_batch
+  if adaptive_test is None and args.optimizer in train.ADAPTIVE_OPTIMIZERS:
+    adaptive_test = "norm"
+  adaptive = {}
+  if adaptive_test is None:
+    for flag in ("max_batch_size", "initial_batch_size"):
+      if getattr(args, flag) is not None:
+        parser.error(f"--{flag.replace('_', '-')} needs --adaptive-batch")
+    if args.adaptive_statistics != "auto":
+      parser.error("--adaptive-statistics needs --adaptive-batch")
+    batch_size = 4096 if args.batch_size is None else args.batch_size
+  else:
+    if args.batch_size is not None:
+      parser.error("--batch-size is fixed; with --adaptive-batch give "
+                   "--initial-batch-size")
+    if args.max_batch_size is None:
+      parser.error("--adaptive-batch needs --max-batch-size")
+    batch_size = args.initial_batch_size or 32
+    adaptive = dict(adaptive_batch=adaptive_test,
+                    max_batch_size=args.max_batch_size,
+                    adaptive_statistics=args.adaptive_statistics)
+  args.batch_size = batch_size
   learning_rate = args.lr
   if learning_rate is None:
     if not (args.optimizer in compare.LR_GRIDS
@@ -202,7 +243,7 @@ def _run_train(args, parser) -> int:
       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
       batch_size=args.batch_size, num_microbatches=args.num_microbatches,
       epochs=args.epochs, seed=args.seed, num_devices=args.num_devices,
-      **({} if args.num_samples is None
+      **adaptive, **({} if args.num_samples is None
          else {"num_samples": args.num_samples}))
   config = train.override(config, args.overrides)
   try:
@@ -211,6 +252,9 @@ def _run_train(args, parser) -> int:
     print(f"sngm-optax train: error: {error}", file=sys.stderr)
     return 1
   final = result["final"]
+  if adaptive:
+    print(f"{config.optimizer} + {config.adaptive_batch} test: batch size "
+          f"{config.batch_size} -> {max(result['batch_sizes'])}")
   print(f"{config.optimizer} B={config.batch_size} lr={config.learning_rate:g}"
         f": test accuracy {100 * final['test_accuracy']:.2f}% after "
         f"{result['steps']} steps ({result['wall_time_s']:.0f} s); wrote "

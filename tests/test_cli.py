@@ -42,6 +42,18 @@ def _tiny(tmp_path):
     (["train", "--set", "epochs=many"], "epochs must be a number"),
     (["train", "--batch-size", "100", "--num-microbatches", "3"],
      "not divisible by num_microbatches"),
+    (["train", "--adaptive-batch", "median"], "invalid choice: 'median'"),
+    (["train", "--adaptive-batch", "norm"], "needs --max-batch-size"),
+    (["train", "--max-batch-size", "64"],
+     "--max-batch-size needs --adaptive-batch"),
+    (["train", "--initial-batch-size", "64"],
+     "--initial-batch-size needs --adaptive-batch"),
+    (["train", "--adaptive-batch", "norm", "--max-batch-size", "64",
+      "--batch-size", "32"], "give --initial-batch-size"),
+    (["train", "--lr", "0.1", "--adaptive-batch", "coordinate",
+      "--max-batch-size", "64"], "use it with optimizer 'adadagrad'"),
+    (["train", "--lr", "0.1", "--adaptive-batch", "norm",
+      "--max-batch-size", "16"], "at least the initial"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
   status, out, err = _run(argv, capsys)
@@ -92,6 +104,25 @@ def test_train_writes_metrics_json(tmp_path, capsys):
   assert metrics["num_train"] == 240 and len(metrics["history"]) == 2
   assert metrics["steps"] == 10
   assert "test accuracy" in stdout
+
+
+def test_adaptive_train_grows_the_batch_and_records_it(tmp_path, capsys):
+  out = tmp_path / "run"
+  status, stdout, _ = _run([
+      "train", "--optimizer", "adadagrad_norm", "--lr", "2",
+      "--adaptive-batch", "norm", "--max-batch-size", "64",
+      "--initial-batch-size", "16", "--num-devices", "4", "--epochs", "2",
+      "--model", "mlp", "--set", "schedule=constant",
+      "--set", 'optimizer_kwargs={"eta": 0.5}', "--out", str(out),
+      "--quiet", *_tiny(tmp_path)], capsys)
+  assert status == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  sizes = metrics["batch_sizes"]
+  assert sizes[0] == 16 and max(sizes) > 16
+  assert sum(sizes) == metrics["samples_seen"] == 2 * 240
+  assert len(sizes) == metrics["steps"]
+  assert all("batch_size" in record for record in metrics["history"])
+  assert "batch size 16 -> " in stdout
 
 
 def test_train_reads_a_user_npz(tmp_path, capsys):

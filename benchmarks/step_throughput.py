@@ -1,0 +1,133 @@
+"""Samples/s of the harness training step, SNGM vs optax.sgd(momentum).
+
+Times `sngm_optax.train.make_train_step` (the jitted shard_map step the CLI
+runs: forward, backward, gradient mean, optimizer update, donated state) on
+the MNIST-1D models at global batch sizes B (one microbatch of B) on 1 and 8
+devices, with `sngm` and with `msgd` (optax.sgd(momentum) behind
+`average_across_devices`), the same way the CLI builds them
+(`build_program`, learning rate injected). Data are random inputs of the
+MNIST-1D shape (40 features, 10 classes); the values do not change the cost.
+
+The ratio sngm / msgd per configuration tells whether the optimizer matters
+to the step. On a CPU the 8 "devices" are simulated
+(`--xla_force_host_platform_device_count=8`) and share the host's cores: 8
+devices are not a speed-up there, they show the cost of the mesh machinery.
+
+  PYTHONPATH=. python benchmarks/step_throughput.py
+  PYTHONPATH=. python benchmarks/step_throughput.py --models mlp --batch-sizes 128 1024
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax.training import train_state  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from sngm_optax import train  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+FEATURES, CLASSES = 40, 10
+
+
+def step_seconds(model, optimizer, batch_size, num_devices, repeats, steps):
+  """Median over `repeats` of the mean seconds per step over `steps` steps."""
+  devices = tuple(jax.local_devices()[:num_devices])
+  program = train.build_program(model, CLASSES, optimizer, "{}", 0.0,
+                                "constant", 1000, 0, devices)
+  rng = np.random.default_rng(0)
+  batch = {
+      "x": rng.normal(size=(1, batch_size, FEATURES)).astype(np.float32),
+      "y": rng.integers(0, CLASSES, (1, batch_size)).astype(np.int32),
+      "weight": np.ones((1, batch_size), np.float32),
+  }
+  sharding = NamedSharding(program.mesh, P(None, train.AXIS))
+  batch = jax.device_put(batch, sharding)
+  params = program.init_fn(jax.random.key(0), batch["x"][0, :1])["params"]
+  state = train_state.TrainState.create(apply_fn=program.apply_fn,
+                                        params=params, tx=program.tx)
+  state = state.replace(opt_state=optax.tree.set(
+      state.opt_state, learning_rate=jnp.asarray(0.01, jnp.float32)))
+  state = jax.device_put(state, NamedSharding(program.mesh, P()))
+  state, metrics = program.train_step(state, batch)  # compile
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = program.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / steps)
+  num_params = sum(p.size for p in jax.tree.leaves(params))
+  return statistics.median(times), num_params
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+  parser.add_argument("--batch-sizes", nargs="+", type=int,
+                      default=[128, 1024, 4096])
+  parser.add_argument("--devices", nargs="+", type=int, default=[1, 8])
+  parser.add_argument("--optimizers", nargs="+", default=["msgd", "sngm"])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=RESULTS / "step_throughput.json")
+  args = parser.parse_args()
+
+  rows = []
+  for model in args.models:
+    for num_devices in args.devices:
+      for batch_size in args.batch_sizes:
+        base = None
+        for optimizer in args.optimizers:
+          seconds, num_params = step_seconds(
+              model, optimizer, batch_size, num_devices, args.repeats,
+              args.steps)
+          base = base or seconds
+          rows.append({
+              "model": model, "params": num_params, "devices": num_devices,
+              "batch_size": batch_size, "optimizer": optimizer,
+              "step_ms": seconds * 1e3,
+              "samples_per_s": batch_size / seconds,
+              "ratio_to_first": seconds / base,
+          })
+          print(f"{model:4s} D={num_devices} B={batch_size:5d} "
+                f"{optimizer:5s} {seconds * 1e3:8.2f} ms "
+                f"{batch_size / seconds:10.0f} samples/s x{seconds / base:.2f}",
+                flush=True)
+
+  load = os.getloadavg()
+  machine = (f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
+             f"{platform.processor()}, {os.cpu_count()} cores")
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(
+      {"machine": machine, "load_average": load, "jax": jax.__version__,
+       "repeats": args.repeats, "steps": args.steps, "rows": rows}, indent=1))
+  print(f"\nmachine: {machine}; load average at the end {load}; median of "
+        f"{args.repeats} × {args.steps} steps\n")
+  print("| model (params) | devices | B | optimizer | ms/step | samples/s | "
+        f"× {args.optimizers[0]} |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for r in rows:
+    print(f"| {r['model']} ({r['params']}) | {r['devices']} | "
+          f"{r['batch_size']} | {r['optimizer']} | {r['step_ms']:.2f} | "
+          f"{r['samples_per_s']:.0f} | {r['ratio_to_first']:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
