@@ -58,7 +58,7 @@ def test_gmc_at_density_one_matches_momentum_sgd_through_the_harness(dataset):
 
 
 def test_gmc_trains_above_chance_at_one_percent(dataset):
-  # DGC is trained at 1% and 0.1% by benchmarks/compression.py.
+  # DGC is trained at 1% and 0.1% by benchmarks/sparse_communication.py.
   result = _run(dataset, "gmc", epochs=2.0, density=0.01)
   history = result["history"]
   # 10 classes: chance is 10%; dense msgd gets ~0.3 here.

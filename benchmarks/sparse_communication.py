@@ -27,8 +27,8 @@ simulated devices share one host's memory: there is no network, so the wall
 time per step measures compute (top-k selection, all-gather, scatter-add) and
 not the communication that the byte counts would save on a real cluster.
 
-  python benchmarks/compression.py            # ~12 min on a loaded 2-core box
-  python benchmarks/compression.py --quick    # a smoke test, ~1 min
+  python benchmarks/sparse_communication.py            # ~12 min on a loaded 2-core box
+  python benchmarks/sparse_communication.py --quick    # a smoke test, ~1 min
 
 Writes benchmarks/results/compression.json and .png (the JSON after every
 run, so an interrupted run keeps its finished part).
@@ -36,12 +36,6 @@ run, so an interrupted run keeps its finished part).
 
 import os
 import sys
-
-# This file's name shadows the `compression` package (PEP 784 backport) that
-# JAX imports: drop the script's directory from the module search path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [entry for entry in sys.path
-            if os.path.abspath(entry or ".") != _HERE]
 
 # Eight simulated workers; must be set before JAX is imported.
 os.environ["XLA_FLAGS"] = (
@@ -95,7 +89,7 @@ def main():
   dataset = data.load_mnist1d(args.num_samples)
   runs = []
   payload = {
-      "command": "python benchmarks/compression.py " + " ".join(
+      "command": "python benchmarks/sparse_communication.py " + " ".join(
           f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
           for k, v in vars(args).items() if k not in ("quick", "out", "resume")),
       "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, "
