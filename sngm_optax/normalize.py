@@ -72,25 +72,35 @@ def global_norm(tree) -> jax.Array:
   )
 
 
-def _normalize_overflowing(tree):
-  """`g / ‖g‖` for finite entries with a norm above 2^64 (or float32's max).
+# Above this norm 1/‖g‖ nears float32's subnormals, which XLA flushes to zero.
+_LARGEST_SAFE_NORM = 2.0**64
 
-  Dividing by such a norm would silently give zeros (`global_norm` is
-  infinite beyond float32's range; a NaN/Inf entry gives NaN, which fails the
-  `> 2^64` test and stays NaN). Scale by 2^-64 first (exact; a division by
-  `max |g_j|` would become a multiplication by a subnormal, flushed to zero
-  on CPU); entries small enough to underflow are negligible next to the norm.
+
+def _normalize(tree, eps):
+  """`g / max(‖g‖, eps)`, with one elementwise pass that XLA fuses downstream.
+
+  Both scale factors are scalars: a `lax.cond` returning the whole tree would
+  materialize the normalized gradient (measured 3.7x sgd(momentum) instead of
+  1.2x on a 25M-parameter tree, benchmarks/README.md). For finite entries with
+  a norm above 2^64 (even beyond float32's range, where `global_norm` is
+  infinite) the entries are scaled by 2^-64 first (exact) and divided by the
+  norm of the scaled tree, computed only then; entries small enough to
+  underflow are negligible next to such a norm. A NaN/Inf entry gives a NaN
+  norm, which fails the `> 2^64` test and keeps the update NaN.
   """
-  # The barrier stops XLA from folding 2^-64 into 1/‖g‖ (a subnormal).
-  scaled = jax.lax.optimization_barrier(
-      jax.tree.map(lambda g: g.astype(jnp.float32) * 2.0**-64, tree))
-  inverse = 1.0 / global_norm(scaled)
-  return jax.tree.map(lambda g, s: (s * inverse).astype(g.dtype), tree, scaled)
-
-
-def _scale_tree(tree, factor):
+  norm = global_norm(tree)
+  overflows = norm > _LARGEST_SAFE_NORM
+  pre_scale = jnp.where(overflows, 1.0 / _LARGEST_SAFE_NORM, 1.0)
+  divisor = jax.lax.cond(
+      overflows,
+      lambda: global_norm(jax.tree.map(lambda g: g * pre_scale, tree)),
+      lambda: jnp.maximum(norm, eps),
+  )
+  # Two multiplies: their product, 1/‖g‖, may be a flushed subnormal.
+  inverse = 1.0 / divisor
   return jax.tree.map(
-      lambda g: (g.astype(jnp.float32) * factor).astype(g.dtype), tree
+      lambda g: (g.astype(jnp.float32) * pre_scale * inverse).astype(g.dtype),
+      tree,
   )
 
 
@@ -135,17 +145,6 @@ def normalize_by_global_norm(
   """
   _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
 
-  def normalize(tree):
-    norm = global_norm(tree)
-    # Above 2^64, 1/‖g‖ nears float32's subnormals (flushed to zero): divide
-    # a scaled-down copy instead.
-    return jax.lax.cond(
-        norm > 2.0**64,
-        _normalize_overflowing,
-        lambda t: _scale_tree(t, 1.0 / jnp.maximum(norm, eps)),
-        tree,
-    )
-
   def init_fn(params):
     _checks.check_float_params(params, "normalize_by_global_norm")
     return optax.EmptyState()
@@ -154,7 +153,7 @@ def normalize_by_global_norm(
     del extra_args
     _checks.check_params_match(updates, params, "normalize_by_global_norm")
     if per_layer:
-      return jax.tree.map(normalize, updates), state
-    return normalize(updates), state
+      return jax.tree.map(lambda u: _normalize(u, eps), updates), state
+    return _normalize(updates, eps), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
