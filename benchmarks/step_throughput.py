@@ -1,15 +1,24 @@
-"""Samples/s of the harness training step, SNGM vs optax.sgd(momentum).
+"""Samples/s of the harness training step: SNGM, momentum SGD, and the cost
+of the adaptive-batch norm test.
 
 Times `sngm_optax.train.make_train_step` (the jitted shard_map step the CLI
 runs: forward, backward, gradient mean, optimizer update, donated state) on
 the MNIST-1D models at global batch sizes B (one microbatch of B) on 1 and 8
-devices, with `sngm` and with `msgd` (optax.sgd(momentum) behind
-`average_across_devices`), the same way the CLI builds them
-(`build_program`, learning rate injected). Data are random inputs of the
-MNIST-1D shape (40 features, 10 classes); the values do not change the cost.
+devices, built the way the CLI builds them (`build_program`, learning rate
+injected), with
 
-The ratio sngm / msgd per configuration tells whether the optimizer matters
-to the step. On a CPU the 8 "devices" are simulated
+- `msgd`: optax.sgd(momentum) behind `average_across_devices`;
+- `sngm`;
+- `sngm+norm_test`: the harness's adaptive-batch step with per-device
+  statistics (`adaptive_batch_size(test="norm", axis_name=...)` in front of
+  sngm, the step's batch size passed to it; 2+ devices only).
+
+Data are random inputs of the MNIST-1D shape (40 features, 10 classes); the
+values do not change the cost. The optimizers of one (model, devices, B) are
+timed interleaved, `--repeats` rounds of `--steps` steps each, and the table
+gives medians: the ratio to the first optimizer (is the optimizer a
+bottleneck?) and, for `+norm_test`, the overhead over the same optimizer
+without the test. On a CPU the 8 "devices" are simulated
 (`--xla_force_host_platform_device_count=8`) and share the host's cores: 8
 devices are not a speed-up there, they show the cost of the mesh machinery.
 
@@ -41,14 +50,20 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sngm_optax import train  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+NORM_TEST = "+norm_test"
 FEATURES, CLASSES = 40, 10
 
 
-def step_seconds(model, optimizer, batch_size, num_devices, repeats, steps):
-  """Median over `repeats` of the mean seconds per step over `steps` steps."""
+def make_timer(model, optimizer, batch_size, num_devices, steps):
+  """Compiles the step; returns (seconds per step over `steps` steps, params)."""
   devices = tuple(jax.local_devices()[:num_devices])
+  adaptive = None
+  if optimizer.endswith(NORM_TEST):
+    # The cap keeps the batch growing, so the test runs on every step.
+    optimizer = optimizer[:-len(NORM_TEST)]
+    adaptive = ("norm", 1 << 20, batch_size, batch_size, "per_device")
   program = train.build_program(model, CLASSES, optimizer, "{}", 0.0,
-                                "constant", 1000, 0, devices)
+                                "constant", 1000, 0, devices, adaptive)
   rng = np.random.default_rng(0)
   batch = {
       "x": rng.normal(size=(1, batch_size, FEATURES)).astype(np.float32),
@@ -65,15 +80,16 @@ def step_seconds(model, optimizer, batch_size, num_devices, repeats, steps):
   state = jax.device_put(state, NamedSharding(program.mesh, P()))
   state, metrics = program.train_step(state, batch)  # compile
   jax.block_until_ready(metrics)
-  times = []
-  for _ in range(repeats):
+
+  def seconds_per_step():
+    nonlocal state
     start = time.perf_counter()
     for _ in range(steps):
       state, metrics = program.train_step(state, batch)
     jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - start) / steps)
-  num_params = sum(p.size for p in jax.tree.leaves(params))
-  return statistics.median(times), num_params
+    return (time.perf_counter() - start) / steps
+
+  return seconds_per_step, params
 
 
 def main():
@@ -82,7 +98,8 @@ def main():
   parser.add_argument("--batch-sizes", nargs="+", type=int,
                       default=[128, 1024, 4096])
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 8])
-  parser.add_argument("--optimizers", nargs="+", default=["msgd", "sngm"])
+  parser.add_argument("--optimizers", nargs="+",
+                      default=["msgd", "sngm", "sngm" + NORM_TEST])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--out", type=pathlib.Path,
@@ -93,22 +110,36 @@ def main():
   for model in args.models:
     for num_devices in args.devices:
       for batch_size in args.batch_sizes:
-        base = None
-        for optimizer in args.optimizers:
-          seconds, num_params = step_seconds(
-              model, optimizer, batch_size, num_devices, args.repeats,
-              args.steps)
-          base = base or seconds
-          rows.append({
+        names = [name for name in args.optimizers
+                 if num_devices > 1 or not name.endswith(NORM_TEST)]
+        timers = {}
+        for name in names:
+          timers[name], params = make_timer(model, name, batch_size,
+                                            num_devices, args.steps)
+        times = {name: [] for name in names}
+        for _ in range(args.repeats):
+          for name in names:
+            times[name].append(timers[name]())
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        num_params = sum(p.size for p in jax.tree.leaves(params))
+        for name in names:
+          row = {
               "model": model, "params": num_params, "devices": num_devices,
-              "batch_size": batch_size, "optimizer": optimizer,
-              "step_ms": seconds * 1e3,
-              "samples_per_s": batch_size / seconds,
-              "ratio_to_first": seconds / base,
-          })
-          print(f"{model:4s} D={num_devices} B={batch_size:5d} "
-                f"{optimizer:5s} {seconds * 1e3:8.2f} ms "
-                f"{batch_size / seconds:10.0f} samples/s x{seconds / base:.2f}",
+              "batch_size": batch_size, "optimizer": name,
+              "step_ms": seconds[name] * 1e3,
+              "samples_per_s": batch_size / seconds[name],
+              "ratio_to_first": seconds[name] / seconds[names[0]],
+              "test_overhead": None,
+          }
+          without_test = name[:-len(NORM_TEST)]
+          if name.endswith(NORM_TEST) and without_test in seconds:
+            row["test_overhead"] = seconds[name] / seconds[without_test] - 1
+          rows.append(row)
+          overhead = row["test_overhead"]
+          print(f"{model:4s} D={num_devices} B={batch_size:5d} {name:16s} "
+                f"{row['step_ms']:8.2f} ms {row['samples_per_s']:10.0f} "
+                f"samples/s x{row['ratio_to_first']:.2f}"
+                + ("" if overhead is None else f" test +{overhead:.1%}"),
                 flush=True)
 
   load = os.getloadavg()
@@ -121,12 +152,15 @@ def main():
   print(f"\nmachine: {machine}; load average at the end {load}; median of "
         f"{args.repeats} × {args.steps} steps\n")
   print("| model (params) | devices | B | optimizer | ms/step | samples/s | "
-        f"× {args.optimizers[0]} |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
+        f"× {args.optimizers[0]} | norm test adds |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
+    overhead = r["test_overhead"]
+    overhead = "" if overhead is None else f"{overhead:+.1%}"
     print(f"| {r['model']} ({r['params']}) | {r['devices']} | "
           f"{r['batch_size']} | {r['optimizer']} | {r['step_ms']:.2f} | "
-          f"{r['samples_per_s']:.0f} | {r['ratio_to_first']:.2f} |")
+          f"{r['samples_per_s']:.0f} | {r['ratio_to_first']:.2f} | "
+          f"{overhead} |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import optax
 
 from sngm_optax import _checks
 from sngm_optax.normalize import global_norm
+from sngm_optax.normalize import sum_of_squares
 
 AxisName = str | tuple[str, ...]
 
@@ -371,6 +372,48 @@ def per_device_statistics(
   units = jax.tree.map(lambda g: g[None], grads)
   return _unit_statistics(
       units, per_device_batch_size, axis_name, preconditioner, mean=mean_grads
+  )
+
+
+def _mean_and_norm_statistics(grads, per_device_batch_size, axis_name):
+  r"""The gradient mean and what the norm test needs, in one all-reduce.
+
+  .. math::
+    \mathrm{tr}(\Sigma) \approx \tfrac{m D}{D-1}\big(\mathrm{mean}_d
+    \|g_d\|^2 - \|\bar g\|^2\big)
+
+  as in :func:`per_device_statistics`, but :math:`\|g_d\|^2` needs no
+  :math:`\bar g`, so it is all-reduced together with the gradients: no
+  second collective, no second pass over them (measured in
+  benchmarks/step_throughput.py). The cancellation costs about float32's
+  epsilon times :math:`m\|\bar g\|^2 / \eta^2` samples in the test, far
+  below one step of the batch size. The fields the norm test does not read
+  are NaN.
+  """
+  num_devices = jax.lax.axis_size(axis_name)
+  if num_devices < 2:
+    raise ValueError(
+        "per-device statistics need at least 2 devices to estimate a "
+        f"variance; got {num_devices}"
+    )
+  _check_varying(grads, axis_name)
+  device_sq_norm = sum_of_squares(jax.tree.leaves(grads))
+  mean_grads, mean_device_sq_norm = jax.lax.pmean(
+      (grads, device_sq_norm), axis_name
+  )
+  sq_norm = sum_of_squares(jax.tree.leaves(mean_grads))
+  per_device_batch_size = jnp.asarray(per_device_batch_size, jnp.float32)
+  spread = jnp.maximum(mean_device_sq_norm - sq_norm, 0.0)
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  return mean_grads, GradientNoiseStatistics(
+      num_samples=per_device_batch_size * num_devices,
+      sq_norm=sq_norm,
+      variance_trace=per_device_batch_size * num_devices
+      / (num_devices - 1) * spread,
+      directional_variance=nan,
+      orthogonal_variance=nan,
+      preconditioned_variance_trace=nan,
+      preconditioned_sq_norm=nan,
   )
 
 
@@ -865,8 +908,9 @@ def adaptive_batch_size(
     and of their squares, any number of units of `microbatch_size` samples,
     constant memory; norm and coordinate tests only);
   * none of these, with `axis_name` set: the devices' own gradients (`updates`)
-    inside `pmap`/`shard_map` (estimate; besides the gradient mean, only
-    three scalars, four for the coordinate test, are all-reduced). The batch size of that step is the `batch_size=` keyword if
+    inside `pmap`/`shard_map` (estimate; the norm test all-reduces one
+    scalar with the gradient mean, the other tests three or four scalars
+    after it). The batch size of that step is the `batch_size=` keyword if
     given, else the state's `next_batch_size` (the loop followed the
     suggestion); each device's gradient is the mean of `batch_size / D`
     samples.
@@ -1045,9 +1089,20 @@ def adaptive_batch_size(
           "per_example_grads= or microbatch_grads=, or use per-device "
           "statistics; gradient_moments= support the norm and coordinate tests"
       )
-    mean_updates = (
-        jax.lax.pmean(updates, axis_name) if axis_name else updates
-    )
+    per_device = axis_name and not given
+    if per_device:
+      step_batch = state.next_batch_size if batch_size is None else batch_size
+      per_device_batch = jnp.asarray(step_batch, jnp.float32) / (
+          jax.lax.axis_size(axis_name)
+      )
+    if per_device and test == "norm":
+      mean_updates, statistics = _mean_and_norm_statistics(
+          updates, per_device_batch, axis_name
+      )
+    else:
+      mean_updates = (
+          jax.lax.pmean(updates, axis_name) if axis_name else updates
+      )
 
     weights = None
     accumulator = state.preconditioner_accumulator
@@ -1083,14 +1138,10 @@ def adaptive_batch_size(
           axis_name=axis_name,
           preconditioner=weights,
       )
-    else:
-      step_batch = state.next_batch_size if batch_size is None else batch_size
-      per_device = jnp.asarray(step_batch, jnp.float32) / jax.lax.axis_size(
-          axis_name
-      )
+    elif test != "norm":
       _, statistics = per_device_statistics(
           updates,
-          per_device,
+          per_device_batch,
           axis_name,
           preconditioner=weights,
           mean_grads=mean_updates,

@@ -24,7 +24,8 @@ _SMALLEST_SAFE_SQUARED_NORM = 1e-20
 SMALLEST_NORMAL_FLOAT32 = float(np.finfo(np.float32).tiny)
 
 
-def _sum_of_squares(leaves, scale=None):
+def sum_of_squares(leaves, scale=None):
+  """Σ g_j² over a list of arrays, accumulated in float32."""
   total = jnp.zeros((), jnp.float32)
   for leaf in leaves:
     leaf = leaf.astype(jnp.float32)
@@ -55,14 +56,14 @@ def global_norm(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  squared = _sum_of_squares(leaves)
+  squared = sum_of_squares(leaves)
 
   def rescaled_norm(_):
     scale = jnp.zeros((), jnp.float32)
     for leaf in leaves:
       scale = jnp.maximum(scale, jnp.max(jnp.abs(leaf.astype(jnp.float32))))
     safe_scale = jnp.where(scale > 0, scale, 1.0)
-    return safe_scale * jnp.sqrt(_sum_of_squares(leaves, safe_scale))
+    return safe_scale * jnp.sqrt(sum_of_squares(leaves, safe_scale))
 
   needs_rescaling = (squared < _SMALLEST_SAFE_SQUARED_NORM) | ~jnp.isfinite(
       squared

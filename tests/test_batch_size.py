@@ -357,6 +357,47 @@ def test_microbatch_and_per_device_modes_of_the_transform():
   assert int(state2.batch_size[0]) == 64
 
 
+@pytest.mark.parametrize("noise", [1.0, 1e-2])
+def test_per_device_norm_test_matches_numpy(noise):
+  # The norm test's per-device path all-reduces ‖g_d‖² with the gradients
+  # and subtracts ‖ḡ‖²: check it against the float64 formula, also when the
+  # devices' gradients differ by 1 % (the subtraction cancels 4 digits).
+  rng = np.random.default_rng(31)
+  shapes = [(3, 5), (7,)]
+  mean = [rng.normal(size=s) for s in shapes]
+  grads = [mu + noise * rng.normal(size=(NUM_DEVICES,) + s)
+           for mu, s in zip(mean, shapes)]
+  flat = np.concatenate([g.reshape(NUM_DEVICES, -1) for g in grads], axis=1)
+  batch, eta, per_device = 64, 0.2, 64 / NUM_DEVICES
+  spread = np.sum((flat - flat.mean(0)) ** 2)
+  trace = per_device / (NUM_DEVICES - 1) * spread
+  want = trace / (eta**2 * np.sum(flat.mean(0) ** 2))
+
+  tx = adaptive_batch_size(max_batch_size=4096, initial_batch_size=batch,
+                           eta=eta, axis_name="devices")
+  params = [jnp.zeros(s) for s in shapes]
+  state = jax.tree.map(lambda x: jnp.stack([x] * NUM_DEVICES), tx.init(params))
+  updates, state = pmapped(tx.update)(
+      [jnp.asarray(g, jnp.float32) for g in grads], state)
+  for got, g in zip(updates, grads):
+    np.testing.assert_allclose(got[0], g.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      state.test_statistic[0], want, rtol=1e-4 if noise == 1.0 else 1e-2)
+
+
+def test_per_device_transform_refuses_device_invariant_gradients():
+  tx = adaptive_batch_size(max_batch_size=64, axis_name="devices")
+  mesh = jax.make_mesh(
+      (NUM_DEVICES,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
+  grads = jnp.ones(3)
+  run = jax.jit(jax.shard_map(
+      lambda g, s: tx.update(g, s)[1], mesh=mesh, in_specs=(P(), P()),
+      out_specs=P()))
+  with pytest.raises(ValueError, match="identical on all devices"):
+    run(grads, tx.init(grads))
+
+
 def test_inject_hyperparams_without_recompiling():
   tx = optax.inject_hyperparams(adaptive_batch_size)(
       max_batch_size=2048, initial_batch_size=16, eta=0.5
