@@ -26,11 +26,11 @@ SMALLEST_NORMAL_FLOAT32 = float(np.finfo(np.float32).tiny)
 
 def sum_of_squares(leaves, scale=None):
   """Σ g_j² over a list of arrays, accumulated in float32."""
-  # Without the barrier XLA shares the float32 conversion of bfloat16 leaves
-  # between this reduction and the update that reads them too, and
-  # materializes a float32 copy of the tree (sngm 5x slower, see
-  # benchmarks/README.md).
-  leaves = jax.lax.optimization_barrier(list(leaves))
+  if any(leaf.dtype != jnp.float32 for leaf in leaves):
+    # Else XLA shares the float32 conversion of e.g. bfloat16 leaves between
+    # this reduction and the update that reads them too, and materializes a
+    # float32 copy of the tree (sngm 5x slower, see benchmarks/README.md).
+    leaves = jax.lax.optimization_barrier(list(leaves))
   total = jnp.zeros((), jnp.float32)
   for leaf in leaves:
     leaf = leaf.astype(jnp.float32)

@@ -132,7 +132,9 @@ def trajectory_regularized(
       )
     _checks.check_params_match(updates, params, "trajectory_regularized")
     k = state.inner_step
-    anchor = optax.tree.where(k == 0, params, state.anchor)
+    # A cond, not a select: between resets the (donated) anchor buffer
+    # passes through instead of being rewritten every step.
+    anchor = jax.lax.cond(k == 0, lambda: params, lambda: state.anchor)
 
     lam = jnp.asarray(_value_at(strength, state.count), jnp.float32)
     if learning_rate is not None:
