@@ -152,6 +152,16 @@ def copy_bandwidth(nbytes, repeats):
   return 2 * nbytes / seconds
 
 
+def norm_bandwidth(grads, repeats):
+  """Bytes/s of `sngm_optax.global_norm` (one read of every leaf).
+
+  SNGM's extra pass; on a CPU a reduction may stream slower than a copy.
+  """
+  nbytes = sum(g.nbytes for g in jax.tree.leaves(grads))
+  norm = jax.jit(sngm_optax.global_norm)
+  return nbytes / median_seconds(norm, (grads,), repeats, donate=False)
+
+
 def time_update(factory, params, grads, repeats):
   """Median seconds of one jitted update + apply_updates (donated)."""
   tx = factory()
@@ -234,9 +244,10 @@ def main():
       # Rounds over all optimizers: each ratio is taken against the baseline
       # of its own round, so a slow spell of the machine hits both.
       times = {group[:2]: [] for group in groups}
-      bandwidths = []
+      bandwidths, norm_bandwidths = [], []
       for _ in range(args.rounds):
         bandwidths.append(copy_bandwidth(nbytes, repeats))
+        norm_bandwidths.append(norm_bandwidth(grads, repeats))
         for mode, name, factory, _ in groups:
           if mode == "jit":
             seconds = time_update(factory, params, grads, repeats)
@@ -245,6 +256,9 @@ def main():
                                           args.devices)
           times[mode, name].append(seconds)
       bandwidth = statistics.median(bandwidths)
+      print(f"{tree_name} {dtype_name}: copy {bandwidth / 1e9:.1f} GB/s, "
+            f"global_norm {statistics.median(norm_bandwidths) / 1e9:.1f} GB/s",
+            flush=True)
       baselines = {}
       for mode, name, _, passes in groups:
         seconds = statistics.median(times[mode, name])
@@ -263,6 +277,8 @@ def main():
             "ideal_passes": passes,
             "fraction_of_roofline": roofline_seconds / seconds,
             "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "global_norm_bandwidth_gb_s":
+                statistics.median(norm_bandwidths) / 1e9,
         })
         print(f"{tree_name:17s} {dtype_name:9s} {mode:4s} {name:48s} "
               f"{seconds * 1e3:9.2f} ms  x{ratio:5.2f}  "
