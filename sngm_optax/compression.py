@@ -173,7 +173,9 @@ def top_k_by_magnitude(
     )
   # Exact in float32 and order-preserving; XLA's CPU top-k of bfloat16 is a
   # generic sort, ~30x slower (benchmarks/README.md).
-  magnitude = jnp.abs(vector).astype(jnp.promote_types(vector.dtype, jnp.float32))
+  magnitude = jnp.abs(vector).astype(
+      jnp.promote_types(vector.dtype, jnp.float32)
+  )
   if k == vector.shape[0]:
     return jnp.arange(k, dtype=jnp.int32)
   if selection == "approx":

@@ -29,7 +29,7 @@ def sum_of_squares(leaves, scale=None):
   if any(leaf.dtype != jnp.float32 for leaf in leaves):
     # Else XLA shares the float32 conversion of e.g. bfloat16 leaves between
     # this reduction and the update that reads them too, and materializes a
-    # float32 copy of the tree (sngm 5x slower, see benchmarks/README.md).
+    # float32 copy of the tree (~4x slower, see benchmarks/README.md).
     leaves = jax.lax.optimization_barrier(list(leaves))
   total = jnp.zeros((), jnp.float32)
   for leaf in leaves:
@@ -86,8 +86,8 @@ def _normalize(tree, eps):
   """`g / max(‖g‖, eps)`, with one elementwise pass that XLA fuses downstream.
 
   Both scale factors are scalars: a `lax.cond` returning the whole tree would
-  materialize the normalized gradient (measured 3.7x sgd(momentum) instead of
-  1.2x on a 25M-parameter tree, benchmarks/README.md). For finite entries with
+  materialize the normalized gradient (measured 4.1x sgd(momentum) instead of
+  1.2-1.5x on a 25M-parameter tree, benchmarks/README.md). For finite entries with
   a norm above 2^64 (even beyond float32's range, where `global_norm` is
   infinite) the entries are scaled by 2^-64 first (exact) and divided by the
   norm of the scaled tree, computed only then; entries small enough to
