@@ -13,11 +13,22 @@ from jax.sharding import PartitionSpec as P
 from sngm_optax import augmented_inner_product_test
 from sngm_optax import coordinate_test
 from sngm_optax import inner_product_test
+from sngm_optax import microbatch_statistics
 from sngm_optax import norm_test
 from sngm_optax import orthogonality_test
+from sngm_optax import per_example_statistics
 
 NUM_DEVICES = 8
 SHAPES = {"w": (3, 2), "b": (2,), "deep": {"k": (4,)}}
+
+# The library's estimators, jitted once per shape for the tests: op-by-op
+# dispatch of these small reductions is slow.
+jitted_per_example_statistics = jax.jit(
+    per_example_statistics, static_argnames="axis_name"
+)
+jitted_microbatch_statistics = jax.jit(
+    microbatch_statistics, static_argnames="axis_name"
+)
 
 
 def flatten(tree, batch_axis=True):

@@ -20,13 +20,13 @@ from sngm_optax import adaptive_batch_size
 from sngm_optax import augmented_inner_product_test
 from sngm_optax import coordinate_test
 from sngm_optax import inner_product_test
-from sngm_optax import microbatch_statistics
 from sngm_optax import next_batch_size
 from sngm_optax import norm_test
 from sngm_optax import orthogonality_test
-from sngm_optax import per_example_statistics
 
 from batch_size_reference import (
+    jitted_microbatch_statistics as microbatch_statistics,
+    jitted_per_example_statistics as per_example_statistics,
     NUM_DEVICES,
     all_tests,
     flatten,
@@ -34,14 +34,6 @@ from batch_size_reference import (
     random_per_example,
     reference_tests,
     stats_close,
-)
-
-# Jitted once per shape: op-by-op dispatch of these small reductions is slow.
-per_example_statistics = jax.jit(
-    per_example_statistics, static_argnames="axis_name"
-)
-microbatch_statistics = jax.jit(
-    microbatch_statistics, static_argnames="axis_name"
 )
 
 
@@ -179,7 +171,6 @@ def test_next_batch_size_examples():
   assert int(next_batch_size(32, math.inf, 1000, 16)) == 992  # round down
   assert int(next_batch_size(32, 1e30, 1024, 16)) == 1024
   assert int(next_batch_size(1000, 5000.0, 1024, 16)) == 1024
-
 
 
 # ----------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import sngm_optax
 from sngm_optax import adaptive_batch_size
 from sngm_optax import add_gradient_moments
 from sngm_optax import gradient_moments
-from sngm_optax import microbatch_statistics
 from sngm_optax import moment_statistics
 from sngm_optax import norm_test
 from sngm_optax import per_device_statistics
-from sngm_optax import per_example_statistics
 
 from batch_size_reference import (
+    jitted_microbatch_statistics as microbatch_statistics,
+    jitted_per_example_statistics as per_example_statistics,
     NUM_DEVICES,
     all_tests,
     flatten,
@@ -27,14 +27,6 @@ from batch_size_reference import (
     reference_tests,
     shard_mapped,
     stats_close,
-)
-
-# Jitted once per shape: op-by-op dispatch of these small reductions is slow.
-per_example_statistics = jax.jit(
-    per_example_statistics, static_argnames="axis_name"
-)
-microbatch_statistics = jax.jit(
-    microbatch_statistics, static_argnames="axis_name"
 )
 
 
