@@ -1090,12 +1090,15 @@ def adaptive_batch_size(
           "statistics; gradient_moments= support the norm and coordinate tests"
       )
     per_device = axis_name and not given
+    # The norm test needs no statistic of the mean: it rides on the mean's
+    # all-reduce. The other per-device tests need the mean first.
+    fused_norm_test = per_device and test == "norm"
     if per_device:
       step_batch = state.next_batch_size if batch_size is None else batch_size
       per_device_batch = jnp.asarray(step_batch, jnp.float32) / (
           jax.lax.axis_size(axis_name)
       )
-    if per_device and test == "norm":
+    if fused_norm_test:
       mean_updates, statistics = _mean_and_norm_statistics(
           updates, per_device_batch, axis_name
       )
@@ -1138,7 +1141,7 @@ def adaptive_batch_size(
           axis_name=axis_name,
           preconditioner=weights,
       )
-    elif test != "norm":
+    elif not fused_norm_test:
       _, statistics = per_device_statistics(
           updates,
           per_device_batch,
