@@ -39,8 +39,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sngm_optax import data  # noqa: E402
-from sngm_optax import train  # noqa: E402
+from sngm_optax.harness import data  # noqa: E402
+from sngm_optax.harness import train  # noqa: E402
+from sngm_optax.harness import config as config_lib  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # (family, fixed optimizer, adaptive optimizer, learning rate, tests)
@@ -102,7 +103,7 @@ def main():
         adaptive_batch=test, max_batch_size=args.max_batch_size,
         adaptive_statistics="per_device",
         optimizer_kwargs={"eta": args.eta, "theta": args.eta})
-    config = train.Config(
+    config = config_lib.Config(
         model=args.model, optimizer=optimizer, learning_rate=lr,
         batch_size=batch_size, epochs=args.epochs, schedule="constant",
         weight_decay=0.0, num_devices=args.devices, seed=0, **adaptive)

@@ -27,7 +27,7 @@ import time
 
 import jax
 
-from sngm_optax import compare
+from sngm_optax.harness import compare
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

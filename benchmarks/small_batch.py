@@ -50,8 +50,9 @@ import time
 import jax
 import numpy as np
 
-from sngm_optax import compare
-from sngm_optax import train
+from sngm_optax.harness import compare
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SGD_LR = 0.015    # p at B = 2 (momentum SGD's middle grid value)
@@ -88,7 +89,7 @@ def grid(method: Method, batch_size: int) -> list[float]:
   return [float(f"{peak * factor:.3g}") for factor in method.factors]
 
 
-def run_method(method: Method, base: train.Config, dataset, extra_seeds: int,
+def run_method(method: Method, base: config_lib.Config, dataset, extra_seeds: int,
                done: dict, quiet: bool) -> dict:
   """Grid (reusing `done[method.reuse]` runs), pick on validation, seeds."""
   start = time.perf_counter()
@@ -222,7 +223,7 @@ def main() -> None:
 
   start = time.perf_counter()
   load_start = os.getloadavg()
-  base = train.Config(num_samples=args.num_samples, val_fraction=0.1,
+  base = config_lib.Config(num_samples=args.num_samples, val_fraction=0.1,
                       model="mlp", weight_decay=1e-4, warmup_epochs=0.0,
                       schedule="warmup_cosine", epochs=args.epochs,
                       num_devices=1, seed=args.seed)

@@ -1,7 +1,7 @@
 """GMC and DGC sparse communication against dense momentum SGD, 8 workers.
 
 Trains the MNIST-1D MLP (`--model`, default `mlp`, 23,050 parameters) with the
-shared harness (`sngm_optax.train`) on 8 simulated CPU devices, each holding
+shared harness (`sngm_optax.harness.train`) on 8 simulated CPU devices, each holding
 one eighth of the global batch:
 
 - `msgd`: dense data-parallel momentum SGD (gradients averaged with an
@@ -51,8 +51,10 @@ import time
 import jax
 import numpy as np
 
-from sngm_optax import data
-from sngm_optax import train
+from sngm_optax.harness import data
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import steps as steps_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = (("msgd", None), ("gmc", 0.01), ("dgc", 0.01), ("gmc", 0.001),
@@ -108,7 +110,7 @@ def main():
     for lr, seed in [(lr, seed) for lr in args.lrs for seed in args.seeds]:
       if (name, density, lr, seed) in done:
         continue
-      config = train.Config(
+      config = config_lib.Config(
           optimizer=name, learning_rate=lr, model=args.model,
           optimizer_kwargs={} if density is None else {"density": density},
           batch_size=args.batch_size, epochs=args.epochs, seed=seed,
@@ -117,7 +119,7 @@ def main():
       try:
         result = train.train_and_evaluate(config, dataset=dataset,
                                           quiet=True)
-      except train.NonFiniteLossError as error:
+      except steps_lib.NonFiniteLossError as error:
         # Diverged: counts as chance-level accuracy in the pick.
         print(f"{name} density={density} lr={lr:g} seed={seed}: {error}")
         runs.append({"optimizer": name, "density": density,
@@ -156,7 +158,7 @@ def main():
 def summarize(runs, model, dataset):
   """Best learning rate per method, with bytes against dense 4·d."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sngm_optax import models  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import models  # pylint: disable=g-import-not-at-top
   network = models.make_model(model, dataset.num_classes)
   params = network.init(jax.random.key(0), jnp.asarray(dataset.x[:1]))
   d = sum(x.size for x in jax.tree.leaves(params))

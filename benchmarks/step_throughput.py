@@ -1,7 +1,7 @@
 """Samples/s of the harness training step: SNGM, momentum SGD, and the cost
 of the adaptive-batch norm test.
 
-Times `sngm_optax.train.make_train_step` (the jitted shard_map step the CLI
+Times `sngm_optax.harness.train.make_train_step` (the jitted shard_map step the CLI
 runs: forward, backward, gradient mean, optimizer update, donated state) on
 the MNIST-1D models at global batch sizes B (one microbatch of B) on 1 and 8
 devices, built the way the CLI builds them (`build_program`, learning rate
@@ -47,7 +47,8 @@ from flax.training import train_state  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from sngm_optax import train  # noqa: E402
+from sngm_optax.harness import train  # noqa: E402
+from sngm_optax.harness import steps as steps_lib  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 NORM_TEST = "+norm_test"
@@ -70,7 +71,7 @@ def make_timer(model, optimizer, batch_size, num_devices, steps):
       "y": rng.integers(0, CLASSES, (1, batch_size)).astype(np.int32),
       "weight": np.ones((1, batch_size), np.float32),
   }
-  sharding = NamedSharding(program.mesh, P(None, train.AXIS))
+  sharding = NamedSharding(program.mesh, P(None, steps_lib.AXIS))
   batch = jax.device_put(batch, sharding)
   params = program.init_fn(jax.random.key(0), batch["x"][0, :1])["params"]
   state = train_state.TrainState.create(apply_fn=program.apply_fn,

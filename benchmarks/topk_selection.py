@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngm_optax import top_k_by_magnitude
-from sngm_optax.compression import _sampled_plan
-from sngm_optax.compression import _top_k_from_sampled_threshold
+from sngm_optax._compression import _sampled_plan
+from sngm_optax._compression import _top_k_from_sampled_threshold
 
 SELECTIONS = ("exact", "approx", "sampled")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

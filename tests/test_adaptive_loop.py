@@ -9,9 +9,13 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sngm_optax import batch_size as batch_size_lib
-from sngm_optax import data
-from sngm_optax import train
+import sngm_optax as batch_size_lib
+from sngm_optax.harness import data
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import models
+from sngm_optax.harness import optimizers
+from sngm_optax.harness import steps as steps_lib
 
 NUM_TRAIN = 640
 MICROBATCH = 16
@@ -25,14 +29,14 @@ def fixture_dataset() -> data.Dataset:
   return full
 
 
-def _config(**changes) -> train.Config:
+def _config(**changes) -> config_lib.Config:
   defaults = dict(model="mlp", optimizer="adadagrad_norm", learning_rate=2.0,
                   batch_size=MICROBATCH, epochs=10, num_devices=4,
                   schedule="constant", weight_decay=0.0,
                   adaptive_batch="norm", max_batch_size=MAX_BATCH,
                   optimizer_kwargs={"eta": 0.5})
   defaults.update(changes)
-  return train.Config(**defaults)
+  return config_lib.Config(**defaults)
 
 
 @pytest.fixture(name="run", scope="module")
@@ -120,7 +124,7 @@ def _step_once(config, dataset, num_real, slots):
   y[:count] = dataset.y[:num_real].reshape(count, MICROBATCH)
   weight[:count] = 1.0
   batch = jax.device_put({"x": x, "y": y, "weight": weight},
-                         NamedSharding(program.mesh, P(None, train.AXIS)))
+                         NamedSharding(program.mesh, P(None, steps_lib.AXIS)))
   return program.train_step(state, batch)
 
 
@@ -146,7 +150,7 @@ def test_microbatch_statistics_match_the_library_on_the_same_units(dataset):
   config = _config(adaptive_statistics="microbatch", num_devices=2,
                    max_batch_size=512)
   _, metrics = _step_once(config, dataset, 3 * MICROBATCH, 4)
-  network = train.models.make_model("mlp", dataset.num_classes)
+  network = models.make_model("mlp", dataset.num_classes)
   params = network.init(jax.random.key(0), dataset.x[:1])["params"]
 
   def loss(p, x, y):
@@ -201,7 +205,7 @@ def test_one_device_has_no_per_device_statistics(dataset):
 def test_sngm_with_a_test_in_front_is_the_test_then_sngm():
   # make_adaptive_optimizer('sngm') = adaptive_batch_size (which averages
   # over the devices) chained with sngm without its own averaging.
-  tx = train.make_adaptive_optimizer(
+  tx = optimizers.make_adaptive_optimizer(
       "sngm", 0.1, test="norm", max_batch_size=64, initial_batch_size=16,
       batch_size_multiple=16, microbatch_size=None, axis_name=None, eta=0.5)
   params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
@@ -212,7 +216,7 @@ def test_sngm_with_a_test_in_front_is_the_test_then_sngm():
   mean = jax.tree.map(lambda g: g.mean(0), per_example)
   updates, state = tx.update(mean, state, params,
                              per_example_grads=per_example)
-  reference = train.make_optimizer("sngm", 0.1)
+  reference = optimizers.make_optimizer("sngm", 0.1)
   expected, _ = reference.update(mean, reference.init(params), params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                updates, expected)

@@ -11,10 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sngm_optax
-from sngm_optax import checkpoint
-from sngm_optax import cli
-from sngm_optax import data
-from sngm_optax import train
+from sngm_optax.harness import checkpoint
+from sngm_optax.harness import cli
+from sngm_optax.harness import data
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
 
 
 @pytest.fixture(name="dataset", scope="module")
@@ -23,12 +24,12 @@ def fixture_dataset() -> data.Dataset:
   return data.generate_mnist1d(400, seed=0)
 
 
-def _config(directory, **changes) -> train.Config:
+def _config(directory, **changes) -> config_lib.Config:
   defaults = dict(model="mlp", optimizer="sngm", learning_rate=0.1,
                   batch_size=80, epochs=4, warmup_epochs=0.5, num_devices=2,
                   checkpoint_dir=str(directory), keep_checkpoints=2)
   defaults.update(changes)
-  return train.Config(**defaults)
+  return config_lib.Config(**defaults)
 
 
 def _final_state(config, step):

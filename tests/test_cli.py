@@ -1,4 +1,4 @@
-"""Tests of the `sngm-optax` command line (sngm_optax.cli)."""
+"""Tests of the `sngm-optax` command line (sngm_optax.harness.cli)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sngm_optax import cli
+from sngm_optax.harness import cli
 
 
 def _run(argv, capsys):
@@ -163,7 +163,7 @@ def test_compare_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
 def test_console_entry_point_reports_errors_without_traceback():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   process = subprocess.run(
-      [sys.executable, "-m", "sngm_optax.cli", "train", "--lr", "0"],
+      [sys.executable, "-m", "sngm_optax.harness.cli", "train", "--lr", "0"],
       capture_output=True, text=True, env=env, timeout=120, check=False)
   assert process.returncode == 2
   assert process.stderr.strip().splitlines() == [
@@ -172,7 +172,7 @@ def test_console_entry_point_reports_errors_without_traceback():
 
 
 def test_train_without_lr_needs_a_benchmark_pick(monkeypatch, capsys):
-  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
   monkeypatch.delitem(compare.LR_GRIDS, "sgd")
   status, _, err = _run(["train", "--optimizer", "sgd"], capsys)
   assert status == 2

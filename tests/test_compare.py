@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sngm_optax import compare
+from sngm_optax.harness import compare
 
 
 def test_grids_have_the_same_size_and_shape_for_every_optimizer():

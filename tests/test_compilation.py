@@ -19,8 +19,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
-from sngm_optax import models
-from sngm_optax import train
+from sngm_optax.harness import models
+from sngm_optax.harness import train
+from sngm_optax.harness import steps as steps_lib
 
 AXIS = "devices"
 
@@ -170,7 +171,7 @@ def test_harness_step_compiles_once_per_microbatch_bucket():
   state = train_state.TrainState.create(
       apply_fn=program.apply_fn, params=params, tx=program.tx)
   state = jax.device_put(state, NamedSharding(program.mesh, P()))
-  train_step = train.make_train_step(program.mesh)
+  train_step = steps_lib.make_train_step(program.mesh)
   buckets = [1, 2, 1, 2, 3]
   for i, num_microbatches in enumerate(buckets):
     state = state.replace(opt_state=optax.tree.set(

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
-from sngm_optax import compression
+from sngm_optax import _compression as compression
 
 K = 8  # workers = simulated devices (tests/conftest.py)
 AXIS = "data"

@@ -1,4 +1,4 @@
-"""Tests of sngm_optax.data: MNIST-1D cache, .npz validation, epoch sampler."""
+"""Tests of sngm_optax.harness.data: MNIST-1D cache, .npz validation, epoch sampler."""
 
 import os
 import pathlib
@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from sngm_optax import data
+from sngm_optax.harness import data
 
 NUM_SAMPLES = 200  # generation takes ~0.1 s
 

@@ -1,4 +1,4 @@
-"""Runs the examples in the docstrings of every library module."""
+"""Runs the examples in the docstrings of every module, harness included."""
 
 import doctest
 import importlib
@@ -9,7 +9,7 @@ import pytest
 import sngm_optax
 
 MODULES = sorted(
-    m.name for m in pkgutil.iter_modules(sngm_optax.__path__, "sngm_optax.")
+    m.name for m in pkgutil.walk_packages(sngm_optax.__path__, "sngm_optax.")
 )
 
 

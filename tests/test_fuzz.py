@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sngm_optax import cli
-from sngm_optax import compare
-from sngm_optax import data
-from sngm_optax import train
+from sngm_optax.harness import cli
+from sngm_optax.harness import compare
+from sngm_optax.harness import data
+from sngm_optax.harness import train
 
 OPTIONS = [
     "--optimizer", "--batch-size", "--lr", "--epochs", "--model",

@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from sngm_optax import data
-from sngm_optax import models
+from sngm_optax.harness import data
+from sngm_optax.harness import models
 from sngm_optax import sngm
 
 

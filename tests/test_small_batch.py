@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from sngm_optax import data
-from sngm_optax import train
+from sngm_optax.harness import data
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import optimizers
 
 
 @pytest.fixture(name="dataset", scope="module")
@@ -19,7 +21,7 @@ def fixture_dataset() -> data.Dataset:
     ("adam", 3e-3), ("tr_sgd", 0.05), ("tr_adam", 3e-3)])
 def test_registry_entry_trains_at_a_tiny_batch(dataset, name, learning_rate):
   # B = 4 split over 2 devices (per-device gradients averaged by the entry).
-  config = train.Config(optimizer=name, learning_rate=learning_rate,
+  config = config_lib.Config(optimizer=name, learning_rate=learning_rate,
                         batch_size=4, epochs=2, model="mlp", num_devices=2,
                         warmup_epochs=0.0)
   result = train.train_and_evaluate(config, dataset=dataset, quiet=True)
@@ -48,9 +50,9 @@ def test_tr_without_pull_and_decay_is_the_plain_entry(tr_name, plain_name):
   grads = [{"w": jax.random.normal(k, (2, 3)), "b": jnp.full(3, 0.5)}
            for k in keys]
   schedule = optax.linear_schedule(0.1, 0.01, 12)
-  tr = train.make_optimizer(tr_name, schedule, weight_decay=0.1,
+  tr = optimizers.make_optimizer(tr_name, schedule, weight_decay=0.1,
                             strength=0.0, inner_lr_decay=False)
-  plain = train.make_optimizer(plain_name, schedule, weight_decay=0.1)
+  plain = optimizers.make_optimizer(plain_name, schedule, weight_decay=0.1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                _run(tr, params, grads), _run(plain, params, grads))
 
@@ -59,7 +61,7 @@ def test_tr_sgd_entry_first_window_matches_hand_computed_steps():
   # One parameter, constant gradient 1, lambda = 0.1 (uncoupled, the
   # registry's default), momentum 0, no weight decay, lr 1: anchor 0 and
   # w_{k+1} = w_k - (1 + 0.2 * w_k) / (k + 1).
-  tx = train.make_optimizer("tr_sgd", 1.0, momentum=0.0)
+  tx = optimizers.make_optimizer("tr_sgd", 1.0, momentum=0.0)
   params = {"w": jnp.zeros((1, 1))}
   got = _run(tx, params, [{"w": jnp.ones((1, 1))}] * 3)["w"]
   w = 0.0

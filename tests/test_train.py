@@ -1,4 +1,4 @@
-"""End-to-end tests of the training loop (sngm_optax.train)."""
+"""End-to-end tests of the training loop (sngm_optax.harness.train)."""
 
 import json
 
@@ -11,9 +11,12 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sngm_optax import data
-from sngm_optax import models
-from sngm_optax import train
+from sngm_optax.harness import data
+from sngm_optax.harness import models
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import optimizers
+from sngm_optax.harness import steps as steps_lib
 
 
 @pytest.fixture(name="dataset", scope="module")
@@ -22,12 +25,12 @@ def fixture_dataset(tmp_path_factory) -> data.Dataset:
   return data.load_mnist1d(2000, seed=0, cache_dir=cache)
 
 
-def _config(**changes) -> train.Config:
+def _config(**changes) -> config_lib.Config:
   defaults = dict(model="cnn", optimizer="sngm", learning_rate=0.2,
                   batch_size=96, epochs=5, warmup_epochs=0.5,
                   num_devices=1)
   defaults.update(changes)
-  return train.Config(**defaults)
+  return config_lib.Config(**defaults)
 
 
 def test_training_through_the_cli_loop_beats_chance_and_writes_json(
@@ -69,7 +72,7 @@ def test_train_step_equals_plain_sgd_and_ignores_zero_weight_examples():
   # Reference: optax.sgd with the mean-loss gradient of the real examples,
   # computed without shard_map or microbatches. Weight-0 examples (the
   # padding a growing batch will use) must not count.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train.AXIS,))
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (steps_lib.AXIS,))
   model = models.make_model("mlp")
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 64, 40)).astype(np.float32)
@@ -88,9 +91,9 @@ def test_train_step_equals_plain_sgd_and_ignores_zero_weight_examples():
   expected_loss = jax.jit(mean_loss)(params)
   state = train_state.TrainState.create(
       apply_fn=model.apply, params=params,
-      tx=train.make_optimizer("sgd", 0.1, axis_name=train.AXIS))
+      tx=optimizers.make_optimizer("sgd", 0.1, axis_name=steps_lib.AXIS))
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  new_state, metrics = train.make_train_step(mesh)(
+  new_state, metrics = steps_lib.make_train_step(mesh)(
       state, {"x": x, "y": y, "weight": weight})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                new_state.params, expected)
@@ -144,7 +147,7 @@ def test_non_finite_loss_stops_after_k_steps(dataset):
   # Step 1 has learning rate 0 (warmup), step 2 blows the weights up, the
   # losses of steps 3 and 4 are non-finite.
   config = _sgd_config(learning_rate=1e38, max_nonfinite_steps=2)
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(steps_lib.NonFiniteLossError,
                      match="non-finite for 2 consecutive steps"):
     train.train_and_evaluate(config, dataset=dataset, quiet=True)
 
@@ -177,32 +180,32 @@ def test_configs_that_do_not_fit_raise_value_error(dataset, changes, message):
 
 
 def test_override_parses_values_by_field():
-  config = train.override(train.Config(), [
+  config = config_lib.override(config_lib.Config(), [
       "batch_size=128", "learning_rate=1", "optimizer=msgd",
       'optimizer_kwargs={"momentum": 0.5}', "data_path=null"])
   assert config.batch_size == 128 and config.optimizer == "msgd"
   assert isinstance(config.learning_rate, float)
   assert config.optimizer_kwargs == {"momentum": 0.5}
   with pytest.raises(ValueError, match="bad override 'colour=red'"):
-    train.override(train.Config(), ["colour=red"])
+    config_lib.override(config_lib.Config(), ["colour=red"])
 
 
 @pytest.mark.parametrize(
-    "name", sorted(set(train.OPTIMIZERS) - set(train.ADAPTIVE_OPTIMIZERS)))
+    "name", sorted(set(optimizers.OPTIMIZERS) - set(optimizers.ADAPTIVE_OPTIMIZERS)))
 def test_registry_optimizers_average_gradients_across_devices(name):
   # Each registered optimizer, fed per-device gradients under shard_map,
   # must equal the same optimizer fed the mean gradient without devices.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train.AXIS,))
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (steps_lib.AXIS,))
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
   per_device = jax.random.normal(jax.random.key(0), (8, 2, 3))
   grads = {"w": per_device, "b": per_device[:, 0]}
   mean = jax.tree.map(lambda g: g.mean(0), grads)
   # GMC/DGC need an axis: at density 1 their first step is momentum SGD's.
-  sparse = name in train.PER_DEVICE_STATE
-  plain = train.make_optimizer("msgd" if sparse else name, 0.1,
+  sparse = name in optimizers.PER_DEVICE_STATE
+  plain = optimizers.make_optimizer("msgd" if sparse else name, 0.1,
                                axis_name=None, weight_decay=0.01)
   expected, _ = plain.update(mean, plain.init(params), params)
-  sharded_tx = train.make_optimizer(name, 0.1, axis_name=train.AXIS,
+  sharded_tx = optimizers.make_optimizer(name, 0.1, axis_name=steps_lib.AXIS,
                                     weight_decay=0.01,
                                     **({"density": 1.0} if sparse else {}))
   state = sharded_tx.init(params)
@@ -211,7 +214,7 @@ def test_registry_optimizers_average_gradients_across_devices(name):
     g = jax.tree.map(lambda a: a[0], g)
     return sharded_tx.update(g, state, params)[0]
 
-  got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(train.AXIS),
+  got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(steps_lib.AXIS),
                               out_specs=P(), check_vma=False))(grads)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-7),
@@ -221,6 +224,6 @@ def test_registry_optimizers_average_gradients_across_devices(name):
 def test_make_optimizer_rejects_unknown_names_and_keywords():
   with pytest.raises(ValueError, match="choose one of adadagrad, "
                      "adadagrad_norm, adagrad, adagrad_norm, adam, adamw"):
-    train.make_optimizer("adagrad_normal", 0.1)
+    optimizers.make_optimizer("adagrad_normal", 0.1)
   with pytest.raises(ValueError, match="optimizer 'sngm'.*colour"):
-    train.make_optimizer("sngm", 0.1, colour=1)
+    optimizers.make_optimizer("sngm", 0.1, colour=1)

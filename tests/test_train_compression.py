@@ -11,9 +11,12 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sngm_optax import data
+from sngm_optax.harness import data
 from sngm_optax import num_selected
-from sngm_optax import train
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import models
+from sngm_optax.harness import steps as steps_lib
 
 NUM_DEVICES = 8
 
@@ -26,7 +29,7 @@ def fixture_dataset(tmp_path_factory) -> data.Dataset:
 
 def _run(dataset, optimizer, epochs=1.0, schedule="warmup_cosine",
          **optimizer_kwargs):
-  config = train.Config(
+  config = config_lib.Config(
       model="mlp", optimizer=optimizer, learning_rate=0.1, batch_size=160,
       epochs=epochs, warmup_epochs=0.5, num_devices=NUM_DEVICES,
       schedule=schedule, optimizer_kwargs=optimizer_kwargs)
@@ -34,7 +37,7 @@ def _run(dataset, optimizer, epochs=1.0, schedule="warmup_cosine",
 
 
 def _num_params(dataset):
-  network = train.models.make_model("mlp", dataset.num_classes)
+  network = models.make_model("mlp", dataset.num_classes)
   params = network.init(jax.random.key(0), jnp.asarray(dataset.x[:1]))
   return sum(leaf.size for leaf in jax.tree.leaves(params))
 
@@ -81,14 +84,14 @@ def test_error_feedback_memory_is_per_device_and_params_replicated(dataset):
       optax.tree.set(state.opt_state,
                      learning_rate=jnp.full((1,), 0.1, jnp.float32)))
   opt_state = jax.device_put(opt_state,
-                             NamedSharding(program.mesh, P(train.AXIS)))
+                             NamedSharding(program.mesh, P(steps_lib.AXIS)))
   state = jax.device_put(state.replace(opt_state=None),
                          NamedSharding(program.mesh, P()))
   state = state.replace(opt_state=opt_state)
   batch = {"x": dataset.x[None, :160], "y": dataset.y[None, :160],
            "weight": np.ones((1, 160), np.float32)}
   batch = jax.device_put(batch, NamedSharding(program.mesh,
-                                              P(None, train.AXIS)))
+                                              P(None, steps_lib.AXIS)))
   state, metrics = program.train_step(state, batch)
   memory = jax.tree.leaves(optax.tree.get(state.opt_state, "memory"))
   assert all(leaf.shape[0] == NUM_DEVICES for leaf in memory)

@@ -2,7 +2,7 @@
 
 The reference below is a float64 NumPy transcription of the authors' TRSGD /
 TRAdam step (github.com/huiqu18/TRAlgorithm), written from the formulas, not
-from sngm_optax.trajectory.
+from sngm_optax._trajectory.
 """
 
 import chex

@@ -39,8 +39,10 @@ import time
 
 import numpy as np
 
-from sngm_optax import data as data_lib
-from sngm_optax import train
+from sngm_optax.harness import data as data_lib
+from sngm_optax.harness import train
+from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import steps as steps_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +135,12 @@ def _grid(optimizer: str, batch_size: int, small: bool, size: int):
   return grids[optimizer].at(batch_size, size)
 
 
-def _one_run(config: train.Config, dataset, quiet: bool) -> dict:
+def _one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
   """Trains `config`; a summary dict, with `diverged` for non-finite loss."""
   try:
     result = train.train_and_evaluate(config, dataset=dataset, quiet=quiet,
                                       log_epochs=False)
-  except train.NonFiniteLossError as error:
+  except steps_lib.NonFiniteLossError as error:
     run = {"learning_rate": config.learning_rate, "seed": config.seed,
            "diverged": True, "error": str(error)}
   else:
@@ -160,7 +162,7 @@ def _one_run(config: train.Config, dataset, quiet: bool) -> dict:
   return run
 
 
-def run_contender(base: train.Config, optimizer: str, batch_size: int,
+def run_contender(base: config_lib.Config, optimizer: str, batch_size: int,
                   learning_rates, dataset, quiet: bool,
                   extra_seeds: int = 0) -> dict:
   """Trains one optimizer at each learning rate and picks the best.
@@ -244,7 +246,7 @@ def compare(
     if name not in LR_GRIDS:
       raise ValueError(f"unknown optimizer {name!r} for compare; choose from "
                        f"{', '.join(sorted(LR_GRIDS))}")
-  base = train.Config(
+  base = config_lib.Config(
       data_path=data_path, num_samples=preset.num_samples,
       data_seed=data_seed, cache_dir=None if cache_dir is None
       else str(cache_dir), val_fraction=preset.val_fraction,

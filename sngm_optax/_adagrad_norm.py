@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from sngm_optax import _checks
-from sngm_optax.normalize import global_norm
+from sngm_optax._normalize import global_norm
 
 
 class ScaleByAdagradNormState(NamedTuple):

@@ -15,7 +15,7 @@ import optax
 from jax import lax
 
 from sngm_optax import _checks
-from sngm_optax.sngm import MaskOrFn
+from sngm_optax._sngm import MaskOrFn
 
 AxisName = str | tuple[str, ...]
 

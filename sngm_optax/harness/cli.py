@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 
-from sngm_optax import data as data_lib
+from sngm_optax.harness import data as data_lib
 
 _NO_DEFAULT = None
 
@@ -74,8 +74,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The `sngm-optax` argument parser."""
-  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
-  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import optimizers  # pylint: disable=g-import-not-at-top
 
   parser = _ArgumentParser(
       prog="sngm-optax",
@@ -131,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
       "train", help="one training run",
       description="Trains one model with one optimizer and writes "
                   "metrics.json.")
-  trn.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS),
+  trn.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS),
                    default="sngm", help="optimizer (default sngm)")
   trn.add_argument("--batch-size", type=_positive_int, default=None,
                    help="fixed batch size (default 4096)")
-  trn.add_argument("--adaptive-batch", choices=train.ADAPTIVE_TESTS,
+  trn.add_argument("--adaptive-batch", choices=optimizers.ADAPTIVE_TESTS,
                    default=None,
                    help="grow the batch with this AdAdaGrad batch-size test "
                         "in front of the optimizer (default for adadagrad and "
@@ -186,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _models():
-  from sngm_optax import models  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import models  # pylint: disable=g-import-not-at-top
   return models.MODELS
 
 
 def _run_compare(args, parser) -> int:
-  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
 
   preset = compare.PRESETS["quick" if args.quick else "default"]
   changes = {
@@ -219,22 +219,23 @@ def _run_compare(args, parser) -> int:
 
 
 def _run_train(args, parser) -> int:
-  from sngm_optax import compare  # pylint: disable=g-import-not-at-top
-  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import optimizers  # pylint: disable=g-import-not-at-top
 
   if args.resume is not None:
-    from sngm_optax import checkpoint  # pylint: disable=g-import-not-at-top
+    from sngm_optax.harness import checkpoint  # pylint: disable=g-import-not-at-top
     saved = checkpoint.saved_config(args.resume)
     saved.update(checkpoint_dir=args.resume, max_steps=0)
     try:
-      config = train.Config(**saved)
+      config = config_lib.Config(**saved)
     except TypeError as error:
       raise ValueError(f"{args.resume}: incompatible checkpoint ({error})"
                        ) from None
-    return _train_and_report(train.override(config, args.overrides), args,
+    return _train_and_report(config_lib.override(config, args.overrides), args,
                              resume=True)
   adaptive_test = args.adaptive_batch
-  if adaptive_test is None and args.optimizer in train.ADAPTIVE_OPTIMIZERS:
+  if adaptive_test is None and args.optimizer in optimizers.ADAPTIVE_OPTIMIZERS:
     adaptive_test = "norm"
   adaptive = {}
   if adaptive_test is None:
@@ -263,7 +264,7 @@ def _run_train(args, parser) -> int:
                    "pick to default to)")
     learning_rate = compare.suggested_learning_rate(args.optimizer,
                                                     args.batch_size)
-  config = train.Config(
+  config = config_lib.Config(
       data_path=args.data, data_seed=args.data_seed, cache_dir=args.cache_dir,
       model=args.model, optimizer=args.optimizer, learning_rate=learning_rate,
       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -273,16 +274,17 @@ def _run_train(args, parser) -> int:
       checkpoint_every_steps=args.checkpoint_every,
       **adaptive, **({} if args.num_samples is None
          else {"num_samples": args.num_samples}))
-  return _train_and_report(train.override(config, args.overrides), args)
+  return _train_and_report(config_lib.override(config, args.overrides), args)
 
 
 def _train_and_report(config, args, resume: bool = False) -> int:
-  from sngm_optax import train  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import train  # pylint: disable=g-import-not-at-top
 
   try:
     result = train.train_and_evaluate(config, args.out, quiet=args.quiet,
                                       resume=resume)
-  except train.NonFiniteLossError as error:
+  except steps_lib.NonFiniteLossError as error:
     print(f"sngm-optax train: error: {error}", file=sys.stderr)
     return 1
   if result["interrupted"]:

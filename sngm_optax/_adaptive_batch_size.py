@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from sngm_optax import _checks
-from sngm_optax.normalize import global_norm
-from sngm_optax.normalize import sum_of_squares
+from sngm_optax._normalize import global_norm
+from sngm_optax._normalize import sum_of_squares
 
 AxisName = str | tuple[str, ...]
 

@@ -6,9 +6,9 @@ import jax
 import optax
 
 from sngm_optax import _checks
-from sngm_optax.distributed import average_across_devices
-from sngm_optax.normalize import SMALLEST_NORMAL_FLOAT32
-from sngm_optax.normalize import normalize_by_global_norm
+from sngm_optax._distributed import average_across_devices
+from sngm_optax._normalize import SMALLEST_NORMAL_FLOAT32
+from sngm_optax._normalize import normalize_by_global_norm
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 

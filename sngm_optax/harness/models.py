@@ -1,14 +1,14 @@
 """Small Flax models for MNIST-1D (length-40 signals, 10 classes).
 
 `MLP` and `CNN` are `flax.linen` modules used by the training loop in
-`sngm_optax.train` (pick one by name with `make_model`). `NnxMLP` is the same
+`sngm_optax.harness.train` (pick one by name with `make_model`). `NnxMLP` is the same
 MLP written with `flax.nnx`, to show the optimizers working with
 `nnx.Optimizer`:
 
 >>> import jax.numpy as jnp, optax
 >>> from flax import nnx
 >>> from sngm_optax import sngm
->>> from sngm_optax.models import NnxMLP
+>>> from sngm_optax.harness.models import NnxMLP
 >>> model = NnxMLP(num_features=40, num_classes=10, rngs=nnx.Rngs(0))
 >>> optimizer = nnx.Optimizer(model, sngm(learning_rate=0.1), wrt=nnx.Param)
 >>> x, y = jnp.ones((8, 40)), jnp.zeros(8, dtype=jnp.int32)
