@@ -9,7 +9,8 @@ interleaved round-robin; the table gives the median time and the median of
 the per-round ratio to 'exact' (robust to load that drifts on a shared
 machine). Every selection returns exactly k
 indices (the exchanged buffers have a static size); the script also reports
-the recall against the exact top k.
+the number of distinct indices and the recall against the exact top k (for
+'sampled', the lowest over 20 random keys).
 
 Two inputs: 'normal' (i.i.d. Gaussian) and 'layered' (Gaussian entries whose
 scale varies by four orders of magnitude across 50 contiguous "layers", as a
@@ -22,23 +23,18 @@ Writes benchmarks/results/topk_selection.json and .png.
 """
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import statistics
-import time
+
+import _common
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sngm_optax import num_selected
 from sngm_optax import top_k_by_magnitude
-from sngm_optax._compression import _sampled_plan
-from sngm_optax._compression import _top_k_from_sampled_threshold
 
 SELECTIONS = ("exact", "approx", "sampled")
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+KEYS = 20  # random keys 'sampled' is checked with
 
 
 def make_vector(kind, size, seed=0):
@@ -50,43 +46,25 @@ def make_vector(kind, size, seed=0):
   return jnp.asarray(v)
 
 
-def time_round_robin(functions, vector, repeats):
-  for f in functions.values():
-    jax.block_until_ready(f(vector))  # compile
-  times = {name: [] for name in functions}
-  for _ in range(repeats):
-    for name, f in functions.items():
-      start = time.perf_counter()
-      jax.block_until_ready(f(vector))
-      times[name].append(time.perf_counter() - start)
-  return times
+def recall(indices, exact):
+  """Fraction of the exact top-k indices found in `indices`."""
+  return len(exact & set(np.asarray(indices).tolist())) / len(exact)
 
 
-def sampled_fast_path_rate(vector, k, trials=20):
-  """Fraction of random keys for which 'sampled' needs no exact fallback.
-
-  None where 'sampled' statically uses the exact selection (small vectors).
-  """
-  plan = _sampled_plan(vector.shape[0], k)
-  if plan is None:
-    return None
-  check = jax.jit(
-      lambda v, key: _top_k_from_sampled_threshold(jnp.abs(v), k, key, plan)[1]
-  )
-  hits = [bool(check(vector, jax.random.key(i))) for i in range(trials)]
-  return sum(hits) / trials
-
-
-def _rate(rate):
-  return "exact (small)" if rate is None else f"{rate:.0%}"
+def sampled_recall_over_keys(vector, k, exact):
+  """The lowest recall of 'sampled' over `KEYS` random keys."""
+  select = jax.jit(lambda v, key: top_k_by_magnitude(v, k, "sampled", key))
+  return min(recall(select(vector, jax.random.key(i)), exact)
+             for i in range(KEYS))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", default=str(RESULTS / "topk_selection.json"))
+  parser.add_argument("--out",
+                      default=str(_common.RESULTS / "topk_selection.json"))
   args = parser.parse_args()
-  load_average = os.getloadavg()
+  machine = _common.machine_description()
   sizes = ([100_000, 1_000_000] if args.quick
            else [1_000_000, 3_000_000, 10_000_000])
   densities = [0.01, 0.001]
@@ -96,59 +74,55 @@ def main():
       vector = make_vector(kind, size)
       repeats = 5 if args.quick else (31 if size <= 1_000_000 else 15)
       for density in densities:
-        k = round(density * size)
+        k = num_selected(size, density)
         functions = {
             s: jax.jit(lambda v, s=s: top_k_by_magnitude(v, k, s))
             for s in SELECTIONS
         }
-        times = time_round_robin(functions, vector, repeats)
+        timings = _common.time_interleaved(
+            {s: lambda f=f: f(vector) for s, f in functions.items()}, repeats)
         exact = set(np.asarray(functions["exact"](vector)).tolist())
-        fast_rate = sampled_fast_path_rate(vector, k)
         for s in SELECTIONS:
           indices = np.asarray(functions[s](vector))
+          times = timings.wall[s]
           rows.append(dict(
               input=kind, size=size, density=density, k=k, selection=s,
-              median_ms=1e3 * statistics.median(times[s]),
-              min_ms=1e3 * min(times[s]), repeats=repeats,
-              # Robust to load that drifts between rounds on a shared machine.
-              median_ratio_to_exact=statistics.median(
-                  t / e for t, e in zip(times[s], times["exact"])),
+              median_ms=1e3 * timings.medians()[s],
+              min_ms=1e3 * min(times), repeats=repeats,
+              median_ratio_to_exact=timings.median_ratio(s, "exact"),
               sent=int(len(set(indices.tolist()))),
-              recall=len(exact & set(indices.tolist())) / k,
-              sampled_fast_path_rate=fast_rate if s == "sampled" else None,
+              recall=recall(indices, exact),
+              recall_min_over_keys=(sampled_recall_over_keys(vector, k, exact)
+                                    if s == "sampled" else None),
           ))
           r = rows[-1]
           print(f"{kind:8s} {size:>10,d} {density:6.3%} {s:8s} "
                 f"{r['median_ms']:9.2f} ms (min {r['min_ms']:8.2f}, "
                 f"x{r['median_ratio_to_exact']:.2f} of exact)  "
                 f"sent {r['sent']}/{k}  recall {r['recall']:.3f}", flush=True)
-  machine = dict(
-      platform=platform.platform(), processor=platform.processor(),
-      cpu_count=os.cpu_count(), jax=jax.__version__,
-      device=str(jax.devices()[0].device_kind),
-      load_average_at_start=load_average,
-  )
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(machine=machine, rows=rows), indent=1))
-  print("| input | entries | density | exact (ms) | approx (ms) | sampled (ms) "
-        "| approx / exact | sampled / exact | sampled fast path |")
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  out = _common.write_json(args.out, dict(machine=machine, rows=rows))
+  table = []
   for kind in ("normal", "layered"):
     for size in sizes:
       for density in densities:
         cell = {r["selection"]: r for r in rows if r["input"] == kind
                 and r["size"] == size and r["density"] == density}
-        print(f"| {kind} | {size:,d} | {density:.1%} | "
-              + " | ".join(f"{cell[s]['median_ms']:.1f}" for s in SELECTIONS)
-              + "".join(f" | {cell[s]['median_ratio_to_exact']:.2f}"
-                        for s in ("approx", "sampled"))
-              + f" | {_rate(cell['sampled']['sampled_fast_path_rate'])} |")
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
+        table.append(
+            [kind, f"{size:,d}", f"{density:.1%}"]
+            + [f"{cell[s]['median_ms']:.1f}" for s in SELECTIONS]
+            + [f"{cell[s]['median_ratio_to_exact']:.2f}"
+               for s in ("approx", "sampled")]
+            + [f"{cell['sampled']['recall_min_over_keys']:.3f}"])
+  print(_common.markdown_table(
+      ["input", "entries", "density", "exact (ms)", "approx (ms)",
+       "sampled (ms)", "approx / exact", "sampled / exact",
+       f"sampled recall ({KEYS} keys, min)"], table, align="lrrrrrrrr"))
+  plot(rows, machine, out.with_suffix(".png"))
+
+
+def plot(rows, machine, path):
+  plt = _common.pyplot()
+  if plt is None:
     return
   labels = sorted({(r["input"], r["size"], r["density"]) for r in rows})
   fig, ax = plt.subplots(figsize=(10, 4))
@@ -163,11 +137,10 @@ def main():
                      fontsize=8)
   ax.set_ylabel("median time (ms)")
   ax.set_yscale("log")
-  ax.set_title(f"top-k selection on {machine['device']}, "
+  ax.set_title(f"top-k selection on {machine['device_kind']}, "
                f"{machine['cpu_count']} cores")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(out.with_suffix(".png"), dpi=120)
+  _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""What every benchmark shares: forced host devices, the machine, timing, results.
+
+A benchmark script starts with
+
+  import _common
+
+  _common.force_host_devices(8)  # only where it needs several devices
+
+  import jax  # noqa: E402
+
+(`python benchmarks/<name>.py` puts `benchmarks/` first on `sys.path`, from
+any working directory). Nothing here imports JAX at import time, so the
+devices can still be forced after `import _common`.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def force_host_devices(count: int, cpu_only: bool = False) -> None:
+  """Makes the host CPU show `count` XLA devices; call before importing jax.
+
+  Args:
+    count: how many CPU devices to simulate.
+    cpu_only: also run on the CPU where an accelerator exists (sets
+      `JAX_PLATFORMS=cpu` unless the environment already chose).
+
+  Raises:
+    RuntimeError: if jax is already imported (the flag would be ignored).
+  """
+  if "jax" in sys.modules:
+    raise RuntimeError("force_host_devices must run before `import jax`")
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith(_DEVICE_COUNT_FLAG + "=")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_COUNT_FLAG}={count}"])
+  if cpu_only:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ----------------------------------------------------------------------------
+# The machine.
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+      for line in cpuinfo:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+          return value.strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _package_version(name: str) -> str | None:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def machine_description() -> dict[str, Any]:
+  """What the timings depend on: CPU, cores, load now, JAX and its devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  return {
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "load_average": list(os.getloadavg()),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": _package_version("jaxlib"),
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+  }
+
+
+def machine_line(machine: Mapping[str, Any]) -> str:
+  """A one-line summary of `machine_description()` for printed reports."""
+  load = ", ".join(f"{x:.1f}" for x in machine["load_average"])
+  return (f"{machine['device_count']} x {machine['device_kind']} "
+          f"({machine['backend']}); {machine['cpu_count']} CPU cores "
+          f"({machine['cpu_model']}); load average {load}; jax "
+          f"{machine['jax']}, jaxlib {machine['jaxlib']}")
+
+
+def command_line(args=None, exclude: Sequence[str] = ()) -> str:
+  """The command that ran this script.
+
+  Args:
+    args: parsed `argparse` arguments: spell out every option (defaults
+      included) but those in `exclude`; None: the command line as typed.
+    exclude: destinations of `args` to leave out.
+  """
+  script = "python benchmarks/" + pathlib.Path(sys.argv[0]).name
+  if args is None:
+    return " ".join([script, *map(shlex.quote, sys.argv[1:])])
+  words = [script]
+  for name, value in vars(args).items():
+    if name in exclude:
+      continue
+    values = value if isinstance(value, (list, tuple)) else [value]
+    words += [f"--{name.replace('_', '-')}", *map(str, values)]
+  return " ".join(words)
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def seconds_per_call(function: Callable[[], Any],
+                     calls: int = 1) -> tuple[float, float]:
+  """(wall, CPU) seconds per call of `calls` calls of `function()`.
+
+  Blocks on the last result only, so consecutive calls overlap as they do in
+  a training loop. CPU time is this process's, all threads.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(calls):
+    result = function()
+  jax.block_until_ready(result)
+  return ((time.perf_counter() - wall) / calls,
+          (time.process_time() - cpu) / calls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+  """Seconds per call of each contender, one entry per round."""
+
+  wall: dict[str, list[float]]
+  cpu: dict[str, list[float]]
+
+  def medians(self) -> dict[str, float]:
+    """Median wall seconds per call of each contender."""
+    return {name: statistics.median(times) for name, times in self.wall.items()}
+
+  def median_ratio(self, name: str, baseline: str, cpu: bool = False) -> float:
+    """Median over rounds of `name`'s time over `baseline`'s."""
+    times = self.cpu if cpu else self.wall
+    return median_ratio(times[name], times[baseline])
+
+
+def median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
+  """Median of the per-round ratios: robust to load that drifts between rounds.
+  """
+  return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def time_interleaved(functions: Mapping[str, Callable[[], Any]], repeats: int,
+                     calls: int = 1, min_seconds: float = 0.0) -> Timings:
+  """Times zero-argument `functions` in rounds, one turn of each per round.
+
+  Interleaving makes a slow spell of a shared machine hit every contender
+  alike. Each function is first called once (compilation) and, with
+  `min_seconds`, timed once to choose its number of calls per turn.
+
+  Args:
+    functions: name -> a callable whose result `jax.block_until_ready`
+      accepts; a stateful step keeps its state in a closure.
+    repeats: rounds.
+    calls: calls per turn (at least).
+    min_seconds: a turn lasts at least about this long, so that cheap calls
+      are timed over enough of them to average out scheduling noise.
+
+  Returns:
+    `Timings` with `repeats` entries per contender.
+  """
+  turn_calls = {}
+  for name, function in functions.items():
+    seconds_per_call(function)  # compile, warm up
+    turn_calls[name] = calls
+    if min_seconds:
+      one_call = seconds_per_call(function)[0]
+      turn_calls[name] = max(calls, int(min_seconds / one_call))
+  wall = {name: [] for name in functions}
+  cpu = {name: [] for name in functions}
+  for _ in range(repeats):
+    for name, function in functions.items():
+      wall_seconds, cpu_seconds = seconds_per_call(function, turn_calls[name])
+      wall[name].append(wall_seconds)
+      cpu[name].append(cpu_seconds)
+  return Timings(wall, cpu)
+
+
+# ----------------------------------------------------------------------------
+# Results: JSON, PNG, Markdown.
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
+  """Writes `payload` as indented JSON, creating parent directories."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+  return path
+
+
+def pyplot():
+  """`matplotlib.pyplot` on the file-only Agg backend; None without matplotlib.
+  """
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("matplotlib is not installed: no figure", file=sys.stderr)
+    return None
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:
+  """Lays out `figure`, writes it to `path` (a PNG) and closes it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.tight_layout()
+  figure.savefig(path, dpi=dpi)
+  pyplot().close(figure)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                   align: str = "") -> str:
+  """A Markdown table of preformatted cells.
+
+  Args:
+    header: the column titles.
+    rows: one sequence of cells per row (`str()` of each).
+    align: one letter per column, `l` (default) or `r` (numbers).
+  """
+  align = align.ljust(len(header), "l")
+  rule = ["---:" if letter == "r" else "---" for letter in align]
+  lines = [header, rule, *rows]
+  return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
