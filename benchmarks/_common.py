@@ -151,16 +151,15 @@ class Timings:
     """Median wall seconds per call of each contender."""
     return {name: statistics.median(times) for name, times in self.wall.items()}
 
-  def median_ratio(self, name: str, baseline: str, cpu: bool = False) -> float:
-    """Median over rounds of `name`'s time over `baseline`'s."""
+  def ratios(self, name: str, baseline: str, cpu: bool = False) -> list[float]:
+    """`name`'s time over `baseline`'s of the same round, for each round."""
     times = self.cpu if cpu else self.wall
-    return median_ratio(times[name], times[baseline])
+    return [t / b for t, b in zip(times[name], times[baseline])]
 
-
-def median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
-  """Median of the per-round ratios: robust to load that drifts between rounds.
-  """
-  return statistics.median(t / b for t, b in zip(times, baseline))
+  def median_ratio(self, name: str, baseline: str, cpu: bool = False) -> float:
+    """Median of the per-round ratios: robust to load that drifts between
+    rounds on a shared machine."""
+    return statistics.median(self.ratios(name, baseline, cpu))
 
 
 def time_interleaved(functions: Mapping[str, Callable[[], Any]], repeats: int,
@@ -244,5 +243,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
   """
   align = align.ljust(len(header), "l")
   rule = ["---:" if letter == "r" else "---" for letter in align]
-  lines = [header, rule, *rows]
-  return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+  return "\n".join(map(markdown_row, [header, rule, *rows]))
+
+
+def markdown_row(cells: Sequence[Any]) -> str:
+  """One row of a Markdown table (printed as soon as it is measured)."""
+  return "| " + " | ".join(map(str, cells)) + " |"

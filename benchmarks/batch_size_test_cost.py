@@ -27,18 +27,13 @@ depend less on other load on a shared machine. Writes JSON and a bar chart.
   PYTHONPATH=. python benchmarks/batch_size_test_cost.py
 """
 
+import argparse
+import json
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _common
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+_common.force_host_devices(8, cpu_only=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -189,26 +184,15 @@ def per_device_steps(test, batch):
   return {"baseline": (averaged, baseline_tx), "with_test": (tested, test_tx)}
 
 
-def time_steps(step, params, state, inputs, labels, steps, min_seconds):
-  """Seconds per step: (wall clock, CPU time of this process, all threads).
+def repeated_step(step, params, state, inputs, labels):
+  """A zero-argument call of `step` that carries params and state along."""
 
-  Runs at least `steps` steps and at least `min_seconds`, so that cheap steps
-  are timed over enough calls to average out scheduling noise.
-  """
-  params, state = step(params, state, inputs, labels)  # compile, warm up
-  jax.block_until_ready(params)
-  start = time.perf_counter()
-  params, state = step(params, state, inputs, labels)
-  jax.block_until_ready(params)
-  steps = max(steps, int(min_seconds / (time.perf_counter() - start)))
-  wall, cpu = time.perf_counter(), time.process_time()
-  for _ in range(steps):
+  def call():
+    nonlocal params, state
     params, state = step(params, state, inputs, labels)
-  jax.block_until_ready(params)
-  return (
-      (time.perf_counter() - wall) / steps,
-      (time.process_time() - cpu) / steps,
-  )
+    return params
+
+  return call
 
 
 def measure(mode, test, batch, microbatches, steps, repeats, mapper,
@@ -251,55 +235,49 @@ def measure(mode, test, batch, microbatches, steps, repeats, mapper,
         for name, (step, tx) in variants.items()
     }
 
-  times = {name: [] for name in compiled}
-  cpu_times = {name: [] for name in compiled}
-  for _ in range(repeats):  # interleaved, so load changes hit all alike
-    for name, (step, p, s) in compiled.items():
-      wall, cpu = time_steps(step, p, s, inputs, labels, steps, min_seconds)
-      times[name].append(wall)
-      cpu_times[name].append(cpu)
-  ratios = [t / b for t, b in zip(times["with_test"], times["baseline"])]
-  cpu_ratios = [
-      t / b for t, b in zip(cpu_times["with_test"], cpu_times["baseline"])
-  ]
+  # Interleaved, so load changes hit all alike.
+  timings = _common.time_interleaved(
+      {name: repeated_step(step, p, s, inputs, labels)
+       for name, (step, p, s) in compiled.items()},
+      repeats, calls=steps, min_seconds=min_seconds)
+  ratios = timings.ratios("with_test", "baseline")
   row = {
       "mode": mode,
       "mapper": mapper if mode == "per_device" else None,
       "test": test,
-      "ratio_median": statistics.median(ratios),
+      "ratio_median": timings.median_ratio("with_test", "baseline"),
       "ratio_min": min(ratios),
       "ratio_max": max(ratios),
-      "cpu_ratio_median": statistics.median(cpu_ratios),
+      "cpu_ratio_median": timings.median_ratio("with_test", "baseline",
+                                               cpu=True),
   }
-  if "sources" in times:
-    test_only = [t / s for t, s in zip(times["with_test"], times["sources"])]
-    row["test_only_ratio_median"] = statistics.median(test_only)
-  for name in times:
-    row[f"{name}_ms"] = 1e3 * statistics.median(times[name])
-    row[f"{name}_ms_runs"] = [1e3 * t for t in times[name]]
-    row[f"{name}_cpu_ms_runs"] = [1e3 * t for t in cpu_times[name]]
+  if "sources" in compiled:
+    row["test_only_ratio_median"] = timings.median_ratio("with_test",
+                                                         "sources")
+  for name, median in timings.medians().items():
+    row[f"{name}_ms"] = 1e3 * median
+    row[f"{name}_ms_runs"] = [1e3 * t for t in timings.wall[name]]
+    row[f"{name}_cpu_ms_runs"] = [1e3 * t for t in timings.cpu[name]]
   return row
 
 
 TABLE_HEADER = (
-    "| mode | test | baseline (ms/step) | statistics source only (ms/step) "
-    "| with test (ms/step) | with test / baseline, median [min, max] "
-    "| with test / source only | CPU-time ratio with test / baseline |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- |"
-)
+    "mode", "test", "baseline (ms/step)", "statistics source only (ms/step)",
+    "with test (ms/step)", "with test / baseline, median [min, max]",
+    "with test / source only", "CPU-time ratio with test / baseline")
 
 
-def format_row(row):
+def table_cells(row):
   name = row["mode"] + (f" ({row['mapper']})" if row["mapper"] else "")
   sources = row.get("sources_ms")
-  return (
-      f"| {name} | {row['test']} | {row['baseline_ms']:.2f} | "
-      + (f"{sources:.2f}" if sources else "—")
-      + f" | {row['with_test_ms']:.2f} | {row['ratio_median']:.2f} "
-      f"[{row['ratio_min']:.2f}, {row['ratio_max']:.2f}] | "
-      + (f"{row['test_only_ratio_median']:.2f}" if sources else "—")
-      + f" | {row['cpu_ratio_median']:.2f} |"
-  )
+  return [
+      name, row["test"], f"{row['baseline_ms']:.2f}",
+      f"{sources:.2f}" if sources else "—", f"{row['with_test_ms']:.2f}",
+      f"{row['ratio_median']:.2f} "
+      f"[{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]",
+      f"{row['test_only_ratio_median']:.2f}" if sources else "—",
+      f"{row['cpu_ratio_median']:.2f}",
+  ]
 
 
 def main():
@@ -315,7 +293,9 @@ def main():
                       default="per_example,microbatch,moments,per_device")
   parser.add_argument("--mapper", choices=("shard_map", "pmap"),
                       default="shard_map")
-  parser.add_argument("--out", default="benchmarks/results/batch_size_test_cost")
+  parser.add_argument("--out",
+                      default=str(_common.RESULTS / "batch_size_test_cost"),
+                      help="path of the results without .json / .png")
   parser.add_argument("--replot", metavar="JSON",
                       help="only redraw the chart of an earlier run")
   args = parser.parse_args()
@@ -323,7 +303,7 @@ def main():
     with open(args.replot) as f:
       plot(json.load(f), args.replot.removesuffix(".json") + ".png")
     return
-  load_start = os.getloadavg()
+  machine = _common.machine_description()
 
   num_params = sum(x.size for x in jax.tree.leaves(init_mlp(jax.random.PRNGKey(0))))
   rows = []
@@ -332,7 +312,7 @@ def main():
       row = measure(mode, test, args.batch, args.microbatches, args.steps,
                     args.repeats, args.mapper, args.min_seconds)
       rows.append(row)
-      print(format_row(row), flush=True)
+      print(_common.markdown_row(table_cells(row)), flush=True)
 
   result = {
       "benchmark": "batch_size_test_cost",
@@ -346,30 +326,22 @@ def main():
       "repeats": args.repeats,
       "jax": jax.__version__,
       "backend": jax.default_backend(),
-      "machine": platform.processor() or platform.machine(),
+      "machine": machine,
       "cpu_count": os.cpu_count(),
-      "load_average_start": load_start,
+      "load_average_start": machine["load_average"],
       "load_average_end": os.getloadavg(),
       "rows": rows,
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(result, f, indent=2)
-
-  print("\n" + TABLE_HEADER)
-  for row in rows:
-    print(format_row(row))
-
+  _common.write_json(args.out + ".json", result)
+  print("\n" + _common.markdown_table(TABLE_HEADER,
+                                      [table_cells(row) for row in rows]))
   plot(result, args.out + ".png")
 
 
 def plot(result, path):
   """A bar chart of the median wall-clock ratios (log scale)."""
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  plt = _common.pyplot()
+  if plt is None:
     return
   rows = result["rows"]
   fig, ax = plt.subplots(figsize=(8, 3.4))
@@ -383,8 +355,7 @@ def plot(result, path):
       f"B={result['batch']}, {result['backend']})"
   )
   ax.tick_params(axis="x", labelsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
