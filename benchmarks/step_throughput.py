@@ -26,18 +26,13 @@ devices are not a speed-up there, they show the cost of the mesh machinery.
   PYTHONPATH=. python benchmarks/step_throughput.py --models mlp --batch-sizes 128 1024
 """
 
+import argparse
 import os
+import pathlib
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import _common
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+_common.force_host_devices(8)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,13 +45,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sngm_optax.harness import train  # noqa: E402
 from sngm_optax.harness import steps as steps_lib  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 NORM_TEST = "+norm_test"
 FEATURES, CLASSES = 40, 10
 
 
-def make_timer(model, optimizer, batch_size, num_devices, steps):
-  """Compiles the step; returns (seconds per step over `steps` steps, params)."""
+def make_step(model, optimizer, batch_size, num_devices):
+  """Builds the step; returns (a call of one step carrying its state, params).
+  """
   devices = tuple(jax.local_devices()[:num_devices])
   adaptive = None
   if optimizer.endswith(NORM_TEST):
@@ -79,18 +74,13 @@ def make_timer(model, optimizer, batch_size, num_devices, steps):
   state = state.replace(opt_state=optax.tree.set(
       state.opt_state, learning_rate=jnp.asarray(0.01, jnp.float32)))
   state = jax.device_put(state, NamedSharding(program.mesh, P()))
-  state, metrics = program.train_step(state, batch)  # compile
-  jax.block_until_ready(metrics)
 
-  def seconds_per_step():
+  def one_step():
     nonlocal state
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = program.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - start) / steps
+    state, metrics = program.train_step(state, batch)
+    return state, metrics
 
-  return seconds_per_step, params
+  return one_step, params
 
 
 def main():
@@ -104,7 +94,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--out", type=pathlib.Path,
-                      default=RESULTS / "step_throughput.json")
+                      default=_common.RESULTS / "step_throughput.json")
   args = parser.parse_args()
 
   rows = []
@@ -113,15 +103,12 @@ def main():
       for batch_size in args.batch_sizes:
         names = [name for name in args.optimizers
                  if num_devices > 1 or not name.endswith(NORM_TEST)]
-        timers = {}
+        steps = {}
         for name in names:
-          timers[name], params = make_timer(model, name, batch_size,
-                                            num_devices, args.steps)
-        times = {name: [] for name in names}
-        for _ in range(args.repeats):
-          for name in names:
-            times[name].append(timers[name]())
-        seconds = {name: statistics.median(t) for name, t in times.items()}
+          steps[name], params = make_step(model, name, batch_size,
+                                          num_devices)
+        seconds = _common.time_interleaved(steps, args.repeats,
+                                           calls=args.steps).medians()
         num_params = sum(p.size for p in jax.tree.leaves(params))
         for name in names:
           row = {
@@ -144,24 +131,23 @@ def main():
                 flush=True)
 
   load = os.getloadavg()
-  machine = (f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
-             f"{platform.processor()}, {os.cpu_count()} cores")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(
-      {"machine": machine, "load_average": load, "jax": jax.__version__,
-       "repeats": args.repeats, "steps": args.steps, "rows": rows}, indent=1))
-  print(f"\nmachine: {machine}; load average at the end {load}; median of "
+  machine = _common.machine_description()
+  _common.write_json(args.out, {
+      "machine": machine, "load_average": load, "jax": jax.__version__,
+      "repeats": args.repeats, "steps": args.steps, "rows": rows})
+  print(f"\nmachine: {_common.machine_line(machine)}; median of "
         f"{args.repeats} × {args.steps} steps\n")
-  print("| model (params) | devices | B | optimizer | ms/step | samples/s | "
-        f"× {args.optimizers[0]} | norm test adds |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  table = []
   for r in rows:
     overhead = r["test_overhead"]
-    overhead = "" if overhead is None else f"{overhead:+.1%}"
-    print(f"| {r['model']} ({r['params']}) | {r['devices']} | "
-          f"{r['batch_size']} | {r['optimizer']} | {r['step_ms']:.2f} | "
-          f"{r['samples_per_s']:.0f} | {r['ratio_to_first']:.2f} | "
-          f"{overhead} |")
+    table.append([
+        f"{r['model']} ({r['params']})", r["devices"], r["batch_size"],
+        r["optimizer"], f"{r['step_ms']:.2f}", f"{r['samples_per_s']:.0f}",
+        f"{r['ratio_to_first']:.2f}",
+        "" if overhead is None else f"{overhead:+.1%}"])
+  print(_common.markdown_table(
+      ["model (params)", "devices", "B", "optimizer", "ms/step", "samples/s",
+       f"× {args.optimizers[0]}", "norm test adds"], table, align="lrrlrrrr"))
 
 
 if __name__ == "__main__":
