@@ -24,27 +24,21 @@ Usage:
 Writes benchmarks/results/update_cost.json and prints a Markdown table.
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-
 import argparse
-import json
+import os
 import pathlib
-import platform
 import statistics
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import _common
 
-import sngm_optax
+_common.force_host_devices(8)
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import sngm_optax  # noqa: E402
 
 
 def resnet50_like():
@@ -133,15 +127,14 @@ def make_tree(shapes, dtype, seed):
 
 def median_seconds(fn, args, repeats, donate):
   """Median wall time of `fn(*args)`; donated outputs feed the next call."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn(*(out + args[len(out):] if donate else args))
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  out = None
+
+  def call():
+    nonlocal out
+    out = fn(*(out + args[len(out):] if donate and out is not None else args))
+    return out
+
+  return _common.time_interleaved({"call": call}, repeats).medians()["call"]
 
 
 def copy_bandwidth(nbytes, repeats):
@@ -220,11 +213,9 @@ def main():
   parser.add_argument("--repeats-large", type=int, default=None,
                       help="repeats for transformer_like (default: --repeats)")
   parser.add_argument("--out", type=pathlib.Path,
-                      default=RESULTS / "update_cost.json")
+                      default=_common.RESULTS / "update_cost.json")
   args = parser.parse_args()
 
-  device = jax.devices()[0]
-  machine = f"{device.device_kind} ({device.platform}), {platform.processor()}"
   rows = []
   for tree_name in args.trees:
     shapes = TREES[tree_name]()
@@ -256,15 +247,15 @@ def main():
                                           args.devices)
           times[mode, name].append(seconds)
       bandwidth = statistics.median(bandwidths)
+      norm_bandwidth_gb_s = statistics.median(norm_bandwidths) / 1e9
       print(f"{tree_name} {dtype_name}: copy {bandwidth / 1e9:.1f} GB/s, "
-            f"global_norm {statistics.median(norm_bandwidths) / 1e9:.1f} GB/s",
-            flush=True)
+            f"global_norm {norm_bandwidth_gb_s:.1f} GB/s", flush=True)
+      rounds = _common.Timings(wall=times, cpu={})
       baselines = {}
       for mode, name, _, passes in groups:
-        seconds = statistics.median(times[mode, name])
-        baseline = baselines.setdefault(mode, times[mode, name])
-        ratio = statistics.median(
-            t / b for t, b in zip(times[mode, name], baseline))
+        seconds = rounds.medians()[mode, name]
+        baseline = baselines.setdefault(mode, (mode, name))
+        ratio = rounds.median_ratio((mode, name), baseline)
         devices = 1 if mode == "jit" else args.devices
         roofline_seconds = passes * nbytes * devices / bandwidth
         rows.append({
@@ -277,33 +268,29 @@ def main():
             "ideal_passes": passes,
             "fraction_of_roofline": roofline_seconds / seconds,
             "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "global_norm_bandwidth_gb_s":
-                statistics.median(norm_bandwidths) / 1e9,
+            "global_norm_bandwidth_gb_s": norm_bandwidth_gb_s,
         })
         print(f"{tree_name:17s} {dtype_name:9s} {mode:4s} {name:48s} "
               f"{seconds * 1e3:9.2f} ms  x{ratio:5.2f}  "
               f"roofline {roofline_seconds / seconds:5.0%}", flush=True)
 
-  load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(
-      {"machine": machine, "cpu_count": os.cpu_count(), "load_average": load,
-       "jax": jax.__version__, "repeats": args.repeats, "rounds": args.rounds,
-       "repeats_large": args.repeats_large, "devices": args.devices,
-       "rows": rows}, indent=1))
-  print(f"\nmachine: {machine}, {os.cpu_count()} cores, load average at the "
-        f"end {load}, jax {jax.__version__}, median of {args.rounds} rounds "
-        f"of the median of {args.repeats} calls\n")
-  print("| tree | dtype | mode | optimizer | ideal passes | median ms | "
-        "× baseline | % of copy roofline |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-  for r in rows:
-    mode = "jit" if r["mode"] == "jit" else f"pmap×{r['devices']}"
-    print(f"| {r['tree']} | {r['dtype']} | {mode} | {r['optimizer']} | "
-          f"{r['ideal_passes']} | {r['median_ms']:.2f} | "
-          f"{r['ratio_to_sgd_momentum']:.2f} | "
-          f"{r['fraction_of_roofline']:.0%} |")
-
+  machine = _common.machine_description()
+  _common.write_json(args.out, {
+      "machine": machine, "cpu_count": os.cpu_count(),
+      "load_average": machine["load_average"], "jax": jax.__version__,
+      "repeats": args.repeats, "rounds": args.rounds,
+      "repeats_large": args.repeats_large, "devices": args.devices,
+      "rows": rows})
+  print(f"\nmachine: {_common.machine_line(machine)}; median of "
+        f"{args.rounds} rounds of the median of {args.repeats} calls\n")
+  table = [[r["tree"], r["dtype"],
+            "jit" if r["mode"] == "jit" else f"pmap×{r['devices']}",
+            r["optimizer"], r["ideal_passes"], f"{r['median_ms']:.2f}",
+            f"{r['ratio_to_sgd_momentum']:.2f}",
+            f"{r['fraction_of_roofline']:.0%}"] for r in rows]
+  print(_common.markdown_table(
+      ["tree", "dtype", "mode", "optimizer", "ideal passes", "median ms",
+       "× baseline", "% of copy roofline"], table, align="llllrrrr"))
 
 if __name__ == "__main__":
   main()
