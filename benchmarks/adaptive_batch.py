@@ -23,18 +23,15 @@ batch size over training.
   PYTHONPATH=. python benchmarks/adaptive_batch.py
 """
 
+import argparse
+import json
 import os
+import pathlib
+import time
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _common
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
+_common.force_host_devices(8, cpu_only=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,7 +40,6 @@ from sngm_optax.harness import data  # noqa: E402
 from sngm_optax.harness import train  # noqa: E402
 from sngm_optax.harness import config as config_lib  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # (family, fixed optimizer, adaptive optimizer, learning rate, tests)
 FAMILIES = [
     ("AdaGrad-Norm", "adagrad_norm", "adadagrad_norm", 1.0,
@@ -71,26 +67,25 @@ def main():
   parser.add_argument("--eta", type=float, default=0.5,
                       help="eta (norm test) and theta (inner product)")
   parser.add_argument("--families", default="AdaGrad-Norm,AdaGrad,SNGM")
-  parser.add_argument("--out", default=str(RESULTS / "adaptive_batch.json"))
+  parser.add_argument("--out",
+                      default=str(_common.RESULTS / "adaptive_batch.json"))
   args = parser.parse_args()
 
   dataset = data.generate_mnist1d(args.num_samples, seed=0)
   out = pathlib.Path(args.out)
   payload = {
       "benchmark": "adaptive_batch",
-      "command": "PYTHONPATH=. python benchmarks/adaptive_batch.py "
-                 + " ".join(f"--{k.replace('_', '-')}={v}"
-                            for k, v in vars(args).items() if k != "out"),
+      "command": _common.command_line(args, exclude=("out",)),
       "args": vars(args),
       "num_train": dataset.num_train,
       "num_test": dataset.num_test,
       "jax": jax.__version__,
-      "machine": platform.machine(),
+      "machine": _common.machine_description(),
       "cpu_count": os.cpu_count(),
       "load_average_start": list(os.getloadavg()),
       "runs": [],
   }
-  cost_path = RESULTS / "batch_size_test_cost.json"
+  cost_path = _common.RESULTS / "batch_size_test_cost.json"
   if cost_path.exists():
     cost = json.loads(cost_path.read_text())
     payload["test_cost_from_batch_size_test_cost_json"] = [
@@ -149,16 +144,15 @@ def main():
                  wall_time_to_target_s=wall, epochs_to_target=epoch)
     payload["runs"].extend(rows)
     payload["load_average_end"] = list(os.getloadavg())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")  # partial results
+    _common.write_json(out, payload)  # partial results
     plot(payload, out.with_suffix(".png"))
   print_table(payload)
 
 
 def plot(payload, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _common.pyplot()
+  if plt is None:
+    return
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for row in payload["runs"]:
     if row["batch"] != "adaptive":
@@ -172,26 +166,25 @@ def plot(payload, path):
   axes[1].set(xlabel="epochs", ylabel="noise scale tr(Σ)/|G|² (EMA)",
               yscale="log", title="gradient noise scale")
   axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _common.save_figure(fig, path, dpi=100)
 
 
 def print_table(payload):
-  print("| family | batch | test | steps | final B | steps to target | "
-        "wall s to target | final test acc | wall s |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  table = []
   for row in payload["runs"]:
     batch = (f"adaptive from {row['initial_batch_size']}"
              if row["batch"] == "adaptive" else f"fixed {row['initial_batch_size']}")
     to_target = row["steps_to_target"]
     wall = row["wall_time_to_target_s"]
-    print(f"| {row['family']} | {batch} | {row['test'] or '-'} | "
-          f"{row['steps']} | {row.get('final_batch_size', row['initial_batch_size'])} | "
-          f"{to_target if to_target is not None else 'not reached'} | "
-          f"{'-' if wall is None else f'{wall:.1f}'} | "
-          f"{row['final_test_accuracy']:.4f} | {row['wall_time_s']:.1f} |")
-
+    table.append([
+        row["family"], batch, row["test"] or "-", row["steps"],
+        row.get("final_batch_size", row["initial_batch_size"]),
+        "not reached" if to_target is None else to_target,
+        "-" if wall is None else f"{wall:.1f}",
+        f"{row['final_test_accuracy']:.4f}", f"{row['wall_time_s']:.1f}"])
+  print(_common.markdown_table(
+      ["family", "batch", "test", "steps", "final B", "steps to target",
+       "wall s to target", "final test acc", "wall s"], table))
 
 if __name__ == "__main__":
   main()
