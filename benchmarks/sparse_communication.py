@@ -34,29 +34,25 @@ Writes benchmarks/results/compression.json and .png (the JSON after every
 run, so an interrupted run keeps its finished part).
 """
 
-import os
-import sys
-
-# Eight simulated workers; must be set before JAX is imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8").strip()
-
-import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
 import json
+import os
 import pathlib
-import platform
 import time
 
-import jax
-import numpy as np
+import _common
 
-from sngm_optax.harness import data
-from sngm_optax.harness import train
-from sngm_optax.harness import config as config_lib
-from sngm_optax.harness import steps as steps_lib
+# Eight simulated workers.
+_common.force_host_devices(8)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sngm_optax.harness import data  # noqa: E402
+from sngm_optax.harness import train  # noqa: E402
+from sngm_optax.harness import config as config_lib  # noqa: E402
+from sngm_optax.harness import steps as steps_lib  # noqa: E402
+
 METHODS = (("msgd", None), ("gmc", 0.01), ("dgc", 0.01), ("gmc", 0.001),
            ("dgc", 0.001))
 
@@ -79,7 +75,8 @@ def main():
   parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.8, 1.6])
   parser.add_argument("--model", default="mlp")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-  parser.add_argument("--out", default=str(RESULTS / "compression"))
+  parser.add_argument("--out", default=str(_common.RESULTS / "compression"),
+                      help="path of the results without .json / .png")
   parser.add_argument("--resume", action="store_true",
                       help="keep the runs already in the output JSON")
   args = parser.parse_args()
@@ -91,11 +88,10 @@ def main():
   dataset = data.load_mnist1d(args.num_samples)
   runs = []
   payload = {
-      "command": "python benchmarks/sparse_communication.py " + " ".join(
-          f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-          for k, v in vars(args).items() if k not in ("quick", "out", "resume")),
-      "machine": f"{platform.platform()}, {os.cpu_count()} CPU cores, "
-                 f"{num_devices} simulated XLA CPU devices (no network)",
+      "command": _common.command_line(args,
+                                      exclude=("quick", "out", "resume")),
+      "machine": _common.machine_description(),
+      "workers": f"{num_devices} simulated XLA CPU devices (no network)",
       "jax": jax.__version__,
       "settings": vars(args),
       "runs": runs,
@@ -148,9 +144,9 @@ def main():
             f"ms/step ({time.perf_counter() - start:.0f} s)", flush=True)
       payload["elapsed_s"] = time.perf_counter() - start
       payload["summary"] = summarize(runs, args.model, dataset)
-      train.write_json(out.with_suffix(".json"), payload)
+      _common.write_json(out.with_suffix(".json"), payload)
   payload["summary"] = summarize(runs, args.model, dataset)
-  train.write_json(out.with_suffix(".json"), payload)
+  _common.write_json(out.with_suffix(".json"), payload)
   print_table(payload["summary"])
   plot(payload, out.with_suffix(".png"))
 
@@ -200,21 +196,21 @@ def summarize(runs, model, dataset):
 
 def print_table(summary):
   print(f"\nd = {summary['num_params']} parameters")
-  print("| method | best peak LR | test acc. (mean ± sd over seeds) | bytes/step/worker | vs dense "
-        "| ms/step (median) | time vs msgd |")
-  print("|---|---|---|---|---|---|---|")
-  for row in summary["rows"]:
-    print(f"| {row['method']} | {row['best_learning_rate']:g} | "
-          f"{row['test_accuracy']:.4f} ± {row['test_accuracy_sd']:.4f} | "
-          f"{row['bytes_per_step']:.0f} | "
-          f"{row['reduction']:.0f}x less | {row['step_time_ms']:.1f} | "
-          f"{row['step_time_vs_msgd']:.2f} |")
+  table = [[row["method"], f"{row['best_learning_rate']:g}",
+            f"{row['test_accuracy']:.4f} ± {row['test_accuracy_sd']:.4f}",
+            f"{row['bytes_per_step']:.0f}", f"{row['reduction']:.0f}x less",
+            f"{row['step_time_ms']:.1f}", f"{row['step_time_vs_msgd']:.2f}"]
+           for row in summary["rows"]]
+  print(_common.markdown_table(
+      ["method", "best peak LR", "test acc. (mean ± sd over seeds)",
+       "bytes/step/worker", "vs dense", "ms/step (median)", "time vs msgd"],
+      table))
 
 
 def plot(payload, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _common.pyplot()
+  if plt is None:
+    return
   rows = payload["summary"]["rows"]
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   for row in rows:
@@ -234,8 +230,7 @@ def plot(payload, path):
   right.set_yscale("log")
   right.set_ylabel("bytes sent per worker per step")
   right.set_title("communication (dense = 4·d)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
