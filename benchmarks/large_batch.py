@@ -7,37 +7,26 @@ training set), 30 epochs of linear warmup (2 epochs) + cosine decay, against
 momentum SGD at batch 128 as the reference (trained once, shown in every
 table). Each picked learning rate is then trained with 2 more seeds
 (initialization and batch order) for a mean ± standard deviation. See
-`sngm_optax/compare.py` for the grids.
+`sngm_optax/harness/compare.py` for the grids.
 
 Usage:
   python benchmarks/large_batch.py                          # the benchmark
   python benchmarks/large_batch.py --batch-sizes 4096 --epochs 5   # a try
+  python benchmarks/large_batch.py --batch-sizes 256 --epochs 1 \
+      --num-samples 2000 --grid-size 1 --extra-seeds 0      # a smoke test
 Writes benchmarks/results/large_batch.json (tables, every run's final
 accuracies, the picked runs' curves) and large_batch.png, prints the tables.
 """
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
-import platform
-import sys
 import time
 
-import jax
+import _common
 
 from sngm_optax.harness import compare
-
-RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def machine() -> str:
-  devices = jax.devices()
-  kinds = sorted({f"{d.device_kind} ({d.platform})" for d in devices})
-  return (f"{len(devices)} x {', '.join(kinds)}; {os.cpu_count()} CPU cores "
-          f"({platform.processor() or platform.machine()}); jax "
-          f"{jax.__version__}")
 
 
 def main() -> None:
@@ -46,7 +35,12 @@ def main() -> None:
                       default=[4096, 8192])
   parser.add_argument("--epochs", type=float, default=None,
                       help="default: the preset's 30")
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--num-samples", type=int, default=None,
+                      help="default: the preset's 60,000")
+  parser.add_argument("--grid-size", type=int, default=None,
+                      help="learning rates per optimizer (default: the "
+                           "preset's 4)")
+  parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--extra-seeds", type=int, default=2,
                       help="retrain each picked learning rate with this many "
                            "more seeds (mean ± sd in the table)")
@@ -56,8 +50,11 @@ def main() -> None:
   start = time.perf_counter()
   load_start = os.getloadavg()[0]
   preset = compare.PRESETS["default"]
-  if args.epochs is not None:
-    preset = dataclasses.replace(preset, epochs=args.epochs)
+  sizes = {"epochs": args.epochs, "num_samples": args.num_samples,
+           "grid_size": args.grid_size}
+  preset = dataclasses.replace(
+      preset, **{key: value for key, value in sizes.items()
+                 if value is not None})
   results, reference = [], None
   for batch_size in args.batch_sizes:
     result = compare.compare(dataclasses.replace(preset,
@@ -71,8 +68,8 @@ def main() -> None:
   summary = {
       "claim": "SNGM at a large batch reaches the accuracy of small-batch "
                "momentum SGD; large-batch momentum SGD falls short",
-      "command": "python benchmarks/large_batch.py " + " ".join(sys.argv[1:]),
-      "machine": machine(),
+      "command": _common.command_line(),
+      "machine": _common.machine_description(),
       "wall_time_s": time.perf_counter() - start,
       "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
       "lr_grids": {name: dataclasses.asdict(grid)
@@ -82,13 +79,19 @@ def main() -> None:
           for name, grid in compare.SMALL_BATCH_GRIDS.items()},
       "results": [compare.without_histories(r) for r in results],
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "large_batch.json").write_text(
-      json.dumps(summary, indent=1) + "\n")
+  _common.write_json(args.out / "large_batch.json", summary)
 
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plot(results, args.out / "large_batch.png")
+  print(f"\nmachine: {_common.machine_line(summary['machine'])}; total "
+        f"{summary['wall_time_s'] / 60:.1f} min; wrote "
+        f"{args.out / 'large_batch.json'} and {args.out / 'large_batch.png'}")
+
+
+def plot(results: list[dict], path: pathlib.Path) -> None:
+  """Test accuracy curves, one panel per large batch size."""
+  plt = _common.pyplot()
+  if plt is None:
+    return
   figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2),
                               squeeze=False)
   for panel, result in zip(axes[0], results):
@@ -96,11 +99,7 @@ def main() -> None:
     panel.set_title(f"MNIST-1D CNN, large batch "
                     f"{result['preset']['large_batch']}, "
                     f"{result['preset']['epochs']:g} epochs")
-  figure.tight_layout()
-  figure.savefig(args.out / "large_batch.png", dpi=110)
-  print(f"\nmachine: {summary['machine']}; total "
-        f"{summary['wall_time_s'] / 60:.1f} min; wrote "
-        f"{args.out / 'large_batch.json'} and {args.out / 'large_batch.png'}")
+  _common.save_figure(figure, path, dpi=110)
 
 
 if __name__ == "__main__":

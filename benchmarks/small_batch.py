@@ -39,22 +39,19 @@ small_batch.png, prints a Markdown table.
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
-import platform
-import sys
 import time
 
-import jax
 import numpy as np
+
+import _common
 
 from sngm_optax.harness import compare
 from sngm_optax.harness import train
 from sngm_optax.harness import config as config_lib
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 SGD_LR = 0.015    # p at B = 2 (momentum SGD's middle grid value)
 ADAM_LR = 0.001   # a at B = 2
 # Average step of TR's 1/(k+1) decay relative to its learning rate, S = 10.
@@ -89,6 +86,14 @@ def grid(method: Method, batch_size: int) -> list[float]:
   return [float(f"{peak * factor:.3g}") for factor in method.factors]
 
 
+def one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
+  """Trains `config` once: `compare`'s run summary (`diverged` included)."""
+  contender = compare.run_contender(config, config.optimizer,
+                                    config.batch_size, [config.learning_rate],
+                                    dataset, quiet)
+  return contender["runs"][0]
+
+
 def run_method(method: Method, base: config_lib.Config, dataset, extra_seeds: int,
                done: dict, quiet: bool) -> dict:
   """Grid (reusing `done[method.reuse]` runs), pick on validation, seeds."""
@@ -105,7 +110,7 @@ def run_method(method: Method, base: config_lib.Config, dataset, extra_seeds: in
     if learning_rate in reused:
       runs.append(reused[learning_rate])
     else:
-      runs.append(compare._one_run(  # pylint: disable=protected-access
+      runs.append(one_run(
           dataclasses.replace(config, learning_rate=learning_rate), dataset,
           quiet))
   finished = [run for run in runs if not run["diverged"]]
@@ -127,7 +132,7 @@ def run_method(method: Method, base: config_lib.Config, dataset, extra_seeds: in
     if earlier["best"]["learning_rate"] == best["learning_rate"]:
       seed_runs = earlier["seed_runs"]  # same pick: same runs
   if seed_runs is None:
-    seed_runs = [compare._one_run(  # pylint: disable=protected-access
+    seed_runs = [one_run(
         dataclasses.replace(config, learning_rate=best["learning_rate"],
                             seed=base.seed + offset), dataset, quiet)
                  for offset in range(1, extra_seeds + 1)]
@@ -149,14 +154,12 @@ def run_method(method: Method, base: config_lib.Config, dataset, extra_seeds: in
 
 def format_table(results: list[dict]) -> str:
   batch_sizes = sorted({r["batch_size"] for r in results})
-  labels = [m.label for m in METHODS]
-  lines = ["| method | " + " | ".join(f"B = {b}" for b in batch_sizes) + " |",
-           "| --- |" + " ---: |" * len(batch_sizes)]
-  for label in labels:
-    cells = []
+  rows = []
+  for method in METHODS:
+    cells = [method.label]
     for batch_size in batch_sizes:
       match = [r for r in results
-               if r["method"] == label and r["batch_size"] == batch_size]
+               if r["method"] == method.label and r["batch_size"] == batch_size]
       if not match or match[0]["best"] is None:
         cells.append("-" if not match else "all diverged")
         continue
@@ -165,14 +168,16 @@ def format_table(results: list[dict]) -> str:
       cells.append(f"{100 * r['test_accuracy_mean']:.1f} ± "
                    f"{100 * r['test_accuracy_std']:.1f} "
                    f"(lr {r['best']['learning_rate']:g}{edge})")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    rows.append(cells)
+  return _common.markdown_table(
+      ["method", *(f"B = {b}" for b in batch_sizes)], rows,
+      align="l" + "r" * len(batch_sizes))
 
 
 def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _common.pyplot()
+  if plt is None:
+    return
   figure, axes = plt.subplots(figsize=(6.4, 4.2))
   for index, method in enumerate(METHODS):
     rows = sorted((r for r in results if r["method"] == method.label
@@ -193,16 +198,7 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
   axes.set_title(title, fontsize=8)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
-
-
-def machine() -> str:
-  return (f"{jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"{os.cpu_count()} CPU cores "
-          f"({platform.processor() or platform.machine()}); jax "
-          f"{jax.__version__}")
+  _common.save_figure(figure, path)
 
 
 def main() -> None:
@@ -217,7 +213,7 @@ def main() -> None:
                       help="seed of the grid runs; the extra seeds follow it")
   parser.add_argument("--methods", nargs="+", default=None,
                       help="labels from METHODS (default: all)")
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args()
 
@@ -255,9 +251,8 @@ def main() -> None:
     summary = {
         "claim": "TR-SGD / TR-Adam beat SGD (also with a re-tuned learning "
                  "rate) and Adam at batch sizes 2-16",
-        "command": "python benchmarks/small_batch.py " +
-                   " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "command": _common.command_line(),
+        "machine": _common.machine_description(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "data": data_line,
@@ -270,17 +265,16 @@ def main() -> None:
         "results": results,
     }
     summary["table"] = format_table(results)
-    (args.out / "small_batch.json").write_text(
-        json.dumps(summary, indent=1) + "\n")
+    _common.write_json(args.out / "small_batch.json", summary)
     plot(results, args.out / "small_batch.png",
          f"{data_line}\npicked LR, {1 + args.extra_seeds} seeds, "
          f"first seed {args.seed}")
   print("\n" + summary["table"])
-  print(f"\n(* picked at the edge of its grid)\nmachine: {summary['machine']};"
-        f" load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; total "
+  print(f"\n(* picked at the edge of its grid)\nmachine: "
+        f"{_common.machine_line(summary['machine'])}; load "
+        f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; total "
         f"{summary['wall_time_s'] / 60:.1f} min; wrote "
         f"{args.out / 'small_batch.json'} and {args.out / 'small_batch.png'}")
-
 
 if __name__ == "__main__":
   main()
