@@ -1,4 +1,4 @@
-"""What every benchmark shares: forced host devices, the machine, timing, results.
+"""What every benchmark shares: host devices, the machine, timing, results.
 
 A benchmark script starts with
 
@@ -157,8 +157,7 @@ class Timings:
     return [t / b for t, b in zip(times[name], times[baseline])]
 
   def median_ratio(self, name: str, baseline: str, cpu: bool = False) -> float:
-    """Median of the per-round ratios: robust to load that drifts between
-    rounds on a shared machine."""
+    """Median of the per-round ratios (robust to load that drifts)."""
     return statistics.median(self.ratios(name, baseline, cpu))
 
 
@@ -211,16 +210,15 @@ def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
 
 
 def pyplot():
-  """`matplotlib.pyplot` on the file-only Agg backend; None without matplotlib.
-  """
+  """`matplotlib.pyplot` on the file-only Agg backend; None if not installed."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
     print("matplotlib is not installed: no figure", file=sys.stderr)
     return None
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
+  import matplotlib.pyplot  # pylint: disable=import-outside-toplevel
+  return matplotlib.pyplot
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:

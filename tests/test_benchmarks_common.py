@@ -12,7 +12,7 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if p.name != "_common.py")
 sys.path.insert(0, str(BENCHMARKS))
 
-import _common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import _common  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_machine_description_has_the_cpu_model_and_versions():
@@ -25,7 +25,7 @@ def test_machine_description_has_the_cpu_model_and_versions():
 
 
 def test_force_host_devices_refuses_after_jax_is_imported(monkeypatch):
-  import jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import jax  # noqa: F401  pylint: disable=import-outside-toplevel
   monkeypatch.setenv("XLA_FLAGS", "")
   with pytest.raises(RuntimeError, match="before `import jax`"):
     _common.force_host_devices(8)
