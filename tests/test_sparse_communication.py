@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
-from sngm_optax import _compression as compression
+from sngm_optax import _top_k
 
 K = 8  # workers = simulated devices (tests/conftest.py)
 AXIS = "data"
@@ -417,72 +417,14 @@ def test_blocks_require_an_axis_name(factory):
     factory(density=0.1)
 
 
-# Top-k selections.
-
-def _sampled_top_k(vector, k):
-  """The public 'sampled' selection, and whether its fallback was needed."""
-  plan = compression._sampled_plan(vector.shape[0], k)
-  assert plan is not None  # the sampled path is taken for these sizes
-
-  @jax.jit
-  def select(v):
-    key = jax.random.key(0)
-    _, is_exact = compression._top_k_from_sampled_threshold(
-        jnp.abs(v), k, key, plan)
-    return sngm_optax.top_k_by_magnitude(v, k, "sampled", key), is_exact
-
-  indices, is_exact = select(jnp.asarray(vector))
-  return np.asarray(indices), bool(is_exact)
-
-
-@pytest.mark.parametrize("size, density", [(100_000, 0.002), (50_000, 0.01)])
-def test_sampled_selection_is_the_exact_top_k(size, density):
-  vector = np.random.default_rng(0).normal(size=size).astype(np.float32)
-  k = _n_kept(size, density)
-  indices, is_exact = _sampled_top_k(vector, k)
-  assert is_exact  # found without the fallback
-  expected = np.argsort(-np.abs(vector))[:k]
-  np.testing.assert_array_equal(np.sort(indices), np.sort(expected))
-
-
-def test_sampled_selection_falls_back_to_exact():
-  # 150 nonzeros out of 100k, k = 200: the sampled threshold is 0, every
-  # block is a candidate, and the exact fallback must be used.
-  vector = np.zeros(100_000, np.float32)
-  rng = np.random.default_rng(0)
-  hot = rng.choice(vector.size, 150, replace=False)
-  vector[hot] = rng.normal(size=150) + 10.0
-  indices, is_exact = _sampled_top_k(vector, 200)
-  assert not is_exact
-  assert len(set(indices.tolist())) == 200
-  assert set(hot.tolist()) <= set(indices.tolist())
-
-
-@pytest.mark.parametrize("selection", compression.SELECTIONS)
-def test_every_selection_returns_k_distinct_large_indices(selection):
-  vector = jnp.asarray(
-      np.random.default_rng(2).normal(size=50_000).astype(np.float32))
-  k = 500
-  indices = np.asarray(jax.jit(
-      lambda v: sngm_optax.top_k_by_magnitude(v, k, selection))(vector))
-  assert indices.dtype == np.int32 and len(set(indices.tolist())) == k
-  exact = set(np.argsort(-np.abs(np.asarray(vector)))[:k].tolist())
-  assert len(exact & set(indices.tolist())) >= 0.95 * k
-
-
-def test_top_k_by_magnitude_hand_example():
-  v = jnp.array([0.5, -7.0, 3.0, 0.0, -2.0, 6.0])
-  for selection in compression.SELECTIONS:
-    got = sngm_optax.top_k_by_magnitude(v, 3, selection)
-    assert sorted(np.asarray(got).tolist()) == [1, 2, 5]
-
+# GMC with each top-k selection.
 
 def test_gmc_with_sampled_selection_on_a_large_leaf_matches_reference():
   # 20k entries at density 1%: big enough for the sampled path.
   params = [jnp.zeros(20_000)]
   grads_seq = _worker_grads(params, 2, seed=3)
   tx = sngm_optax.gmc(0.1, density=0.01, axis_name=AXIS, selection="sampled")
-  assert compression._sampled_plan(20_000, 200) is not None
+  assert _top_k._sampled_plan(20_000, 200) is not None
   actual, _ = _run_pmap(tx, params, grads_seq)
   expected, _ = gmc_reference(*_as_reference_input(params, grads_seq),
                               [0.1] * 2, 0.9, 0.01)
