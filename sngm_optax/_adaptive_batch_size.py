@@ -61,6 +61,7 @@ def _noise_scale(variance_trace_ema, sq_norm_ema):
 
 
 def _batch_size_test(test: str) -> BatchSizeTest:
+  """The table's entry for `test`; raises for an unknown name."""
   if test not in TESTS:
     raise ValueError(f"test must be one of {TESTS}, got {test!r}")
   return BATCH_SIZE_TESTS[test]
@@ -104,6 +105,7 @@ def _check_batch_sizes(
 def _check_hyperparameters(
     eta, theta, nu, noise_scale_decay, initial_accumulator_value, eps, axis_name
 ) -> None:
+  """Raises for a bad threshold, decay, AdaGrad constant or axis name."""
   _checks.check_positive("eta", eta)
   _checks.check_positive("theta", theta)
   _checks.check_positive("nu", nu)
@@ -119,6 +121,7 @@ def _check_hyperparameters(
 def _initial_state(
     params, initial_batch_size, initial_accumulator_value, keep_accumulator
 ) -> AdaptiveBatchSizeState:
+  """The state before the first step; AdaGrad's accumulator if kept."""
   _checks.check_float_params(params, "adaptive_batch_size")
   # A fresh buffer per field: a shared one could not be donated to a
   # jitted step (XLA refuses to donate the same buffer twice).
