@@ -4,8 +4,8 @@ import optax
 
 from sngm_optax import _checks
 from sngm_optax._adagrad_norm import scale_by_adagrad_norm
-from sngm_optax._adaptive_batch_size import AxisName
 from sngm_optax._adaptive_batch_size import adaptive_batch_size
+from sngm_optax._gradient_statistics import AxisName
 
 
 def adadagrad(

@@ -23,6 +23,7 @@ from sngm_optax import inner_product_test
 from sngm_optax import next_batch_size
 from sngm_optax import norm_test
 from sngm_optax import orthogonality_test
+from sngm_optax._batch_size_tests import BATCH_SIZE_TESTS
 
 from batch_size_reference import (
     jitted_microbatch_statistics as microbatch_statistics,
@@ -123,6 +124,32 @@ def test_zero_mean_gradient_gives_inf_when_noisy_and_zero_when_not():
   )
   for name, value in all_tests(statistics, 0.1, 0.1, 0.1).items():
     assert float(value) == 0.0, name
+
+
+def test_table_says_what_each_test_reads():
+  # adaptive_batch_size routes moments and the per-device norm path, and
+  # skips steps with non-finite statistics, by `needs`: with every other
+  # field NaN each test must still give the reference b_new.
+  grads = random_per_example(5, batch=8, mean_scale=0.5)
+  weights = jax.tree.map(lambda g: jnp.abs(g[0]) + 0.5, grads)
+  _, statistics = per_example_statistics(grads, preconditioner=weights)
+  thresholds = dict(eta=0.3, theta=0.2, nu=0.4)
+  want = reference_tests(flatten(grads), **thresholds,
+                         weights=flatten(weights, False))
+  assert list(BATCH_SIZE_TESTS) == [
+      "norm", "inner_product", "orthogonality", "augmented", "coordinate"]
+  for name, spec in BATCH_SIZE_TESTS.items():
+    only_needed = statistics._replace(**{
+        field: jnp.float32(jnp.nan)
+        for field in statistics._fields if field not in spec.needs
+    })
+    np.testing.assert_allclose(spec.run(only_needed, **thresholds),
+                               want[name], rtol=1e-4, err_msg=name)
+  inner = {n for n, t in BATCH_SIZE_TESTS.items() if t.needs_inner_products}
+  assert inner == {"inner_product", "orthogonality", "augmented"}
+  preconditioned = {
+      n for n, t in BATCH_SIZE_TESTS.items() if t.needs_preconditioner}
+  assert preconditioned == {"coordinate"}
 
 
 # ----------------------------------------------------------------------------
@@ -374,6 +401,103 @@ def test_per_device_norm_test_matches_numpy(noise):
     np.testing.assert_allclose(got[0], g.mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
       state.test_statistic[0], want, rtol=1e-4 if noise == 1.0 else 1e-2)
+
+
+def replicated(tree):
+  return jax.tree.map(lambda x: jnp.stack([x] * NUM_DEVICES), tree)
+
+
+def device_means(seed, mean_scale=0.3):
+  """Each device's mean gradient, (devices, ...) leaves, and as rows."""
+  grads = random_per_example(seed, batch=NUM_DEVICES, mean_scale=mean_scale)
+  return grads, flatten(grads)
+
+
+@pytest.mark.parametrize(
+    "test", ["inner_product", "orthogonality", "augmented", "coordinate"]
+)
+def test_per_device_transform_matches_numpy(test):
+  # These tests' per-device path hands the mean gradient to
+  # per_device_statistics with m = batch / D samples per device. Two steps:
+  # the second one's batch is the first one's suggestion.
+  eta, theta, nu, accumulator_value, eps = 0.3, 0.15, 0.4, 0.1, 1e-7
+  tx = adaptive_batch_size(
+      max_batch_size=10**6, test=test, initial_batch_size=64, eta=eta,
+      theta=theta, nu=nu, batch_size_multiple=NUM_DEVICES,
+      axis_name="devices", initial_accumulator_value=accumulator_value,
+      eps=eps,
+  )
+  params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), device_means(0)[0])
+  step = pmapped(tx.update)
+  state = replicated(tx.init(params))
+  accumulator = np.full(flatten(params, False).shape, accumulator_value)
+  batch = 64
+  for seed in (40, 41):
+    grads, rows = device_means(seed)
+    updates, state = step(grads, state)
+    accumulator += rows.mean(0) ** 2
+    want = reference_tests(
+        rows, eta, theta, nu, weights=1 / np.sqrt(accumulator + eps),
+        scale=batch / NUM_DEVICES,
+    )[test]
+    np.testing.assert_allclose(
+        flatten(updates), np.tile(rows.mean(0), (NUM_DEVICES, 1)),
+        rtol=1e-5, atol=1e-6,
+    )
+    np.testing.assert_allclose(state.test_statistic, [want] * NUM_DEVICES,
+                               rtol=1e-4)
+    np.testing.assert_array_equal(state.batch_size, batch)
+    next_batch = reference_next(batch, want, 10**6, NUM_DEVICES)
+    np.testing.assert_array_equal(state.next_batch_size, next_batch)
+    assert next_batch > batch  # so the second step has a new m
+    batch = next_batch
+
+
+@pytest.mark.parametrize("source", ["per_example", "microbatch", "moments"])
+def test_transform_pools_per_sample_sources_over_devices(source):
+  # With axis_name, the examples, microbatches or moments of all devices
+  # are pooled: the statistics are those of the 8 x 4 units together.
+  units_per_device, microbatch_size = 4, 1 if source == "per_example" else 3
+  units = random_per_example(42, batch=NUM_DEVICES * units_per_device,
+                             mean_scale=0.5)
+  split = jax.tree.map(
+      lambda g: g.reshape((NUM_DEVICES, units_per_device) + g.shape[1:]),
+      units,
+  )
+  local_means = jax.tree.map(lambda g: g.mean(1), split)
+  test = "coordinate" if source == "moments" else "augmented"
+  tx = adaptive_batch_size(
+      max_batch_size=10**6, test=test, initial_batch_size=8, eta=0.3,
+      theta=0.2, nu=0.4, microbatch_size=microbatch_size,
+      axis_name="devices",
+  )
+  if source == "moments":
+    def on_device(grads, state, stacked):
+      rows = [jax.tree.map(lambda g, i=i: g[i], stacked)
+              for i in range(units_per_device)]
+      moments = sngm_optax.gradient_moments(rows[0])
+      for row in rows[1:]:
+        moments = sngm_optax.add_gradient_moments(
+            moments, sngm_optax.gradient_moments(row))
+      return tx.update(grads, state, gradient_moments=moments)
+  else:
+    def on_device(grads, state, stacked):
+      return tx.update(grads, state, **{f"{source}_grads": stacked})
+
+  params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), units)
+  updates, state = pmapped(on_device)(
+      local_means, replicated(tx.init(params)), split)
+  rows = flatten(units)
+  mean = rows.mean(0)
+  weights = 1 / np.sqrt(0.1 + mean**2 + 1e-7)
+  want = reference_tests(rows, 0.3, 0.2, 0.4, weights=weights,
+                         scale=microbatch_size)[test]
+  np.testing.assert_allclose(flatten(updates), np.tile(mean, (NUM_DEVICES, 1)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.test_statistic, [want] * NUM_DEVICES,
+                             rtol=1e-4)
+  np.testing.assert_array_equal(
+      state.batch_size, NUM_DEVICES * units_per_device * microbatch_size)
 
 
 def test_per_device_transform_refuses_device_invariant_gradients():
