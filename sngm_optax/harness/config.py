@@ -1,5 +1,8 @@
 """The run configuration: one frozen dataclass, checked when it is made.
 
+The adaptive-batch settings that depend on the number of devices are
+resolved once, by `Config.adaptive_settings`.
+
 Configs are plain Python with command-line overrides (`override`), as in the
 Flax examples.
 
