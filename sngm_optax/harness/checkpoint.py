@@ -158,7 +158,7 @@ class LoopCheckpoints:
   schedule's).
 
   Args:
-    directory: where the checkpoints live.
+    directory: where the checkpoints live; None saves none.
     every_steps: save every this many steps (0: not by steps).
     at_epoch_end: save when an epoch ends.
     keep: how many of the newest checkpoints to keep.
@@ -166,17 +166,21 @@ class LoopCheckpoints:
       with each checkpoint; `restore` then refuses one saved with another.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, every_steps: int = 0,
+  def __init__(self, directory: str | os.PathLike | None, *,
+               every_steps: int = 0,
                at_epoch_end: bool = True, keep: int = 3,
                config: dict | None = None):
     self.every_steps = every_steps
     self.at_epoch_end = at_epoch_end
     # Round-trip through JSON so that tuples/lists compare as saved.
     self.config = None if config is None else json.loads(json.dumps(config))
-    self.checkpointer = Checkpointer(directory, keep=keep)
+    self.checkpointer = (None if directory is None
+                         else Checkpointer(directory, keep=keep))
 
   def restore(self, state) -> tuple[Any, dict]:
     """Returns `(state, loop)` from the newest good checkpoint."""
+    if self.checkpointer is None:
+      raise ValueError("resuming needs a checkpoint_dir")
     _, state, loop = self.checkpointer.restore_latest(state)
     if self.config is None:
       return state, loop
@@ -197,7 +201,7 @@ class LoopCheckpoints:
     every = self.every_steps
     due = (force or (every and step % every == 0)
            or (epoch_ended and self.at_epoch_end))
-    if not due:
+    if not due or self.checkpointer is None:
       return False
     meta = {"step": int(step)}
     if self.config is not None:
@@ -207,7 +211,8 @@ class LoopCheckpoints:
     return True
 
   def close(self) -> None:
-    self.checkpointer.close()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
 
 
 def saved_config(directory: str | os.PathLike) -> dict:

@@ -138,6 +138,20 @@ def load_dataset(config: Config) -> data_lib.Dataset:
                                config.cache_dir)
 
 
+def _step_budget(config: Config, num_train: int) -> tuple[int, int, int]:
+  """The budget in samples, and the steps and warmup steps of the schedule.
+
+  An adaptive run's step count is not known in advance: its learning-rate
+  schedule counts steps at the initial batch size.
+  """
+  budget = math.ceil(config.epochs * num_train)
+  steps_per_epoch = num_train / config.batch_size
+  total_steps = math.ceil(config.epochs * steps_per_epoch)
+  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
+                     total_steps - 1)
+  return budget, total_steps, warmup_steps
+
+
 def _check_fits_data(config: Config, num_train: int) -> None:
   """Raises ValueError for a batch larger than the training set."""
   if config.batch_size > num_train:
@@ -228,14 +242,16 @@ def _non_finite_error(config: Config, count: int,
 
 
 def _record_epoch(samples_seen: int, num_train: int, step: int,
-                  batch_size: int, losses: list[float]) -> dict:
-  """The first fields of an epoch's history record (evaluation follows)."""
+                  batch_size: int, losses: list[float],
+                  schedule: batching.BatchSchedule) -> dict:
+  """An epoch's history record, but for evaluation and wall time."""
   return {
       "epoch": samples_seen / num_train,
       "samples_seen": samples_seen,
       "steps": step,
       "batch_size": batch_size,
       "train_loss": float(np.mean(losses)) if losses else float("nan"),
+      **schedule.record_fields(),
   }
 
 
@@ -250,28 +266,33 @@ def _evaluate_splits(eval_step: Callable, params, splits: list,
   return record
 
 
-def _open_checkpoints(config: Config, resume: bool):
-  """The loop's `LoopCheckpoints`, or None when `config` names no directory."""
-  if not config.checkpoint_dir:
-    if resume:
-      raise ValueError("resuming needs a checkpoint_dir")
-    return None
+def _open_checkpoints(config: Config) -> checkpoint_lib.LoopCheckpoints:
+  """The loop's checkpoints (none saved when `config` names no directory)."""
   return checkpoint_lib.LoopCheckpoints(
-      config.checkpoint_dir, every_steps=config.checkpoint_every_steps,
+      config.checkpoint_dir or None,
+      every_steps=config.checkpoint_every_steps,
       at_epoch_end=config.checkpoint_at_epoch_end,
       keep=config.keep_checkpoints, config=dataclasses.asdict(config))
 
 
-def _progress_bar(schedule: batching.BatchSchedule, quiet: bool,
-                  description: str, start: int):
-  """A bar in the schedule's units (steps or samples), at `start`."""
+def _progress_bar(schedule: batching.BatchSchedule, steps: int, samples: int,
+                  quiet: bool, description: str):
+  """A bar in the schedule's units (steps or samples), started at `steps`
+  steps and `samples` samples."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   interactive = sys.stdout.isatty() and sys.stderr.isatty()
   bar = tqdm(total=schedule.progress_total, desc=description,
              unit=schedule.progress_unit, leave=False,
              disable=quiet or not interactive, dynamic_ncols=True)
-  bar.update(start)
+  bar.update(schedule.progress(steps, samples))
   return bar
+
+
+def _show_step(bar, batch_size: int, metrics: dict,
+               samples_per_s: float) -> None:
+  bar.set_postfix(B=batch_size, loss=f"{float(metrics['loss']):.3f}",
+                  acc=f"{float(metrics['accuracy']):.3f}",
+                  samples_per_s=f"{samples_per_s:.0f}", refresh=False)
 
 
 def _epoch_line(name: str, learning_rate: float, record: dict) -> str:
@@ -325,10 +346,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   """
   start_time = time.perf_counter()
 
-  # --- Data. The budget is in samples; an adaptive run's learning-rate
-  # schedule counts steps at the initial batch size.
-  if dataset is None:
-    dataset = load_dataset(config)
+  # --- Data.
+  dataset = load_dataset(config) if dataset is None else dataset
   splits, validation = [("test", dataset.x_test, dataset.y_test)], None
   if config.val_fraction > 0:
     dataset, validation = dataset.split_validation(config.val_fraction,
@@ -337,12 +356,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   num_train = dataset.num_train
   _check_fits_data(config, num_train)
   sampler = data_lib.EpochSampler(num_train, seed=config.seed)
-  budget = math.ceil(config.epochs * num_train)
-  steps_per_epoch = num_train / config.batch_size
-  total_steps = math.ceil(config.epochs * steps_per_epoch)
+  budget, total_steps, warmup_steps = _step_budget(config, num_train)
 
-  # --- Devices (a 1-D mesh; the batch is split along it) and the batch
-  # schedule, fixed or grown by the batch-size test.
+  # --- Devices (a 1-D mesh; the batch is split along it); batch schedule.
   devices = _mesh_devices(config)
   adaptive = config.adaptive_settings(len(devices))
   schedule = batching.make_batch_schedule(
@@ -350,8 +366,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
 
   # --- Model and optimizer, with compiled steps cached across a grid of
   # peak learning rates (the peak is a value in the optimizer state).
-  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
-                     total_steps - 1)
   program = build_program(
       config.model, dataset.num_classes, config.optimizer,
       json.dumps(config.optimizer_kwargs, sort_keys=True),
@@ -360,14 +374,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   state = _initial_state(program, config, dataset.x[:1])
 
   # --- Train step and evaluation.
-  train_step, eval_step = program.train_step, program.eval_step
   batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
   eval_chunk = -(-config.eval_batch_size // len(devices)) * len(devices)
 
-  # --- Checkpoint: restore the state, the sampler, the schedule and the
-  # loop's counters.
+  # --- Checkpoint: resume the state, the sampler, the schedule, the counters.
   step, history, epoch_losses, nonfinite_in_a_row = 0, [], [], 0
-  checkpoints = _open_checkpoints(config, resume)
+  checkpoints = _open_checkpoints(config)
   if resume:
     state, loop = checkpoints.restore(state)
     sampler = data_lib.EpochSampler(
@@ -379,14 +391,13 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
 
   # --- Loop.
   name = "+".join(filter(None, (config.optimizer, config.adaptive_batch)))
-  bar = _progress_bar(schedule, quiet, name,
-                      start=schedule.progress(step, sampler.samples_seen))
+  bar = _progress_bar(schedule, step, sampler.samples_seen, quiet, name)
   bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
   done = False
   while not done:
     step += 1
     batch_size = schedule.next_batch_size(sampler.samples_seen)
-    state, metrics = train_step(state, _make_batch(
+    state, metrics = program.train_step(state, _make_batch(
         dataset, sampler.next_batch(batch_size), config.microbatch_size,
         schedule.num_slots(batch_size), batch_sharding))
     # One transfer a step: the loss, and the next batch size (an int32).
@@ -401,21 +412,17 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     elif nonfinite_in_a_row >= config.max_nonfinite_steps:
       bar.close()
       raise _non_finite_error(config, nonfinite_in_a_row, step)
-    elapsed = time.perf_counter() - start_time
     bar.update(schedule.progress(1, batch_size))
-    bar.set_postfix(B=batch_size, loss=f"{loss:.3f}",
-                    acc=f"{float(metrics['accuracy']):.3f}",
-                    samples_per_s=f"{sampler.samples_seen / elapsed:.0f}",
-                    refresh=False)
+    _show_step(bar, batch_size, metrics,
+               sampler.samples_seen / (time.perf_counter() - start_time))
 
     # --- Evaluation, at each epoch's end.
     done = schedule.done(step, sampler.samples_seen)
     epoch_ended = sampler.samples_seen // num_train > len(history) or done
     if epoch_ended:
       record = _record_epoch(sampler.samples_seen, num_train, step,
-                             batch_size, epoch_losses)
-      record.update(schedule.record_fields())
-      record.update(_evaluate_splits(eval_step, state.params, splits,
+                             batch_size, epoch_losses, schedule)
+      record.update(_evaluate_splits(program.eval_step, state.params, splits,
                                      eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time
       history.append(record)
@@ -423,20 +430,17 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       if log_epochs and not quiet:
         _write_line(bar, _epoch_line(name, config.learning_rate, record))
 
-    # --- Checkpoint, when due; `max_steps` stops the run as a preemption
-    # would.
+    # --- Checkpoint, when due (`max_steps` stops as a preemption would).
     stop = 0 < config.max_steps <= step and not done
-    if checkpoints is not None:
-      checkpoints.after_step(
-          step, state, epoch_ended=epoch_ended, force=stop or done,
-          sampler=dataclasses.asdict(sampler.state), history=history,
-          epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row,
-          **schedule.state_dict())
+    checkpoints.after_step(
+        step, state, epoch_ended=epoch_ended, force=stop or done,
+        sampler=dataclasses.asdict(sampler.state), history=history,
+        epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row,
+        **schedule.state_dict())
     if stop:
       break
   bar.close()
-  if checkpoints is not None:
-    checkpoints.close()
+  checkpoints.close()
 
   # --- Metrics.
   result = {
@@ -452,7 +456,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       "history": history,
       "final": history[-1] if history else None,
       "interrupted": not done,
-      **schedule.result_fields(train_step),
+      **schedule.result_fields(program.train_step),
   }
   if bytes_sent is not None:
     result["bytes_sent_per_step"] = bytes_sent
