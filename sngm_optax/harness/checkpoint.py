@@ -30,6 +30,7 @@ Example:
   (3, [3.0, 3.0, 3.0], 3)
 """
 
+import json
 import os
 import warnings
 from typing import Any
@@ -152,29 +153,38 @@ class LoopCheckpoints:
   """The training loop's hook (`train.train_and_evaluate`): when to save,
   what to save, and how to resume.
 
-  The saved JSON part holds `step`, `sampler` (the `SamplerState` fields),
-  `history`, `epoch_losses`, `nonfinite_in_a_row` and `config`.
+  The saved JSON part holds `step`, `config`, and the loop's own fields
+  (`sampler`, `history`, `epoch_losses`, `nonfinite_in_a_row` and the batch
+  schedule's).
+
+  Args:
+    directory: where the checkpoints live; None saves none.
+    every_steps: save every this many steps (0: not by steps).
+    at_epoch_end: save when an epoch ends.
+    keep: how many of the newest checkpoints to keep.
+    config: the run's configuration (`dataclasses.asdict(config)`), saved
+      with each checkpoint; `restore` then refuses one saved with another.
   """
 
-  def __init__(self, config):
-    self.config = config
-    self.checkpointer = Checkpointer(config.checkpoint_dir,
-                                     keep=config.keep_checkpoints)
-
-  @classmethod
-  def for_config(cls, config, resume: bool = False):
-    """The hook for `config`, or None when it names no `checkpoint_dir`."""
-    if not config.checkpoint_dir:
-      if resume:
-        raise ValueError("resuming needs a checkpoint_dir")
-      return None
-    return cls(config)
+  def __init__(self, directory: str | os.PathLike | None, *,
+               every_steps: int = 0,
+               at_epoch_end: bool = True, keep: int = 3,
+               config: dict | None = None):
+    self.every_steps = every_steps
+    self.at_epoch_end = at_epoch_end
+    # Round-trip through JSON so that tuples/lists compare as saved.
+    self.config = None if config is None else json.loads(json.dumps(config))
+    self.checkpointer = (None if directory is None
+                         else Checkpointer(directory, keep=keep))
 
   def restore(self, state) -> tuple[Any, dict]:
     """Returns `(state, loop)` from the newest good checkpoint."""
+    if self.checkpointer is None:
+      raise ValueError("resuming needs a checkpoint_dir")
     _, state, loop = self.checkpointer.restore_latest(state)
-    saved = loop.get("config", {})
-    now = _config_dict(self.config)
+    if self.config is None:
+      return state, loop
+    saved, now = loop.get("config", {}), self.config
     changed = sorted(key for key in set(saved) | set(now)
                      if key not in _RESUMABLE_CHANGES
                      and saved.get(key) != now.get(key))
@@ -188,25 +198,21 @@ class LoopCheckpoints:
   def after_step(self, step: int, state, *, epoch_ended: bool, force: bool,
                  **loop) -> bool:
     """Saves a checkpoint if one is due at `step`; returns whether it did."""
-    every = self.config.checkpoint_every_steps
+    every = self.every_steps
     due = (force or (every and step % every == 0)
-           or (epoch_ended and self.config.checkpoint_at_epoch_end))
-    if not due:
+           or (epoch_ended and self.at_epoch_end))
+    if not due or self.checkpointer is None:
       return False
-    meta = {"step": int(step), "config": _config_dict(self.config)}
+    meta = {"step": int(step)}
+    if self.config is not None:
+      meta["config"] = self.config
     meta.update(loop)
     self.checkpointer.save(step, state, meta)
     return True
 
   def close(self) -> None:
-    self.checkpointer.close()
-
-
-def _config_dict(config) -> dict:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  # Round-trip through JSON so that tuples/lists compare as saved.
-  return json.loads(json.dumps(dataclasses.asdict(config)))
+    if self.checkpointer is not None:
+      self.checkpointer.close()
 
 
 def saved_config(directory: str | os.PathLike) -> dict:

@@ -1,5 +1,8 @@
 """The run configuration: one frozen dataclass, checked when it is made.
 
+The adaptive-batch settings that depend on the number of devices are
+resolved once, by `Config.adaptive_settings`.
+
 Configs are plain Python with command-line overrides (`override`), as in the
 Flax examples.
 
@@ -12,7 +15,7 @@ Example:
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from sngm_optax.harness import data as data_lib
 from sngm_optax.harness import models
@@ -20,6 +23,20 @@ from sngm_optax.harness.optimizers import ADAPTIVE_OPTIMIZERS
 from sngm_optax.harness.optimizers import ADAPTIVE_TESTS
 from sngm_optax.harness.optimizers import OPTIMIZERS
 from sngm_optax.harness.optimizers import SCHEDULES
+
+
+class AdaptiveBatch(NamedTuple):
+  """A run's adaptive-batch settings, resolved for its number of devices.
+
+  The field order is `build_program`'s `adaptive` key.
+  """
+
+  test: str
+  max_batch_size: int
+  initial_batch_size: int
+  microbatch_size: int
+  # "per_device" or "microbatch" ("auto" resolved).
+  statistics: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +133,37 @@ class Config:
                        f"{', '.join(sorted(SCHEDULES))}")
     self._check_adaptive()
 
+  @property
+  def microbatch_size(self) -> int:
+    """Examples per microbatch: `batch_size / num_microbatches`."""
+    return self.batch_size // self.num_microbatches
+
+  def adaptive_settings(self, num_devices: int) -> AdaptiveBatch | None:
+    """The adaptive-batch settings on `num_devices`, None for a fixed batch.
+
+    Raises:
+      ValueError: the statistics the test needs do not exist on
+        `num_devices` devices.
+    """
+    test = self.adaptive_batch
+    if test is None:
+      return None
+    statistics = self.adaptive_statistics
+    if statistics == "auto":
+      statistics = "per_device" if num_devices > 1 else "microbatch"
+    if statistics == "per_device" and num_devices < 2:
+      raise ValueError("adaptive_statistics='per_device' needs at least 2 "
+                       "devices; use 'microbatch'")
+    if statistics == "microbatch" and test not in _MICROBATCH_TESTS:
+      raise ValueError(f"adaptive_batch={test!r} needs per-device "
+                       "statistics, i.e. at least 2 devices")
+    if statistics == "microbatch" and num_devices * self.num_microbatches < 2:
+      raise ValueError(
+          "adaptive_statistics='microbatch' needs at least two units a step: "
+          "set num_microbatches >= 2 (or use 2+ devices)")
+    return AdaptiveBatch(test, self.max_batch_size, self.batch_size,
+                         self.microbatch_size, statistics)
+
   def _check_adaptive(self):
     """Raises ValueError for an inconsistent adaptive-batch setting."""
     test = self.adaptive_batch
@@ -135,7 +183,7 @@ class Config:
     if self.max_batch_size is None:
       raise ValueError("adaptive_batch needs max_batch_size")
     _check_positive_int("max_batch_size", self.max_batch_size)
-    microbatch = self.batch_size // self.num_microbatches
+    microbatch = self.microbatch_size
     if (self.max_batch_size < self.batch_size
         or self.max_batch_size % microbatch):
       raise ValueError(
@@ -146,10 +194,14 @@ class Config:
       raise ValueError("adaptive_statistics must be 'auto', 'per_device' or "
                        f"'microbatch', got {self.adaptive_statistics!r}")
     if (self.adaptive_statistics == "microbatch"
-        and test not in ("norm", "coordinate")):
+        and test not in _MICROBATCH_TESTS):
       raise ValueError(
           f"adaptive_batch={test!r} needs per-device statistics (the "
           "microbatch moments serve only the norm and coordinate tests)")
+
+
+# The tests that can run on the moments of the microbatch gradients.
+_MICROBATCH_TESTS = ("norm", "coordinate")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -1,14 +1,16 @@
 """The training loop shared by the CLI, the notebooks and the benchmarks.
 
-`train_and_evaluate(config)` reads top to bottom, in the sections of a Flax
-example: input, devices, model and optimizer, update step, evaluation,
-training loop, metrics. Optimizers are built by name from
+`train_and_evaluate(config)` reads top to bottom in labelled sections, as
+big_vision's `train.py` does: data, devices and batch schedule, model and
+optimizer, train step, checkpoint restore, the loop (evaluation and
+checkpoints inside it), metrics. Optimizers are built by name from
 `optimizers.OPTIMIZERS`, so a new optimizer is one registry line and no
 change to the loop; the steps themselves are in `steps`.
 
 Adaptive batch sizes (`Config.adaptive_batch`, AdAdaGrad): a batch-size test
 (`sngm_optax.adaptive_batch_size`) sits in front of the optimizer, and each
-step draws the test's `next_batch_size` examples from the `EpochSampler`. The
+step draws the test's `next_batch_size` examples from the `EpochSampler`
+(`batching.GrowingBatch`; a fixed batch is `batching.FixedBatch`). The
 microbatch size is fixed for the run (`batch_size / num_microbatches`), the
 batch is a whole number of microbatches, and their number is rounded up to a
 power of two with weight-0 microbatches, so a growing batch compiles the step
@@ -47,9 +49,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
+from sngm_optax.harness import batching
 from sngm_optax.harness import checkpoint as checkpoint_lib
 from sngm_optax.harness import data as data_lib
 from sngm_optax.harness import models
+from sngm_optax.harness.config import AdaptiveBatch
 from sngm_optax.harness.config import Config
 from sngm_optax.harness.optimizers import PER_DEVICE_STATE
 from sngm_optax.harness.optimizers import SCHEDULES
@@ -79,14 +83,16 @@ class Program:
 def build_program(model: str, num_classes: int, optimizer: str,
                   optimizer_kwargs_json: str, weight_decay: float,
                   schedule: str, total_steps: int, warmup_steps: int,
-                  devices: tuple, adaptive: tuple | None = None) -> Program:
+                  devices: tuple,
+                  adaptive: AdaptiveBatch | None = None) -> Program:
   """Builds (and caches) model, optimizer and jitted steps for a run.
 
   The peak learning rate is a hyperparameter in the optimizer state
   (`optax.inject_hyperparams`, initialized to 1; set it with
   `optax.tree.set(opt_state, learning_rate=...)`), so a learning-rate grid
-  compiles its steps once. `adaptive` is `(test, max_batch_size,
-  initial_batch_size, microbatch, statistics)` for an adaptive batch size.
+  compiles its steps once. `adaptive` (`Config.adaptive_settings`, or the
+  same fields as a plain tuple) puts a batch-size test in front of the
+  optimizer.
   """
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   network = models.make_model(model, num_classes)
@@ -121,7 +127,7 @@ def build_program(model: str, num_classes: int, optimizer: str,
 
 
 # ----------------------------------------------------------------------------
-# The loop.
+# The loop's helpers.
 
 
 def load_dataset(config: Config) -> data_lib.Dataset:
@@ -132,22 +138,185 @@ def load_dataset(config: Config) -> data_lib.Dataset:
                                config.cache_dir)
 
 
-def _progress_bar(total: int, quiet: bool, description: str):
+def _step_budget(config: Config, num_train: int) -> tuple[int, int, int]:
+  """The budget in samples, and the steps and warmup steps of the schedule.
+
+  An adaptive run's step count is not known in advance: its learning-rate
+  schedule counts steps at the initial batch size.
+  """
+  budget = math.ceil(config.epochs * num_train)
+  steps_per_epoch = num_train / config.batch_size
+  total_steps = math.ceil(config.epochs * steps_per_epoch)
+  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
+                     total_steps - 1)
+  return budget, total_steps, warmup_steps
+
+
+def _check_fits_data(config: Config, num_train: int) -> None:
+  """Raises ValueError for a batch larger than the training set."""
+  if config.batch_size > num_train:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the "
+                     f"training set ({num_train} examples)")
+  if config.adaptive_batch is not None and config.max_batch_size > num_train:
+    raise ValueError(f"max_batch_size={config.max_batch_size} is larger than "
+                     f"the training set ({num_train} examples)")
+
+
+def _mesh_devices(config: Config) -> list:
+  """The first `config.num_devices` local devices (0: all of them).
+
+  Raises:
+    ValueError: there are fewer local devices, or the microbatch does not
+      split evenly over them.
+  """
+  available = jax.local_devices()
+  num_devices = config.num_devices or len(available)
+  if num_devices > len(available):
+    raise ValueError(f"num_devices={num_devices} but only {len(available)} "
+                     "local devices exist")
+  if config.microbatch_size % num_devices:
+    raise ValueError(
+        f"the microbatch of {config.microbatch_size} examples (batch_size / "
+        f"num_microbatches) is not divisible by {num_devices} devices")
+  return available[:num_devices]
+
+
+def _initial_state(program: Program, config: Config,
+                   sample_input: np.ndarray) -> train_state.TrainState:
+  """A new `TrainState` with the peak learning rate set, placed on the mesh."""
+  params = program.init_fn(jax.random.key(config.seed),
+                           sample_input)["params"]
+  state = train_state.TrainState.create(apply_fn=program.apply_fn,
+                                        params=params, tx=program.tx)
+  per_device = config.optimizer in PER_DEVICE_STATE
+  # A per-device state has a leading axis of 1 (per_device_state): set the
+  # peak with that shape; _place_state gives every device its own copy.
+  learning_rate = jnp.full((1,) if per_device else (), config.learning_rate,
+                           jnp.float32)
+  state = state.replace(opt_state=optax.tree.set(
+      state.opt_state, learning_rate=learning_rate))
+  return _place_state(state, program.mesh, per_device)
+
+
+def _place_state(state: train_state.TrainState, mesh: jax.sharding.Mesh,
+                 per_device: bool) -> train_state.TrainState:
+  """Replicates `state` over `mesh`; a per-device optimizer state is instead
+  repeated along its leading axis, one slice per device."""
+  replicated = NamedSharding(mesh, P())
+  if per_device:
+    opt_state = jax.device_put(
+        jax.tree.map(lambda x: jnp.repeat(x, mesh.size, axis=0),
+                     state.opt_state),
+        NamedSharding(mesh, P(AXIS)))
+    state = jax.device_put(state.replace(opt_state=None), replicated)
+    return state.replace(opt_state=opt_state)
+  state = jax.device_put(state, replicated)
+  # Leaves that share a buffer (the batch-size test's batch_size and
+  # next_batch_size start as one array) must not be donated twice.
+  return jax.tree.map(lambda leaf: leaf.copy(), state)
+
+
+def _make_batch(dataset: data_lib.Dataset, indices: np.ndarray,
+                microbatch_size: int, num_slots: int,
+                sharding: NamedSharding) -> dict:
+  """The examples at `indices` as `[num_slots, microbatch_size, ...]` arrays
+  with a weight per example; slots past the examples are weight-0 padding."""
+  count = len(indices) // microbatch_size
+  shape = (count, microbatch_size)
+  x = dataset.x[indices].reshape(shape + dataset.x.shape[1:])
+  y = dataset.y[indices].reshape(shape)
+  weight = np.ones(shape, np.float32)
+  if num_slots > count:
+    pad = ((0, num_slots - count), (0, 0))
+    x = np.pad(x, pad + ((0, 0),) * (x.ndim - 2))
+    y, weight = np.pad(y, pad), np.pad(weight, pad)
+  return jax.device_put({"x": x, "y": y, "weight": weight}, sharding)
+
+
+def _non_finite_error(config: Config, count: int,
+                      step: int) -> NonFiniteLossError:
+  return NonFiniteLossError(
+      f"{config.optimizer} lr={config.learning_rate:g}: the loss was "
+      f"non-finite for {count} consecutive steps (at step {step}); lower the "
+      "learning rate")
+
+
+def _record_epoch(samples_seen: int, num_train: int, step: int,
+                  batch_size: int, losses: list[float],
+                  schedule: batching.BatchSchedule) -> dict:
+  """An epoch's history record, but for evaluation and wall time."""
+  return {
+      "epoch": samples_seen / num_train,
+      "samples_seen": samples_seen,
+      "steps": step,
+      "batch_size": batch_size,
+      "train_loss": float(np.mean(losses)) if losses else float("nan"),
+      **schedule.record_fields(),
+  }
+
+
+def _evaluate_splits(eval_step: Callable, params, splits: list,
+                     chunk: int) -> dict:
+  """`{name}_loss` and `{name}_accuracy` for each `(name, x, y)` split."""
+  record = {}
+  for name, x, y in splits:
+    result = evaluate(eval_step, params, x, y, chunk)
+    record[f"{name}_loss"] = result["loss"]
+    record[f"{name}_accuracy"] = result["accuracy"]
+  return record
+
+
+def _open_checkpoints(config: Config) -> checkpoint_lib.LoopCheckpoints:
+  """The loop's checkpoints (none saved when `config` names no directory)."""
+  return checkpoint_lib.LoopCheckpoints(
+      config.checkpoint_dir or None,
+      every_steps=config.checkpoint_every_steps,
+      at_epoch_end=config.checkpoint_at_epoch_end,
+      keep=config.keep_checkpoints, config=dataclasses.asdict(config))
+
+
+def _progress_bar(schedule: batching.BatchSchedule, steps: int, samples: int,
+                  quiet: bool, description: str):
+  """A bar in the schedule's units (steps or samples), started at `steps`
+  steps and `samples` samples."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   interactive = sys.stdout.isatty() and sys.stderr.isatty()
-  return tqdm(total=total, desc=description, unit="step", leave=False,
-              disable=quiet or not interactive, dynamic_ncols=True)
+  bar = tqdm(total=schedule.progress_total, desc=description,
+             unit=schedule.progress_unit, leave=False,
+             disable=quiet or not interactive, dynamic_ncols=True)
+  bar.update(schedule.progress(steps, samples))
+  return bar
 
 
-def train_and_evaluate(
-    config: Config,
-    workdir: str | os.PathLike | None = None,
-    *,
-    dataset: data_lib.Dataset | None = None,
-    quiet: bool = False,
-    log_epochs: bool = True,
-    resume: bool = False,
-) -> dict:
+def _show_step(bar, batch_size: int, metrics: dict,
+               samples_per_s: float) -> None:
+  bar.set_postfix(B=batch_size, loss=f"{float(metrics['loss']):.3f}",
+                  acc=f"{float(metrics['accuracy']):.3f}",
+                  samples_per_s=f"{samples_per_s:.0f}", refresh=False)
+
+
+def _epoch_line(name: str, learning_rate: float, record: dict) -> str:
+  return (f"{name} B={record['batch_size']} lr={learning_rate:g} epoch "
+          f"{record['epoch']:.2f}: train loss {record['train_loss']:.4f}, "
+          f"test acc {record['test_accuracy']:.4f}")
+
+
+def _write_line(bar, line: str) -> None:
+  """Prints `line` above the progress bar, or plainly when the bar is off."""
+  if bar.disable:
+    print(line, flush=True)
+  else:
+    bar.write(line)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
+                       *, dataset: data_lib.Dataset | None = None,
+                       quiet: bool = False, log_epochs: bool = True,
+                       resume: bool = False) -> dict:
   """Trains `config.model` with `config.optimizer` and evaluates each epoch.
 
   Args:
@@ -177,229 +346,106 @@ def train_and_evaluate(
   """
   start_time = time.perf_counter()
 
-  # --- Input.
-  if dataset is None:
-    dataset = load_dataset(config)
-  validation = None
+  # --- Data.
+  dataset = load_dataset(config) if dataset is None else dataset
+  splits, validation = [("test", dataset.x_test, dataset.y_test)], None
   if config.val_fraction > 0:
     dataset, validation = dataset.split_validation(config.val_fraction,
                                                    seed=config.data_seed)
+    splits.append(("val", *validation))
   num_train = dataset.num_train
-  if config.batch_size > num_train:
-    raise ValueError(f"batch_size={config.batch_size} is larger than the "
-                     f"training set ({num_train} examples)")
+  _check_fits_data(config, num_train)
   sampler = data_lib.EpochSampler(num_train, seed=config.seed)
-  adaptive = config.adaptive_batch is not None
-  if adaptive and config.max_batch_size > num_train:
-    raise ValueError(f"max_batch_size={config.max_batch_size} is larger than "
-                     f"the training set ({num_train} examples)")
-  # The budget is in samples. An adaptive run's step count is not known in
-  # advance: its learning-rate schedule counts steps at the initial batch.
-  budget = math.ceil(config.epochs * num_train)
-  steps_per_epoch = num_train / config.batch_size
-  total_steps = math.ceil(config.epochs * steps_per_epoch)
+  budget, total_steps, warmup_steps = _step_budget(config, num_train)
 
-  # --- Devices: a 1-D mesh; the batch is split along it.
-  available = jax.local_devices()
-  num_devices = config.num_devices or len(available)
-  if num_devices > len(available):
-    raise ValueError(f"num_devices={num_devices} but only {len(available)} "
-                     "local devices exist")
-  microbatch = config.batch_size // config.num_microbatches
-  if microbatch % num_devices:
-    raise ValueError(
-        f"the microbatch of {microbatch} examples (batch_size / "
-        f"num_microbatches) is not divisible by {num_devices} devices")
-  eval_chunk = -(-config.eval_batch_size // num_devices) * num_devices
-  adaptive_key = None
-  if adaptive:
-    statistics = config.adaptive_statistics
-    if statistics == "auto":
-      statistics = "per_device" if num_devices > 1 else "microbatch"
-    if statistics == "per_device" and num_devices < 2:
-      raise ValueError("adaptive_statistics='per_device' needs at least 2 "
-                       "devices; use 'microbatch'")
-    if statistics == "microbatch" and config.adaptive_batch not in (
-        "norm", "coordinate"):
-      raise ValueError(
-          f"adaptive_batch={config.adaptive_batch!r} needs per-device "
-          "statistics, i.e. at least 2 devices")
-    if statistics == "microbatch" and num_devices * config.num_microbatches < 2:
-      raise ValueError(
-          "adaptive_statistics='microbatch' needs at least two units a step: "
-          "set num_microbatches >= 2 (or use 2+ devices)")
-    adaptive_key = (config.adaptive_batch, config.max_batch_size,
-                    config.batch_size, microbatch, statistics)
+  # --- Devices (a 1-D mesh; the batch is split along it); batch schedule.
+  devices = _mesh_devices(config)
+  adaptive = config.adaptive_settings(len(devices))
+  schedule = batching.make_batch_schedule(
+      adaptive, config.batch_size, config.microbatch_size, total_steps, budget)
 
-  # --- Model, optimizer and compiled steps (cached across a grid of peak
-  # learning rates: the peak is a value in the optimizer state).
-  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
-                     total_steps - 1)
+  # --- Model and optimizer, with compiled steps cached across a grid of
+  # peak learning rates (the peak is a value in the optimizer state).
   program = build_program(
       config.model, dataset.num_classes, config.optimizer,
       json.dumps(config.optimizer_kwargs, sort_keys=True),
       config.weight_decay, config.schedule, total_steps, warmup_steps,
-      tuple(available[:num_devices]), adaptive_key)
-  params = program.init_fn(jax.random.key(config.seed),
-                           dataset.x[:1])["params"]
-  state = train_state.TrainState.create(apply_fn=program.apply_fn,
-                                        params=params, tx=program.tx)
-  per_device = config.optimizer in PER_DEVICE_STATE
-  # A per-device state has a leading axis of 1 (per_device_state): set the
-  # peak with that shape, then give every device its own copy.
-  learning_rate = jnp.full((1,) if per_device else (), config.learning_rate,
-                           jnp.float32)
-  state = state.replace(opt_state=optax.tree.set(
-      state.opt_state, learning_rate=learning_rate))
-  replicated = NamedSharding(program.mesh, P())
-  if per_device:
-    opt_state = jax.device_put(
-        jax.tree.map(lambda x: jnp.repeat(x, num_devices, axis=0),
-                     state.opt_state),
-        NamedSharding(program.mesh, P(AXIS)))
-    state = jax.device_put(state.replace(opt_state=None), replicated)
-    state = state.replace(opt_state=opt_state)
-  else:
-    state = jax.device_put(state, replicated)
-    # Leaves that share a buffer (the batch-size test's batch_size and
-    # next_batch_size start as one array) must not be donated twice.
-    state = jax.tree.map(lambda leaf: leaf.copy(), state)
+      tuple(devices), adaptive)
+  state = _initial_state(program, config, dataset.x[:1])
 
-  # --- Update and evaluation steps.
-  train_step, eval_step = program.train_step, program.eval_step
+  # --- Train step and evaluation.
   batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
+  eval_chunk = -(-config.eval_batch_size // len(devices)) * len(devices)
 
-  def next_batch(batch_size):
-    indices = sampler.next_batch(batch_size)
-    count = batch_size // microbatch
-    # Bucket the number of microbatches to a power of two (weight-0 padding)
-    # so a growing batch compiles the step once per bucket.
-    slots = 1 << (count - 1).bit_length() if adaptive else count
-    shape = (count, microbatch)
-    x = dataset.x[indices].reshape(shape + dataset.x.shape[1:])
-    y = dataset.y[indices].reshape(shape)
-    weight = np.ones(shape, np.float32)
-    if slots > count:
-      pad = ((0, slots - count), (0, 0))
-      x = np.pad(x, pad + ((0, 0),) * (x.ndim - 2))
-      y, weight = np.pad(y, pad), np.pad(weight, pad)
-    return jax.device_put({"x": x, "y": y, "weight": weight}, batch_sharding)
-
-  def run_evaluation(record):
-    splits = [("test", dataset.x_test, dataset.y_test)]
-    if validation is not None:
-      splits.append(("val", *validation))
-    for name, x, y in splits:
-      result = evaluate(eval_step, state.params, x, y, eval_chunk)
-      record[f"{name}_loss"] = result["loss"]
-      record[f"{name}_accuracy"] = result["accuracy"]
-
-  # --- Checkpoints: restore the state, the sampler and the loop counters.
-  history, epoch_losses, nonfinite_in_a_row, start_step = [], [], 0, 0
-  checkpoints = checkpoint_lib.LoopCheckpoints.for_config(config, resume)
+  # --- Checkpoint: resume the state, the sampler, the schedule, the counters.
+  step, history, epoch_losses, nonfinite_in_a_row = 0, [], [], 0
+  checkpoints = _open_checkpoints(config)
   if resume:
     state, loop = checkpoints.restore(state)
     sampler = data_lib.EpochSampler(
         num_train, state=data_lib.SamplerState(**loop["sampler"]))
-    start_step, history, epoch_losses, nonfinite_in_a_row = (
+    schedule.load_state_dict(loop)
+    step, history, epoch_losses, nonfinite_in_a_row = (
         loop["step"], loop["history"], loop["epoch_losses"],
         loop["nonfinite_in_a_row"])
 
-  # --- Training loop.
-  step = start_step
+  # --- Loop.
+  name = "+".join(filter(None, (config.optimizer, config.adaptive_batch)))
+  bar = _progress_bar(schedule, step, sampler.samples_seen, quiet, name)
   bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
-  name = config.optimizer + (f"+{config.adaptive_batch}" if adaptive else "")
-  bar = _progress_bar(budget if adaptive else total_steps, quiet, name)
-  if adaptive:
-    bar.unit = "sample"
-  batch_size = config.batch_size
-  batch_sizes, noise_scales = [], []
-  if resume:
-    batch_size = loop["batch_size"]
-    batch_sizes, noise_scales = loop["batch_sizes"], loop["noise_scales"]
-  bar.update(sampler.samples_seen if adaptive else start_step)
   done = False
   while not done:
     step += 1
-    used = batch_size
-    if adaptive:  # the last batch stops at the budget (whole microbatches)
-      remaining = budget - sampler.samples_seen
-      used = min(batch_size, -(-remaining // microbatch) * microbatch)
-    state, metrics = train_step(state, next_batch(used))
+    batch_size = schedule.next_batch_size(sampler.samples_seen)
+    state, metrics = program.train_step(state, _make_batch(
+        dataset, sampler.next_batch(batch_size), config.microbatch_size,
+        schedule.num_slots(batch_size), batch_sharding))
     # One transfer a step: the loss, and the next batch size (an int32).
     metrics = jax.device_get(metrics)
     loss = float(metrics["loss"])
-    if adaptive:
-      batch_sizes.append(used)
-      noise_scales.append(float(metrics["noise_scale"]))
-      batch_size = int(metrics["next_batch_size"])
+    schedule.observe(batch_size, metrics)
     if "bytes_sent" in metrics:
       bytes_sent = float(metrics["bytes_sent"])
-    if math.isfinite(loss):
-      nonfinite_in_a_row = 0
+    nonfinite_in_a_row = 0 if math.isfinite(loss) else nonfinite_in_a_row + 1
+    if not nonfinite_in_a_row:
       epoch_losses.append(loss)
-    else:
-      nonfinite_in_a_row += 1
-      if nonfinite_in_a_row >= config.max_nonfinite_steps:
-        bar.close()
-        raise NonFiniteLossError(
-            f"{config.optimizer} lr={config.learning_rate:g}: the loss was "
-            f"non-finite for {nonfinite_in_a_row} consecutive steps (at step "
-            f"{step}); lower the learning rate")
-    elapsed = time.perf_counter() - start_time
-    bar.update(used if adaptive else 1)
-    bar.set_postfix(B=used, loss=f"{loss:.3f}",
-                    acc=f"{float(metrics['accuracy']):.3f}",
-                    samples_per_s=f"{sampler.samples_seen / elapsed:.0f}",
-                    refresh=False)
+    elif nonfinite_in_a_row >= config.max_nonfinite_steps:
+      bar.close()
+      raise _non_finite_error(config, nonfinite_in_a_row, step)
+    bar.update(schedule.progress(1, batch_size))
+    _show_step(bar, batch_size, metrics,
+               sampler.samples_seen / (time.perf_counter() - start_time))
 
-    done = (sampler.samples_seen >= budget if adaptive
-            else step == total_steps)
-    epoch = sampler.samples_seen // num_train
-    epoch_ended = epoch > len(history) or done
+    # --- Evaluation, at each epoch's end.
+    done = schedule.done(step, sampler.samples_seen)
+    epoch_ended = sampler.samples_seen // num_train > len(history) or done
     if epoch_ended:
-      record = {
-          "epoch": sampler.samples_seen / num_train,
-          "samples_seen": sampler.samples_seen,
-          "steps": step,
-          "batch_size": used,
-          "train_loss": float(np.mean(epoch_losses)) if epoch_losses
-                        else float("nan"),
-      }
-      if adaptive:
-        record["next_batch_size"] = batch_size
-        record["noise_scale"] = noise_scales[-1]
-      run_evaluation(record)
+      record = _record_epoch(sampler.samples_seen, num_train, step,
+                             batch_size, epoch_losses, schedule)
+      record.update(_evaluate_splits(program.eval_step, state.params, splits,
+                                     eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time
       history.append(record)
       epoch_losses = []
       if log_epochs and not quiet:
-        line = (f"{name} B={used} "
-                f"lr={config.learning_rate:g} epoch {record['epoch']:.2f}: "
-                f"train loss {record['train_loss']:.4f}, test acc "
-                f"{record['test_accuracy']:.4f}")
-        if bar.disable:
-          print(line, flush=True)
-        else:
-          bar.write(line)
+        _write_line(bar, _epoch_line(name, config.learning_rate, record))
+
+    # --- Checkpoint, when due (`max_steps` stops as a preemption would).
     stop = 0 < config.max_steps <= step and not done
-    if checkpoints is not None:
-      checkpoints.after_step(
-          step, state, epoch_ended=epoch_ended, force=stop or done,
-          sampler=dataclasses.asdict(sampler.state), history=history,
-          epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row,
-          batch_size=batch_size, batch_sizes=batch_sizes,
-          noise_scales=noise_scales)
+    checkpoints.after_step(
+        step, state, epoch_ended=epoch_ended, force=stop or done,
+        sampler=dataclasses.asdict(sampler.state), history=history,
+        epoch_losses=epoch_losses, nonfinite_in_a_row=nonfinite_in_a_row,
+        **schedule.state_dict())
     if stop:
       break
   bar.close()
-  if checkpoints is not None:
-    checkpoints.close()
+  checkpoints.close()
 
   # --- Metrics.
   result = {
       "config": dataclasses.asdict(config),
-      "num_devices": num_devices,
+      "num_devices": len(devices),
       "num_train": num_train,
       "num_test": dataset.num_test,
       "num_val": 0 if validation is None else len(validation[1]),
@@ -410,13 +456,8 @@ def train_and_evaluate(
       "history": history,
       "final": history[-1] if history else None,
       "interrupted": not done,
+      **schedule.result_fields(program.train_step),
   }
-  if adaptive:
-    # Per step: the batch size it used and the noise scale after it.
-    result["batch_sizes"] = batch_sizes
-    result["noise_scales"] = noise_scales
-    result["adaptive_statistics"] = adaptive_key[-1]
-    result["train_step_compilations"] = train_step._cache_size()  # pylint: disable=protected-access
   if bytes_sent is not None:
     result["bytes_sent_per_step"] = bytes_sent
   if workdir is not None:
