@@ -12,6 +12,8 @@ import optax
 import pytest
 
 import sngm_optax as so
+from optimizers import Runner
+from optimizers import rows
 
 NAN, INF = float("nan"), float("inf")
 
@@ -153,29 +155,17 @@ def test_every_public_factory_is_in_the_table():
   assert not missing, f"no bad-input rows for {sorted(missing)}"
 
 
-# --- Wrong pytrees and dtypes.
+# --- Wrong pytrees and dtypes, for every row of tests/optimizers.py.
 
-TRANSFORMS = {
-    "sngm": lambda: so.sngm(0.1),
-    "normalize_by_global_norm": so.normalize_by_global_norm,
-    "adagrad_norm": lambda: so.adagrad_norm(0.1),
-    "adadagrad_norm": lambda: so.adadagrad_norm(0.1, 256, microbatch_size=4),
-    "adaptive_batch_size": lambda: so.adaptive_batch_size(
-        256, microbatch_size=4),
-    "tr_sgd": lambda: so.tr_sgd(0.1),
-    "tr_adam": lambda: so.tr_adam(0.1),
-}
 PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+WEIGHT_DECAY_FIRST_BUG = (
+    "library bug: sngm chains optax.add_decayed_weights before any params "
+    "check, so with weight_decay > 0 optax's own error comes first (a "
+    "pytree-structure ValueError, or a broadcasting TypeError)")
 
 
-def _extra(name, updates):
-  if "batch_size" in name:  # two microbatches of 4 examples
-    return {"microbatch_grads": jax.tree.map(lambda u: jnp.stack([u, -u]),
-                                             updates)}
-  return {}
-
-
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("row", rows(xfail={
+    "sngm_nesterov_wd": WEIGHT_DECAY_FIRST_BUG}))
 @pytest.mark.parametrize("params, match", [
     ({"w": jnp.ones((2, 3)), "c": jnp.zeros(3)},
      r"updates and params pytrees differ: updates have structure "
@@ -184,15 +174,17 @@ def _extra(name, updates):
     ({"w": jnp.ones((3, 2)), "b": jnp.zeros(3)},
      r"differ at \['w'\]: updates have shape \(2, 3\), params have \(3, 2\)"),
 ])
-def test_params_that_do_not_match_the_updates_are_named(name, params, match):
-  tx = TRANSFORMS[name]()
-  state = tx.init(PARAMS)
+def test_params_that_do_not_match_the_updates_are_named(row, params, match):
+  tx = row.build()
+  runner = Runner(row, tx)
+  state = runner.init(PARAMS)
+  if not row.axis:
+    with pytest.raises(ValueError, match=match):
+      tx.update(PARAMS, state, params, **row.extra_args(PARAMS))
+  # Also compiled (jit, or pmap for data-parallel rows): the check is on
+  # static structure and shapes.
   with pytest.raises(ValueError, match=match):
-    tx.update(PARAMS, state, params, **_extra(name, PARAMS))
-  # Also under jit: the check is on static structure and shapes.
-  with pytest.raises(ValueError, match=match):
-    jax.jit(lambda u, s, p: tx.update(u, s, p, **_extra(name, u)))(
-        PARAMS, state, params)
+    runner.update(PARAMS, state, params)
 
 
 def test_matching_params_pass_and_cost_nothing_under_jit():
@@ -204,12 +196,10 @@ def test_matching_params_pass_and_cost_nothing_under_jit():
   assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS) + ["gmc", "dgc"])
+@pytest.mark.parametrize("row", rows())
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
-def test_integer_params_are_refused_at_init(name, dtype):
-  factories = dict(TRANSFORMS, gmc=lambda: so.gmc(0.1, axis_name="i"),
-                   dgc=lambda: so.dgc(0.1, axis_name="i"))
-  tx = factories[name]()
+def test_integer_params_are_refused_at_init(row, dtype):
+  tx = row.build()
   params = {"w": jnp.ones((2, 3)), "n": jnp.zeros(3, dtype)}
   with pytest.raises(ValueError, match=r"params must be floating point, got "
                      rf"dtype {np.dtype(dtype).name} at \['n'\]"):

@@ -18,13 +18,11 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import sngm_optax
+from optimizers import AXIS
+from optimizers import rows
 from sngm_optax.harness import models
 from sngm_optax.harness import train
 from sngm_optax.harness import steps as steps_lib
-
-AXIS = "devices"
-
 
 def _params():
   return {"w": jnp.ones((4, 3), jnp.float32), "b": jnp.zeros(3, jnp.float32)}
@@ -36,31 +34,13 @@ def _grads(scale):
           "b": jnp.asarray(rng.normal(size=3) * scale, jnp.float32)}
 
 
-# Single-device optimizers (learning rate injected as a hyperparameter).
-SINGLE_DEVICE = {
-    "sngm": lambda learning_rate: sngm_optax.sngm(
-        learning_rate, nesterov=True, weight_decay=1e-4),
-    "adagrad_norm": sngm_optax.adagrad_norm,
-    "adadagrad": lambda learning_rate: sngm_optax.adadagrad(
-        learning_rate, 1024, initial_batch_size=4),
-    "tr_sgd": sngm_optax.tr_sgd,
-    "tr_adam": sngm_optax.tr_adam,
-    "adaptive_batch_size+sgd": lambda learning_rate: optax.chain(
-        sngm_optax.adaptive_batch_size(1024, initial_batch_size=4),
-        optax.sgd(learning_rate, momentum=0.9)),
-}
-
-
-def _counting_step(tx):
+def _counting_step(row, tx):
   traces = []
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, grads, per_example_grads):
+  def step(params, state, grads):
     traces.append(None)
-    extra = {}
-    if per_example_grads is not None:
-      extra["per_example_grads"] = per_example_grads
-    updates, state = tx.update(grads, state, params, **extra)
+    updates, state = tx.update(grads, state, params, **row.extra_args(grads))
     return optax.apply_updates(params, updates), state
 
   return step, traces
@@ -72,10 +52,12 @@ def _set_batch_size(state, value):
                         batch_size=jnp.asarray(value, jnp.int32))
 
 
-@pytest.mark.parametrize("name", sorted(SINGLE_DEVICE))
-def test_update_compiles_once_across_learning_rates_and_batch_sizes(name):
-  tx = optax.inject_hyperparams(SINGLE_DEVICE[name])(learning_rate=0.1)
-  step, traces = _counting_step(tx)
+# Single-device optimizers of tests/optimizers.py, their learning rate
+# injected as a hyperparameter.
+@pytest.mark.parametrize("row", rows(lambda row: not row.axis))
+def test_update_compiles_once_across_learning_rates_and_batch_sizes(row):
+  tx = row.build(learning_rate=0.1, inject=True)
+  step, traces = _counting_step(row, tx)
   params = _params()
   state = tx.init(params)
   batch_state = "batch_size" in repr(state)
@@ -84,44 +66,30 @@ def test_update_compiles_once_across_learning_rates_and_batch_sizes(name):
         state, learning_rate=jnp.asarray(learning_rate, jnp.float32))
     if batch_state:
       state = _set_batch_size(state, 4 * (i + 1))
-    grads = _grads(1.0 + i)
-    per_example = None
-    if batch_state:
-      per_example = jax.tree.map(
-          lambda g: jnp.stack([g * 0.5, g * 1.5, g, -g]), grads)
-    params, state = step(params, state, grads, per_example)
+    params, state = step(params, state, _grads(1.0 + i))
   jax.block_until_ready(params)
-  assert len(traces) == 1, f"{name} traced {len(traces)} times"
+  assert len(traces) == 1, f"{row.name} traced {len(traces)} times"
   assert step._cache_size() == 1
   # The values did change: the injected rate is the last one set.
   np.testing.assert_allclose(
       optax.tree.get(state, "learning_rate"), 0.2, rtol=1e-6)
 
 
-# Per-device optimizers: their update runs inside shard_map (check_vma=False,
-# per-device gradients, as the harness does), with a device-varying batch.
-PER_DEVICE = {
-    "sngm": lambda learning_rate: sngm_optax.sngm(
-        learning_rate, axis_name=AXIS),
-    "gmc": lambda learning_rate: sngm_optax.gmc(
-        learning_rate, density=0.5, axis_name=AXIS),
-    "adadagrad_norm": lambda learning_rate: sngm_optax.adadagrad_norm(
-        learning_rate, 4096, initial_batch_size=64, batch_size_multiple=8,
-        axis_name=AXIS),
-}
-
-
-@pytest.mark.parametrize("name", sorted(PER_DEVICE))
-def test_per_device_update_compiles_once(name):
+# Per-device optimizers of tests/optimizers.py: their update runs inside
+# shard_map (check_vma=False, per-device gradients, as the harness does),
+# with a device-varying batch.
+@pytest.mark.parametrize("row", rows(lambda row: row.axis))
+def test_per_device_update_compiles_once(row):
   devices = np.array(jax.local_devices()[:4])
   mesh = jax.sharding.Mesh(devices, (AXIS,))
-  tx = optax.inject_hyperparams(PER_DEVICE[name])(learning_rate=0.1)
+  tx = row.build(learning_rate=0.1, inject=True)
   traces = []
 
   def local(params, state, grads, batch_size):
     traces.append(None)
     grads = jax.tree.map(lambda g: g[0], grads)  # this device's gradient
-    updates, state = tx.update(grads, state, params, batch_size=batch_size)
+    updates, state = tx.update(grads, state, params, batch_size=batch_size,
+                               **row.extra_args(grads))
     return optax.apply_updates(params, updates), state
 
   step = jax.jit(jax.shard_map(
@@ -143,7 +111,7 @@ def test_per_device_update_compiles_once(name):
     params, state = step(params, state, grads,
                          jnp.asarray(64 * (i + 1), jnp.int32))
   jax.block_until_ready(params)
-  assert len(traces) == 1, f"{name} traced {len(traces)} times"
+  assert len(traces) == 1, f"{row.name} traced {len(traces)} times"
   assert step._cache_size() == 1
 
 

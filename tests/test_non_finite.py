@@ -13,39 +13,33 @@ import optax
 import pytest
 from jax import lax
 
+import optimizers
 import sngm_optax
+from optimizers import AXIS
+from optimizers import Runner
+from optimizers import rows
 
-PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
-GOOD = jax.tree.map(lambda p: 0.5 * p + 0.1, PARAMS)
+PARAMS = optimizers.params()
+GOOD = optimizers.grads(PARAMS)
 BAD_VALUES = [jnp.nan, jnp.inf, -jnp.inf]
+BAD_ENTRY = (1, 0)  # of "w", whose gradient there is positive (1.3)
 
 
 def _bad(value):
-  return {"w": GOOD["w"].at[1, 2].set(value), "b": GOOD["b"]}
+  return {"w": GOOD["w"].at[BAD_ENTRY].set(value), "b": GOOD["b"]}
 
 
-def _microbatches(grads):
-  # Two microbatch means whose average is `grads` (a NaN/Inf stays in both).
-  return jax.tree.map(lambda g: jnp.stack([g + 0.05, g - 0.05]), grads)
+def _bad_step(runner, value, state):
+  """A step whose gradient has one non-finite entry: `value`.
 
-
-OPTIMIZERS = {
-    "sngm": (lambda: sngm_optax.sngm(0.1, weight_decay=1e-4), False),
-    "adagrad_norm": (lambda: sngm_optax.adagrad_norm(0.1), False),
-    "adadagrad_norm": (lambda: sngm_optax.adadagrad_norm(
-        0.1, max_batch_size=1024, initial_batch_size=8, microbatch_size=4),
-                       True),
-    "adadagrad": (lambda: sngm_optax.adadagrad(
-        0.1, max_batch_size=1024, initial_batch_size=8, microbatch_size=4,
-        test="coordinate"), True),
-    "tr_sgd": (lambda: sngm_optax.tr_sgd(0.1, inner_steps=3), False),
-    "tr_adam": (lambda: sngm_optax.tr_adam(0.1, inner_steps=3), False),
-}
-
-
-def _step(tx, grads, state, params, statistics):
-  extra = {"microbatch_grads": _microbatches(grads)} if statistics else {}
-  return tx.update(grads, state, params, **extra)
+  For data-parallel rows, on the last device only (its factor of that entry
+  is `value`; the entry's gradient is positive, so the product is `value`).
+  """
+  if not runner.row.axis:
+    return runner.update(_bad(value), state, PARAMS)
+  scale = runner.scale(GOOD)
+  scale["w"] = scale["w"].at[(-1,) + BAD_ENTRY].set(value)
+  return runner.update(GOOD, state, PARAMS, scale=scale)
 
 
 def _assert_finite(tree):
@@ -53,36 +47,59 @@ def _assert_finite(tree):
     assert np.all(np.isfinite(np.asarray(leaf, np.float64))), tree
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_unwrapped_non_finite_gradient_reaches_the_update(name):
-  factory, statistics = OPTIMIZERS[name]
-  tx = factory()
-  state = tx.init(PARAMS)
-  updates, _ = _step(tx, _bad(jnp.inf), state, PARAMS, statistics)
-  assert not all(np.all(np.isfinite(np.asarray(u)))
-                 for u in jax.tree.leaves(updates))
+@pytest.mark.parametrize("row", rows())
+def test_unwrapped_non_finite_gradient_reaches_the_update(row):
+  runner = optimizers.plain(row.name)
+  updates, _ = _bad_step(runner, jnp.inf, runner.init(PARAMS))
+  # Data parallel: on every device, though only one had the Inf.
+  devices = range(optimizers.NUM_DEVICES) if row.axis else [None]
+  for d in devices:
+    leaves = [u if d is None else u[d] for u in jax.tree.leaves(updates)]
+    assert not all(np.all(np.isfinite(np.asarray(u))) for u in leaves)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("bad", BAD_VALUES)
-def test_apply_if_finite_skips_the_step_and_keeps_the_state(name, bad):
-  factory, statistics = OPTIMIZERS[name]
-  tx = optax.apply_if_finite(factory(), max_consecutive_errors=3)
-  step = jax.jit(lambda g, s, p: _step(tx, g, s, p, statistics))
-  state = tx.init(PARAMS)
-  _, state = step(GOOD, state, PARAMS)
-  skipped, state_after_bad = step(_bad(bad), state, PARAMS)
-  for u in jax.tree.leaves(skipped):
-    np.testing.assert_array_equal(u, 0.0)
-  _assert_finite(state_after_bad.inner_state)
-  assert int(state_after_bad.notfinite_count) == 1
-  # The skipped step left the optimizer's own state untouched.
-  jax.tree.map(np.testing.assert_array_equal, state_after_bad.inner_state,
-               state.inner_state)
-  expected, _ = step(GOOD, state, PARAMS)
-  actual, final = step(GOOD, state_after_bad, PARAMS)
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
-  _assert_finite(final.inner_state)
+def _non_finite_on_every_device():
+  """Makes all devices' gradients NaN where any device's is non-finite.
+
+  A NaN on one device must skip the step on every device (the update has
+  collectives): apply_if_finite must see the non-finiteness everywhere.
+  """
+
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                for x in jax.tree.leaves(updates)]))
+    finite = lax.pmin(finite.astype(jnp.int32), AXIS) > 0
+    return jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan),
+                        updates), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_apply_if_finite_skips_the_step_and_keeps_the_state(row):
+  guarded = optax.apply_if_finite(row.build(), max_consecutive_errors=3)
+  if row.axis:
+    runner = Runner(row, optax.chain(_non_finite_on_every_device(), guarded))
+    guard = lambda state: state[1]
+  else:
+    runner = Runner(row, guarded)
+    guard = lambda state: state
+  _, state = runner.update(GOOD, runner.init(PARAMS), PARAMS)
+  expected, _ = runner.update(GOOD, state, PARAMS)
+  for bad in BAD_VALUES:
+    skipped, state_after_bad = _bad_step(runner, bad, state)
+    for u in jax.tree.leaves(skipped):
+      np.testing.assert_array_equal(u, 0.0)
+    _assert_finite(guard(state_after_bad).inner_state)
+    np.testing.assert_array_equal(guard(state_after_bad).notfinite_count, 1)
+    # The skipped step left the optimizer's own state untouched.
+    jax.tree.map(np.testing.assert_array_equal,
+                 guard(state_after_bad).inner_state, guard(state).inner_state)
+    actual, final = runner.update(GOOD, state_after_bad, PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, actual, expected)
+    _assert_finite(guard(final).inner_state)
 
 
 def test_sngm_infinite_gradient_gives_nan_not_zeros():
@@ -105,37 +122,3 @@ def test_sngm_finite_gradient_with_overflowing_norm_is_a_unit_step():
                      (sngm_optax.sngm(1.0, momentum=0.5), -1.0)):
       updates, _ = jax.jit(tx.update)(grads, tx.init(grads), grads)
       np.testing.assert_allclose(updates["a"], sign * expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["gmc", "dgc"])
-def test_compression_under_pmap_with_apply_if_finite(name):
-  n = jax.local_device_count()
-  make = {"gmc": sngm_optax.gmc, "dgc": sngm_optax.dgc}[name]
-  tx = optax.apply_if_finite(make(0.1, density=0.5, axis_name="i"),
-                             max_consecutive_errors=3)
-  params = {"w": jnp.ones(8)}
-  grads = jnp.arange(n * 8, dtype=jnp.float32).reshape(n, 8) / 10.0
-  good = {"w": grads}
-
-  def global_if_finite(g):
-    # A NaN on one device must skip the step on every device (the inner
-    # update has collectives): make the non-finiteness global first.
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                for x in jax.tree.leaves(g)]))
-    finite = lax.pmin(finite.astype(jnp.int32), "i") > 0
-    return jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), g)
-
-  step = jax.pmap(lambda g, s: tx.update(global_if_finite(g), s, params),
-                  axis_name="i")
-  state = jax.pmap(lambda _: tx.init(params))(jnp.arange(n))
-  _, state = step(good, state)
-  bad = {"w": grads.at[n - 1, 3].set(jnp.nan)}  # one device only
-  skipped, state_after_bad = step(bad, state)
-  np.testing.assert_array_equal(skipped["w"], 0.0)
-  _assert_finite(state_after_bad.inner_state)
-  jax.tree.map(np.testing.assert_array_equal, state_after_bad.inner_state,
-               state.inner_state)
-  expected, _ = step(good, state)
-  actual, final = step(good, state_after_bad)
-  np.testing.assert_array_equal(actual["w"], expected["w"])
-  _assert_finite(final.inner_state)
