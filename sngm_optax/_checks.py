@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 def _concrete_value(value: Any) -> float | None:
@@ -111,6 +112,22 @@ def check_params_match(updates: Any, params: Any, where: str) -> None:
           f"{where}: the updates and params differ at "
           f"{jax.tree_util.keystr(path) or 'the root'}: updates have shape "
           f"{np.shape(update)}, params have {np.shape(param)}")
+
+
+def params_checked(
+    transform: optax.GradientTransformation, where: str
+) -> optax.GradientTransformationExtraArgs:
+  """`transform` with `check_params_match` before its update; same state.
+
+  A chain that starts with `optax.add_decayed_weights` would otherwise meet a
+  mismatched params tree there first, and fail with optax's own error.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    check_params_match(updates, params, where)
+    return transform.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(transform.init, update_fn)
 
 
 def check_float_params(params: Any, where: str) -> None:

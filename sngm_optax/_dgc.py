@@ -195,7 +195,7 @@ def dgc(
   """
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  chained = optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       scale_by_dgc(
           momentum=momentum,
@@ -209,3 +209,5 @@ def dgc(
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
+  # The params check comes before add_decayed_weights reads params.
+  return _checks.params_checked(chained, "dgc")

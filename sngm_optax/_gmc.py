@@ -214,7 +214,7 @@ def gmc(
   """
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  chained = optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       scale_by_gmc(
@@ -227,3 +227,5 @@ def gmc(
           accumulator_dtype=accumulator_dtype,
       ),
   )
+  # The params check comes before add_decayed_weights reads params.
+  return _checks.params_checked(chained, "gmc")

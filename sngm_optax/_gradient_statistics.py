@@ -151,10 +151,11 @@ def _deviation_sums(rows, means, norm, weights):
   """
   inverse_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
   squared = sum(jnp.sum(jnp.square(r - m), axis=1) for r, m in zip(rows, means))
-  # <g_u - mean, mean / |mean|> = <g_u, mean> / |mean| - |mean|.
+  # <g_u - mean, mean / |mean|> = <g_u, mean> / |mean| - |mean|. A sum,
+  # not a matmul: explicit sharding refuses a contraction over a sharded
+  # parameter axis without an output sharding.
   along = (
-      sum(jnp.matmul(r, m, precision=_HIGHEST) for r, m in zip(rows, means))
-      * inverse_norm
+      sum(jnp.sum(r * m, axis=1) for r, m in zip(rows, means)) * inverse_norm
       - norm
   )
   orthogonal = jnp.maximum(squared - jnp.square(along), 0.0)

@@ -133,7 +133,7 @@ def sngm(
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
   _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
-  return optax.chain(
+  chained = optax.chain(
       average_across_devices(axis_name) if axis_name else optax.identity(),
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       scale_by_sngm(
@@ -145,3 +145,5 @@ def sngm(
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
+  # The params check comes before add_decayed_weights reads params.
+  return _checks.params_checked(chained, "sngm")

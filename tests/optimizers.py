@@ -156,10 +156,10 @@ OPTIMIZERS = [
     Optimizer("adadagrad_norm_per_device", so.adadagrad_norm,
               {"max_batch_size": 4096, "initial_batch_size": 64,
                "batch_size_multiple": 8}, learning_rate=1.0, axis=True),
-    Optimizer("gmc", so.gmc, {"density": 0.5}, learning_rate=0.05, axis=True,
-              static_args=("density",)),
-    Optimizer("dgc", so.dgc, {"density": 0.5}, learning_rate=0.05, axis=True,
-              static_args=("density",)),
+    Optimizer("gmc", so.gmc, {"density": 0.5, "weight_decay": 1e-4},
+              learning_rate=0.05, axis=True, static_args=("density",)),
+    Optimizer("dgc", so.dgc, {"density": 0.5, "weight_decay": 1e-4},
+              learning_rate=0.05, axis=True, static_args=("density",)),
     Optimizer("scale_by_gmc", then_learning_rate(so.scale_by_gmc),
               {"density": 0.5}, learning_rate=0.05, axis=True,
               static_args=("density",)),
@@ -171,16 +171,9 @@ BY_NAME = {row.name: row for row in OPTIMIZERS}
 assert len(BY_NAME) == len(OPTIMIZERS), "row names must be unique"
 
 
-def rows(select=lambda row: True, xfail=()):
-  """`pytest.param`s of the rows `select` keeps, with their names as ids.
-
-  The rows named in `xfail` (a dict of name -> reason) are known failures,
-  marked strict: the test fails as soon as they pass.
-  """
-  xfail = dict(xfail)
-  return [pytest.param(row, id=row.name, marks=[
-      pytest.mark.xfail(strict=True, reason=xfail[row.name])
-  ] if row.name in xfail else []) for row in OPTIMIZERS if select(row)]
+def rows(select=lambda row: True):
+  """`pytest.param`s of the rows `select` keeps, with their names as ids."""
+  return [pytest.param(row, id=row.name) for row in OPTIMIZERS if select(row)]
 
 
 # What the suites feed every optimizer: two leaves of different shapes, one

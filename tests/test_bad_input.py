@@ -158,14 +158,9 @@ def test_every_public_factory_is_in_the_table():
 # --- Wrong pytrees and dtypes, for every row of tests/optimizers.py.
 
 PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
-WEIGHT_DECAY_FIRST_BUG = (
-    "library bug: sngm chains optax.add_decayed_weights before any params "
-    "check, so with weight_decay > 0 optax's own error comes first (a "
-    "pytree-structure ValueError, or a broadcasting TypeError)")
 
 
-@pytest.mark.parametrize("row", rows(xfail={
-    "sngm_nesterov_wd": WEIGHT_DECAY_FIRST_BUG}))
+@pytest.mark.parametrize("row", rows())
 @pytest.mark.parametrize("params, match", [
     ({"w": jnp.ones((2, 3)), "c": jnp.zeros(3)},
      r"updates and params pytrees differ: updates have structure "

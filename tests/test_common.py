@@ -197,15 +197,7 @@ def test_init_on_shape_dtype_structs(row):
   assert shapes(abstract) == shapes(expected)
 
 
-SHARDING_TYPE_BUG = (
-    "library bug: adaptive_batch_size's statistics contract sharded "
-    "dimensions without an out_sharding, which explicit sharding refuses "
-    "(ShardingTypeError)")
-
-
-@pytest.mark.parametrize("row", rows(xfail={
-    row.name: SHARDING_TYPE_BUG for row in OPTIMIZERS
-    if row.statistics and not row.axis}))
+@pytest.mark.parametrize("row", rows())
 def test_state_sharding_is_the_same_after_init_and_update(row):
   # As optax/_src/sharding_test.py: explicit sharding over the 8 devices of
   # tests/conftest.py, one param sharded and one replicated. Data-parallel

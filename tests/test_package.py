@@ -84,3 +84,23 @@ def test_no_function_is_longer_than_150_lines():
   long = {where: lines for where, lines in _function_lengths()
           if lines > MAX_FUNCTION_LINES}
   assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+_IMPORT_HARNESS_WITHOUT_FLAX = """
+import importlib.util
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: (
+    None if name == "flax" else find_spec(name, *a))
+try:
+  import sngm_optax.harness
+except ModuleNotFoundError as error:
+  print(error)
+"""
+
+
+def test_the_harness_without_its_extra_says_how_to_install_it():
+  result = subprocess.run(
+      [sys.executable, "-c", _IMPORT_HARNESS_WITHOUT_FLAX], cwd=ROOT,
+      capture_output=True, text=True, timeout=300, check=True)
+  assert "sngm_optax.harness needs flax" in result.stdout
+  assert 'pip install -e ".[harness]"' in result.stdout
