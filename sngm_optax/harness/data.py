@@ -107,7 +107,7 @@ def generate_mnist1d(num_samples: int, seed: int = DEFAULT_SEED) -> Dataset:
   except ImportError as error:
     raise ImportError(
         "generating MNIST-1D needs the `mnist1d` package: "
-        'pip install "sngm-optax[examples]"') from error
+        'pip install "sngm-optax[harness]"') from error
   args = mnist1d_data.get_dataset_args(as_dict=False)
   args.num_samples = int(num_samples)
   args.seed = int(seed)
