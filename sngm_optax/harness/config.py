@@ -83,8 +83,9 @@ class Config:
   # Where the test's statistics come from: "per_device", "microbatch", or
   # "auto" (per_device on two or more devices, else microbatch).
   adaptive_statistics: str = "auto"
-  # Checkpoints (see sngm_optax.harness.checkpoint): saved to `checkpoint_dir` every
-  # `checkpoint_every_steps` steps (0: not by steps) and/or at epoch ends,
+  # Checkpoints (see sngm_optax.harness.checkpoint): saved to
+  # `checkpoint_dir` every `checkpoint_every_steps` steps (0: not by steps)
+  # and/or at epoch ends,
   # keeping the newest `keep_checkpoints`. `max_steps` > 0 stops the run
   # (with a checkpoint) after that many steps, as a preemption would.
   checkpoint_dir: str | None = None

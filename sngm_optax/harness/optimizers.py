@@ -27,8 +27,9 @@ def _device_mean(axis_name, tx):
 
 
 def _sngm(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
-  return sngm_optax.sngm(learning_rate, momentum=momentum, weight_decay=weight_decay,
-              weight_decay_mask=_matrices_only, axis_name=axis_name, **kw)
+  return sngm_optax.sngm(
+      learning_rate, momentum=momentum, weight_decay=weight_decay,
+      weight_decay_mask=_matrices_only, axis_name=axis_name, **kw)
 
 
 def _msgd(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
@@ -128,7 +129,7 @@ def _dgc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {
-    # sngm_optax.adadagrad(_norm) need the loop's batch-size arguments (max_batch_size,
+    # adadagrad(_norm) need the loop's batch-size arguments (max_batch_size,
     # test, ...): use them with Config.adaptive_batch.
     "adadagrad": _adaptive(sngm_optax.adadagrad),
     "adadagrad_norm": _adaptive(sngm_optax.adadagrad_norm),
@@ -167,8 +168,8 @@ def make_adaptive_optimizer(
   """The optimizer `name` with the batch-size `test` in front of it.
 
   `adadagrad` / `adadagrad_norm` are the library's AdAdaGrad(-Norm); any
-  other registered optimizer gets `sngm_optax.adaptive_batch_size(...)` chained in
-  front, which also averages the gradient over `axis_name` (so the
+  other registered optimizer gets `sngm_optax.adaptive_batch_size(...)`
+  chained in front, which also averages the gradient over `axis_name` (so the
   optimizer itself is built without it). E.g. `sngm` with the norm test is
   the two seeds combined.
   """

@@ -66,7 +66,8 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     moments = None
     if adaptive_statistics == "microbatch":
       zeros = optax.tree.zeros_like(state.params, jnp.float32)
-      moments = sngm_optax.GradientMoments(jnp.zeros((), jnp.int32), zeros, zeros)
+      moments = sngm_optax.GradientMoments(
+          jnp.zeros((), jnp.int32), zeros, zeros)
     for index in range(batch["x"].shape[0]):
       microbatch = jax.tree.map(lambda array: array[index], batch)
       (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
