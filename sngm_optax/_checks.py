@@ -13,12 +13,32 @@ import numpy as np
 import optax
 
 
-def _concrete_value(value: Any) -> float | None:
+def _interval(low: float, high: float, low_inclusive: bool,
+              high_inclusive: bool) -> str:
+  """`[low, high)`-style text; an infinite end is always open."""
+  left = "[" if low_inclusive and math.isfinite(low) else "("
+  right = "]" if high_inclusive and math.isfinite(high) else ")"
+  return f"{left}{low:g}, {high:g}{right}"
+
+
+def _concrete_number(name: str, value: Any, interval: str) -> float | None:
+  """`value` as a float; `None` for a schedule or a traced value.
+
+  Strings (`'0.1'`), booleans and non-numeric objects are refused here
+  rather than converted: `float('0.1')` and `float(True)` would succeed.
+  """
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
-  array = np.asarray(value)
+  array = np.asarray(value) if not isinstance(value, str) else None
+  if (array is None or isinstance(value, bool)
+      or not np.issubdtype(array.dtype, np.number)
+      or np.issubdtype(array.dtype, np.complexfloating)):
+    kind = type(value).__name__
+    raise ValueError(f"{name} must be a real number in {interval}, got "
+                     f"{value!r} of type {kind}")
   if array.shape != ():
-    raise ValueError(f"expected a scalar, got an array of shape {array.shape}")
+    raise ValueError(f"{name} must be a real scalar in {interval}, got an "
+                     f"array of shape {array.shape}")
   return float(array)
 
 
@@ -31,20 +51,20 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-  """Raises `ValueError` naming `name` unless `value` lies in the interval."""
-  try:
-    number = _concrete_value(value)
-  except (TypeError, ValueError) as error:
-    raise ValueError(f"{name} must be a real scalar: {error}") from None
+  """Raises `ValueError` naming `name` unless `value` lies in the interval.
+
+  The value must be a finite real number (not a string, a boolean, NaN or
+  an infinity); schedules and traced values pass unchecked, as
+  `optax.inject_hyperparams` needs.
+  """
+  interval = _interval(low, high, low_inclusive, high_inclusive)
+  number = _concrete_number(name, value, interval)
   if number is None:
     return
   above_low = number >= low if low_inclusive else number > low
   below_high = number <= high if high_inclusive else number < high
-  if not (above_low and below_high):  # also catches NaN
-    interval = (
-        ("[" if low_inclusive else "(") + f"{low:g}, {high:g}"
-        + ("]" if high_inclusive else ")")
-    )
+  # `not (...)` also catches NaN.
+  if not (math.isfinite(number) and above_low and below_high):
     raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 

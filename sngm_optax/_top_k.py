@@ -163,6 +163,7 @@ def top_k_by_magnitude(
     Array([1, 2], dtype=int32)
   """
   check_selection(selection)
+  _checks.check_positive_int("k", k)
   if vector.ndim != 1 or not 1 <= k <= vector.shape[0]:
     raise ValueError(
         f"expected a 1-D vector and 1 <= k <= its size, got shape "

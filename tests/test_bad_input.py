@@ -5,6 +5,8 @@ expects a `ValueError` whose message names the argument and the allowed range
 (or the allowed choices).
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,15 +26,18 @@ AXIS = dict(axis_name="i")
 ADA = dict(learning_rate=0.1, max_batch_size=256)
 ABS = dict(max_batch_size=256)
 MOMENTUM = r"\[0, 1\)"
-POSITIVE = r"\(0, inf\]"
-NON_NEGATIVE = r"\[0, inf\]"
-TINY = r"\[1.17549e-38, inf\]"  # float32's smallest normal: no subnormal eps
+POSITIVE = r"\(0, inf\)"
+NON_NEGATIVE = r"\[0, inf\)"
+TINY = r"\[1.17549e-38, inf\)"  # float32's smallest normal: no subnormal eps
 DENSITY = r"\(0, 1\]"
 POS_INT = "positive integer"
 
 TABLE = [
     # SNGM and normalization.
-    (so.sngm, LR, "learning_rate", [-0.1, NAN], NON_NEGATIVE),
+    (so.sngm, LR, "learning_rate", [-0.1, NAN, INF, -INF], NON_NEGATIVE),
+    # float('0.1') and float(True) succeed: strings and booleans are refused
+    # before any conversion (the other factories' rows are NOT_NUMBERS_TABLE).
+    (so.sngm, LR, "learning_rate", ["0.1", True, np.True_], NON_NEGATIVE),
     (so.sngm, LR, "momentum", [-0.1, 1.0, NAN], MOMENTUM),
     (so.sngm, LR, "weight_decay", [-1e-4, NAN], NON_NEGATIVE),
     (so.sngm, LR, "eps", [0.0, -1.0, NAN], TINY),
@@ -68,12 +73,21 @@ TABLE = [
     (so.adadagrad, ADA, "test", ["bogus"], "test"),
     (so.adadagrad, ADA, "initial_accumulator_value", [-1.0], NON_NEGATIVE),
     (so.adadagrad, ADA, "eps", [-1.0], NON_NEGATIVE),
+    (so.adadagrad, ADA, "theta", [0.0], POSITIVE),
+    (so.adadagrad, ADA, "nu", [-1.0], POSITIVE),
+    (so.adadagrad, ADA, "initial_batch_size", [0], POS_INT),
+    (so.adadagrad, ADA, "batch_size_multiple", [0], POS_INT),
     (so.adadagrad_norm, ADA, "learning_rate", [-1.0], NON_NEGATIVE),
     (so.adadagrad_norm, ADA, "max_batch_size", [0], POS_INT),
     (so.adadagrad_norm, ADA, "theta", [-1.0], POSITIVE),
     (so.adadagrad_norm, ADA, "test", ["bogus"], "test"),
     (so.adadagrad_norm, ADA, "initial_accumulator_value", [-1.0],
      NON_NEGATIVE),
+    (so.adadagrad_norm, ADA, "eta", [0.0], POSITIVE),
+    (so.adadagrad_norm, ADA, "nu", [-1.0], POSITIVE),
+    (so.adadagrad_norm, ADA, "eps", [-1.0], NON_NEGATIVE),
+    (so.adadagrad_norm, ADA, "initial_batch_size", [0], POS_INT),
+    (so.adadagrad_norm, ADA, "batch_size_multiple", [0], POS_INT),
     # Trajectory regularization.
     (so.tr_sgd, LR, "learning_rate", [-1.0], NON_NEGATIVE),
     (so.tr_sgd, LR, "strength", [-1.0, NAN], NON_NEGATIVE),
@@ -115,16 +129,26 @@ TABLE = [
     (so.scale_by_dgc, AXIS, "selection", ["bogus"], "selection"),
     (so.num_selected, dict(size=100), "density", [0.0, 1.5], DENSITY),
     (so.num_selected, dict(density=0.1), "size", [0, -1], POS_INT),
-    (so.top_k_by_magnitude, dict(vector=jnp.ones(8)), "k", [0, 9, -1], "k"),
+    (so.top_k_by_magnitude, dict(vector=jnp.ones(8)), "k",
+     [0, 9, -1, "2", True, 2.5], "k"),
     (so.top_k_by_magnitude, dict(vector=jnp.ones(8), k=2), "selection",
      ["bogus"], "selection"),
     # Distributed helpers.
     (so.average_across_devices, {}, "axis_name", [None, 3, ""], "axis_name"),
 ]
 
+# Infinity, a number as a string, and booleans, for every numeric
+# hyperparameter above: each row's own message (the allowed range) applies.
+NOT_NUMBERS = [INF, "0.1", True]
+NUMERIC = (MOMENTUM, POSITIVE, NON_NEGATIVE, TINY, DENSITY, POS_INT)
+NOT_NUMBERS_TABLE = list({
+    (factory.__name__, name): (factory, fixed, name, NOT_NUMBERS, message)
+    for factory, fixed, name, _, message in TABLE if message in NUMERIC
+}.values())
+
 ROWS = [pytest.param(factory, fixed, name, value, message,
                      id=f"{factory.__name__}-{name}={value!r}")
-        for factory, fixed, name, values, message in TABLE
+        for factory, fixed, name, values, message in TABLE + NOT_NUMBERS_TABLE
         for value in values]
 
 
@@ -153,6 +177,21 @@ def test_every_public_factory_is_in_the_table():
                if callable(getattr(so, name)) and name[0].islower()}
   missing = functions - covered - FACTORIES_WITHOUT_HYPERPARAMETERS
   assert not missing, f"no bad-input rows for {sorted(missing)}"
+
+
+def test_every_numeric_hyperparameter_is_in_the_table():
+  # A parameter whose default is a number (not a bool) needs rows, and so
+  # gets the NOT_NUMBERS rows too.
+  covered = {(factory.__name__, name) for factory, _, name, *_ in TABLE}
+  factories = {factory.__name__: factory for factory, *_ in TABLE}
+  missing = [
+      f"{factory_name}({name})"
+      for factory_name, factory in sorted(factories.items())
+      for name, parameter in inspect.signature(factory).parameters.items()
+      if isinstance(parameter.default, (int, float))
+      and not isinstance(parameter.default, bool)
+      and (factory_name, name) not in covered]
+  assert not missing, f"no bad-input rows for {missing}"
 
 
 # --- Wrong pytrees and dtypes, for every row of tests/optimizers.py.
