@@ -6,7 +6,9 @@
   sngm-optax train --optimizer adadagrad_norm --lr 1 --adaptive-batch norm \
       --max-batch-size 1024 --initial-batch-size 32
 
-Bad arguments print one line and exit with status 2.
+Exit status: 0 done (or stopped by `max_steps`), 1 non-finite loss, 2 bad
+arguments, 75 stopped by SIGTERM after writing a checkpoint (resume with
+`--resume DIR`; a second SIGTERM ends the process at once).
 """
 
 import argparse
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
   trn.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="save checkpoints (params, optimizer state, sampler "
-                        "position) here at each epoch end")
+                        "position) here at each epoch end, and on SIGTERM "
+                        "before exiting with status 75")
   trn.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    metavar="N", help="also checkpoint every N steps")
   trn.add_argument("--resume", default=None, metavar="DIR",
@@ -278,15 +281,21 @@ def _run_train(args, parser) -> int:
 
 
 def _train_and_report(config, args, resume: bool = False) -> int:
+  from sngm_optax.harness import preemption  # pylint: disable=g-import-not-at-top
   from sngm_optax.harness import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from sngm_optax.harness import train  # pylint: disable=g-import-not-at-top
 
   try:
-    result = train.train_and_evaluate(config, args.out, quiet=args.quiet,
-                                      resume=resume)
+    # SIGTERM: finish the step, checkpoint, exit EXIT_PREEMPTED.
+    with preemption.StopOnSignal() as stop_signal:
+      result = train.train_and_evaluate(config, args.out, quiet=args.quiet,
+                                        resume=resume)
   except steps_lib.NonFiniteLossError as error:
     print(f"sngm-optax train: error: {error}", file=sys.stderr)
     return 1
+  if result["interrupted"] and stop_signal.requested:
+    print(_preempted_line(stop_signal.signal_name, result, config))
+    return preemption.EXIT_PREEMPTED
   if result["interrupted"]:
     print(f"stopped after step {result['steps']} of {result['total_steps']};"
           f" continue with: sngm-optax train --resume {config.checkpoint_dir}")
@@ -300,6 +309,15 @@ def _train_and_report(config, args, resume: bool = False) -> int:
         f"{result['steps']} steps ({result['wall_time_s']:.0f} s); wrote "
         f"{os.path.join(args.out, 'metrics.json')}")
   return 0
+
+
+def _preempted_line(signal_name: str, result: dict, config) -> str:
+  saved = (f"checkpoint in {config.checkpoint_dir}; continue with: "
+           f"sngm-optax train --resume {config.checkpoint_dir}"
+           if config.checkpoint_dir else
+           "nothing saved (no --checkpoint-dir)")
+  return (f"stopped by {signal_name} after step {result['steps']} of "
+          f"{result['total_steps']}; {saved}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from sngm_optax.harness import batching
 from sngm_optax.harness import checkpoint as checkpoint_lib
 from sngm_optax.harness import data as data_lib
 from sngm_optax.harness import models
+from sngm_optax.harness import preemption
 from sngm_optax.harness.config import AdaptiveBatch
 from sngm_optax.harness.config import Config
 from sngm_optax.harness.optimizers import PER_DEVICE_STATE
@@ -335,7 +336,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
     `final` (the last entry, None if stopped before the first epoch
     ended), `steps`, `samples_seen`, `wall_time_s`, `interrupted` (stopped
-    by `max_steps` before the end).
+    by `max_steps` or `preemption.StopOnSignal` before the end).
 
   Raises:
     ValueError: the config does not fit the data or the devices.
@@ -430,8 +431,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       if log_epochs and not quiet:
         _write_line(bar, _epoch_line(name, config.learning_rate, record))
 
-    # --- Checkpoint, when due (`max_steps` stops as a preemption would).
-    stop = 0 < config.max_steps <= step and not done
+    # --- Checkpoint, when due; `max_steps` stops as a SIGTERM does.
+    stop = (0 < config.max_steps <= step or preemption.requested()) and not done
     checkpoints.after_step(
         step, state, epoch_ended=epoch_ended, force=stop or done,
         sampler=dataclasses.asdict(sampler.state), history=history,
