@@ -49,22 +49,29 @@ NORM_TEST = "+norm_test"
 FEATURES, CLASSES = 40, 10
 
 
-def make_step(model, optimizer, batch_size, num_devices):
+def make_step(model, optimizer, batch_size, num_devices, microbatches=1):
   """Builds the step; returns (a call of one step carrying its state, params).
+
+  With `microbatches` > 1 every optimizer's step runs that many microbatches
+  and the norm test reads their moments (one device is enough) instead of
+  the devices' gradients.
   """
   devices = tuple(jax.local_devices()[:num_devices])
   adaptive = None
+  microbatch = batch_size // microbatches
   if optimizer.endswith(NORM_TEST):
     # The cap keeps the batch growing, so the test runs on every step.
     optimizer = optimizer[:-len(NORM_TEST)]
-    adaptive = ("norm", 1 << 20, batch_size, batch_size, "per_device")
+    statistics = "per_device" if microbatches == 1 else "microbatch"
+    adaptive = ("norm", 1 << 20, batch_size, microbatch, statistics)
   program = train.build_program(model, CLASSES, optimizer, "{}", 0.0,
                                 "constant", 1000, 0, devices, adaptive)
   rng = np.random.default_rng(0)
+  shape = (microbatches, microbatch)
   batch = {
-      "x": rng.normal(size=(1, batch_size, FEATURES)).astype(np.float32),
-      "y": rng.integers(0, CLASSES, (1, batch_size)).astype(np.int32),
-      "weight": np.ones((1, batch_size), np.float32),
+      "x": rng.normal(size=shape + (FEATURES,)).astype(np.float32),
+      "y": rng.integers(0, CLASSES, shape).astype(np.int32),
+      "weight": np.ones(shape, np.float32),
   }
   sharding = NamedSharding(program.mesh, P(None, steps_lib.AXIS))
   batch = jax.device_put(batch, sharding)
@@ -93,6 +100,9 @@ def main():
                       default=["msgd", "sngm", "sngm" + NORM_TEST])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--microbatches", type=int, default=1,
+                      help="microbatches a step; 2+: the norm test reads "
+                           "microbatch moments, also on one device")
   parser.add_argument("--out", type=pathlib.Path,
                       default=_common.RESULTS / "step_throughput.json")
   args = parser.parse_args()
@@ -102,17 +112,19 @@ def main():
     for num_devices in args.devices:
       for batch_size in args.batch_sizes:
         names = [name for name in args.optimizers
-                 if num_devices > 1 or not name.endswith(NORM_TEST)]
+                 if num_devices > 1 or args.microbatches > 1
+                 or not name.endswith(NORM_TEST)]
         steps = {}
         for name in names:
           steps[name], params = make_step(model, name, batch_size,
-                                          num_devices)
+                                          num_devices, args.microbatches)
         seconds = _common.time_interleaved(steps, args.repeats,
                                            calls=args.steps).medians()
         num_params = sum(p.size for p in jax.tree.leaves(params))
         for name in names:
           row = {
               "model": model, "params": num_params, "devices": num_devices,
+              "microbatches": args.microbatches,
               "batch_size": batch_size, "optimizer": name,
               "step_ms": seconds[name] * 1e3,
               "samples_per_s": batch_size / seconds[name],
