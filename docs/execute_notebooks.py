@@ -16,6 +16,7 @@ the [dev] extra (nbclient, ipykernel).
 import argparse
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -23,6 +24,30 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Lines on stderr that describe the machine the notebook ran on, not the
+# notebook: XLA's slow-compilation alarms (a loaded CPU) and tqdm's note that
+# ipywidgets is not installed. They are dropped from the saved outputs.
+_MACHINE_NOISE = re.compile(
+    r"^E\d{4} .*slow_operation_alarm.*\n"
+    r"(?:(?!E\d{4} ).*\n)*?\*{32}\n.*\n\*{32}\n"
+    r"|^.*TqdmWarning: IProgress not found.*\n.*notebook_tqdm\n",
+    re.MULTILINE)
+
+
+def drop_machine_noise(notebook) -> None:
+  """Removes `_MACHINE_NOISE` from the stderr outputs of `notebook`."""
+  for cell in notebook.cells:
+    if cell.cell_type != "code":
+      continue
+    outputs = []
+    for output in cell.get("outputs", []):
+      if output.get("output_type") == "stream" and output.name == "stderr":
+        output.text = _MACHINE_NOISE.sub("", output.text)
+        if not output.text.strip():
+          continue
+      outputs.append(output)
+    cell.outputs = outputs
 
 
 def execute(path: pathlib.Path, timeout: int) -> float:
@@ -34,6 +59,7 @@ def execute(path: pathlib.Path, timeout: int) -> float:
   start = time.perf_counter()
   NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                  resources={"metadata": {"path": str(path.parent)}}).execute()
+  drop_machine_noise(notebook)
   nbformat.write(notebook, path)
   return time.perf_counter() - start
 
