@@ -31,8 +31,9 @@ def _concrete_number(name: str, value: Any, interval: str) -> float | None:
     return None
   array = np.asarray(value) if not isinstance(value, str) else None
   if (array is None or isinstance(value, bool)
-      or not np.issubdtype(array.dtype, np.number)
-      or np.issubdtype(array.dtype, np.complexfloating)):
+      # jnp.issubdtype knows bfloat16 (inject_hyperparams' hyperparam_dtype).
+      or not jax.numpy.issubdtype(array.dtype, jax.numpy.number)
+      or jax.numpy.issubdtype(array.dtype, jax.numpy.complexfloating)):
     kind = type(value).__name__
     raise ValueError(f"{name} must be a real number in {interval}, got "
                      f"{value!r} of type {kind}")

@@ -171,6 +171,14 @@ FACTORIES_WITHOUT_HYPERPARAMETERS = {
 }
 
 
+@pytest.mark.parametrize("value", [
+    0.1, 1, np.float32(0.1), np.int64(1), jnp.asarray(0.1),
+    jnp.asarray(0.1, jnp.bfloat16), optax.constant_schedule(0.1)],
+    ids=lambda value: type(value).__name__)
+def test_numbers_arrays_and_schedules_pass(value):
+  so.sngm(value, weight_decay=value)  # bfloat16: inject_hyperparams' dtype
+
+
 def test_every_public_factory_is_in_the_table():
   covered = {factory.__name__ for factory, *_ in TABLE}
   functions = {name for name in so.__all__

@@ -92,7 +92,8 @@ class StopOnSignal:
 
   def __exit__(self, *exc_info) -> None:
     for number, previous in self._previous.items():
-      signal.signal(number, previous)
+      # None: a handler not set from Python, which cannot be put back.
+      signal.signal(number, signal.SIG_DFL if previous is None else previous)
     self._previous = {}
     if self in _ACTIVE:
       _ACTIVE.remove(self)
