@@ -57,7 +57,9 @@ def execute(path: pathlib.Path, timeout: int) -> float:
       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
   os.environ.pop("SNGM_OPTAX_NOTEBOOK_SMALL", None)  # the full size
   start = time.perf_counter()
+  # No per-cell timestamps: the saved file changes only with its outputs.
   NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                 record_timing=False,
                  resources={"metadata": {"path": str(path.parent)}}).execute()
   drop_machine_noise(notebook)
   nbformat.write(notebook, path)
