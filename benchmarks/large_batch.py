@@ -5,9 +5,11 @@ warmup + cosine decay, the same number of epochs for every run. Every
 large-batch contender (SNGM as in the paper, SNGM with decoupled weight
 decay, momentum SGD, LARS, LAMB) follows the same procedure:
 
-1. at `--tune-batch` (4096) the full 2-D grid of `compare.LR_GRIDS`: 3 peak
-   learning rates x 3 weight decays (the grids and the rule that set them
-   are in `sngm_optax/harness/compare.py`);
+1. at `--tune-batch` (4096) the 2-D grid of `compare.LR_GRIDS` (3 peak
+   learning rates x 3 weight decays; the grids and the rule that set them
+   are in `sngm_optax/harness/compare.py`), searched one axis at a time to
+   fit the CPU budget: the learning rates at the middle weight decay, then
+   the weight decays at the best learning rate;
 2. at every other batch size a local grid: the 4096 pick's learning rate
    scaled by sqrt(B / 4096), times 1/2, 1, 2, at the 4096 pick's weight
    decay;
@@ -21,8 +23,8 @@ grid (3 values, factor 2) centred on the paper SNGM's 4096 pick, at its
 weight decay. Momentum SGD at `--small-batch` is the reference (learning
 rate grid of `compare.SMALL_BATCH_GRIDS`, weight decay 1e-4).
 
-Work is done in order of priority (4096 grids; 8192; seeds; reference;
-variants; 16384), every run is saved to `large_batch_runs.json` as it ends,
+Work is done in order of priority (4096 grids; 8192; reference; seeds;
+variants; 16384, without momentum SGD), every run is saved to `large_batch_runs.json` as it ends,
 and a restarted benchmark reuses them. `--stop-after HH:MM` (UTC) starts no
 new contender after that time and reports what was skipped.
 
@@ -64,7 +66,7 @@ def _parse_args():
                       default=[4096, 8192, 16384])
   parser.add_argument("--tune-batch", type=int, default=4096,
                       help="the batch size of the full 2-D grids")
-  parser.add_argument("--epochs", type=float, default=5)
+  parser.add_argument("--epochs", type=float, default=4)
   parser.add_argument("--warmup-epochs", type=float, default=0.5)
   parser.add_argument("--num-samples", type=int, default=100_000)
   parser.add_argument("--small-batch", type=int, default=256)
@@ -106,6 +108,7 @@ class Benchmark:
         warmup_epochs=args.warmup_epochs, epochs=args.epochs, seed=0)
     self.dataset = train.load_dataset(self.base)
     self.contenders = {}  # (name, batch_size) -> contender
+    self.learning_rate_stages = {}  # name -> the 1st axis of `full`
     self.skipped = []
 
   def save_run(self, key, run):
@@ -138,9 +141,16 @@ class Benchmark:
                      (decay,), seeds)
 
   def full(self, name, seeds=0):
+    """The 2-D grid, one axis at a time: learning rates at the middle weight
+    decay, then weight decays at the best learning rate."""
     grid = compare.LR_GRIDS[name]
     batch = self.args.tune_batch
-    return self.tune(name, batch, grid.at(batch), grid.weight_decays, seeds)
+    middle = grid.weight_decays[len(grid.weight_decays) // 2]
+    stage = self.tune(name, batch, grid.at(batch), (middle,))
+    self.learning_rate_stages[name] = stage
+    learning_rate = stage["best"]["learning_rate"]
+    return self.tune(name, batch, (learning_rate,), grid.weight_decays,
+                     seeds)
 
 
 def run_all(bench: Benchmark) -> None:
@@ -148,25 +158,26 @@ def run_all(bench: Benchmark) -> None:
   args = bench.args
   others = [b for b in args.batch_sizes if b != args.tune_batch]
   seeds = args.extra_seeds
+  small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
   for name in MAIN:
     bench.full(name)
   for batch_size in others[:1]:
     for name in MAIN:
       bench.local(name, batch_size)
+  bench.tune("msgd", args.small_batch, small, (1e-4,))
   for name in MAIN:
     bench.full(name, seeds)
     for batch_size in others[:1]:
       bench.local(name, batch_size, seeds)
-  grid = compare.SMALL_BATCH_GRIDS["msgd"]
-  bench.tune("msgd", args.small_batch, grid.at(args.small_batch),
-             (1e-4,), seeds)
+  bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
   for name in SNGM_ONLY:
     learning_rate, decay = bench.pick("sngm_paper")
     bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
                seeds)
   for batch_size in others[1:]:
     for name in MAIN:
-      bench.local(name, batch_size, seeds)
+      if name != "msgd":
+        bench.local(name, batch_size, seeds)
 
 
 def _mean_sd(contender):
@@ -271,6 +282,9 @@ def main() -> None:
       "small_batch_grid": dataclasses.asdict(
           compare.SMALL_BATCH_GRIDS["msgd"]),
       "skipped": bench.skipped,
+      "learning_rate_stages": [
+          compare.without_histories({"contenders": [c]})["contenders"][0]
+          for c in bench.learning_rate_stages.values()],
       "tables": tables,
       "verdicts": verdicts(bench),
       "contenders": [compare.without_histories({"contenders": [c]})
