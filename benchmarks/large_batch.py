@@ -23,10 +23,12 @@ grid (3 values, factor 2) centred on the paper SNGM's 4096 pick, at its
 weight decay. Momentum SGD at `--small-batch` is the reference (learning
 rate grid of `compare.SMALL_BATCH_GRIDS`, weight decay 1e-4).
 
-Work is done in order of priority (4096 grids; 8192; reference; seeds;
-variants; 16384, without momentum SGD), every run is saved to `large_batch_runs.json` as it ends,
+Work is done in order of priority (4096; 8192; reference; variants;
+16384, without momentum SGD; each pick's seeds right after its grid), every
+run is saved to `large_batch_runs.json` as it ends,
 and a restarted benchmark reuses them. `--stop-after HH:MM` (UTC) starts no
-new contender after that time and reports what was skipped.
+new run after that time and reports what was skipped (so a restart after
+the deadline only rebuilds the tables and the figure from the saved runs).
 
 Usage:
   python benchmarks/large_batch.py                     # the benchmark
@@ -57,7 +59,22 @@ OTHERS = ("msgd", "lars", "lamb")
 
 
 class Deadline(Exception):
-  """Raised before a contender that would start after `--stop-after`."""
+  """Raised before a run that would start after `--stop-after`."""
+
+
+class _SavedRuns(dict):
+  """The saved runs by `compare.run_key`; asking for a missing one after
+  the deadline (i.e. before training it) raises `Deadline`, so that a run
+  restarted late still reports every saved run."""
+
+  stop = None
+
+  def __contains__(self, key):
+    found = super().__contains__(key)
+    if (not found and self.stop is not None
+        and datetime.datetime.now(datetime.timezone.utc) > self.stop):
+      raise Deadline
+    return found
 
 
 def _parse_args():
@@ -73,7 +90,7 @@ def _parse_args():
   parser.add_argument("--extra-seeds", type=int, default=2)
   parser.add_argument("--model", default="cnn")
   parser.add_argument("--stop-after", default=None,
-                      help="HH:MM UTC: start no new contender after it")
+                      help="HH:MM UTC: start no new run after it")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
   return parser.parse_args()
@@ -101,8 +118,9 @@ class Benchmark:
     self.args = args
     self.stop = _deadline(args.stop_after)
     self.runs_path = args.out / "large_batch_runs.json"
-    self.done = (json.loads(self.runs_path.read_text())
-                 if self.runs_path.exists() else {})
+    self.done = _SavedRuns(json.loads(self.runs_path.read_text())
+                           if self.runs_path.exists() else {})
+    self.done.stop = self.stop
     self.base = config_lib.Config(
         num_samples=args.num_samples, val_fraction=0.1, model=args.model,
         warmup_epochs=args.warmup_epochs, epochs=args.epochs, seed=0)
@@ -116,16 +134,16 @@ class Benchmark:
     _common.write_json(self.runs_path, self.done)
 
   def tune(self, name, batch_size, learning_rates, decays, seeds=0):
-    """`compare.run_contender` with the saved runs; None when skipped."""
-    if (self.stop is not None
-        and datetime.datetime.now(datetime.timezone.utc) > self.stop):
+    """`compare.run_contender` with the saved runs."""
+    try:
+      contender = compare.run_contender(
+          self.base, name, batch_size, learning_rates, self.dataset,
+          self.args.quiet, seeds, weight_decays=decays, max_extensions=1,
+          done=self.done, on_run=self.save_run)
+    except Deadline:
       self.skipped.append(f"{name} B={batch_size}"
                           + (f" (+{seeds} seeds)" if seeds else ""))
-      raise Deadline
-    contender = compare.run_contender(
-        self.base, name, batch_size, learning_rates, self.dataset,
-        self.args.quiet, seeds, weight_decays=decays, max_extensions=1,
-        done=self.done, on_run=self.save_run)
+      raise
     self.contenders[(name, batch_size)] = contender
     return contender
 
@@ -154,21 +172,17 @@ class Benchmark:
 
 
 def run_all(bench: Benchmark) -> None:
-  """The stages in order of priority."""
+  """The stages in order of priority; the seeds of a pick right after its
+  grid, while its compiled step is still cached."""
   args = bench.args
   others = [b for b in args.batch_sizes if b != args.tune_batch]
   seeds = args.extra_seeds
-  small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
-  for name in MAIN:
-    bench.full(name)
-  for batch_size in others[:1]:
-    for name in MAIN:
-      bench.local(name, batch_size)
-  bench.tune("msgd", args.small_batch, small, (1e-4,))
   for name in MAIN:
     bench.full(name, seeds)
-    for batch_size in others[:1]:
+  for batch_size in others[:1]:
+    for name in MAIN:
       bench.local(name, batch_size, seeds)
+  small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
   bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
   for name in SNGM_ONLY:
     learning_rate, decay = bench.pick("sngm_paper")
@@ -294,7 +308,7 @@ def main() -> None:
   plot(bench, args.out / "large_batch.png")
   print("\n" + "\n".join(summary["verdicts"]))
   if bench.skipped:
-    print(f"skipped (deadline): {', '.join(bench.skipped)}")
+    print(f"stopped at the deadline before: {', '.join(bench.skipped)}")
   print(f"\nmachine: {_common.machine_line(summary['machine'])}; total "
         f"{summary['wall_time_s'] / 60:.1f} min; wrote "
         f"{args.out / 'large_batch.json'} and {args.out / 'large_batch.png'}")

@@ -231,8 +231,8 @@ def _one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
                f"val acc {run['val_accuracy'] or float('nan'):.4f}  test acc "
                f"{run['test_accuracy']:.4f}  ({run['wall_time_s']:.0f} s)")
     print(f"  {config.optimizer:>5s} B={config.batch_size:<5d} "
-          f"lr={config.learning_rate:<8g} seed {config.seed}  {outcome}",
-          flush=True)
+          f"lr={config.learning_rate:<8g} wd={config.weight_decay:<7g} "
+          f"seed {config.seed}  {outcome}", flush=True)
   return run
 
 
