@@ -23,7 +23,7 @@ grid (3 values, factor 2) centred on the paper SNGM's 4096 pick, at its
 weight decay. Momentum SGD at `--small-batch` is the reference (learning
 rate grid of `compare.SMALL_BATCH_GRIDS`, weight decay 1e-4).
 
-Work is done in order of priority (4096; 8192; reference; variants;
+Work is done in order of priority (4096; the reference; 8192; variants;
 16384, without momentum SGD; each pick's seeds right after its grid), every
 run is saved to `large_batch_runs.json` as it ends,
 and a restarted benchmark reuses them. `--stop-after HH:MM` (UTC) starts no
@@ -56,6 +56,8 @@ MAIN = ("sngm_paper", "sngm_decoupled", "msgd", "lars", "lamb")
 SNGM_ONLY = ("sngm_nesterov", "sngm_per_layer")
 SNGM = ("sngm_paper", "sngm_decoupled", "sngm_nesterov", "sngm_per_layer")
 OTHERS = ("msgd", "lars", "lamb")
+# After the tune batch: the contenders of the goal first.
+BY_PRIORITY = ("sngm_paper", "lars", "lamb", "sngm_decoupled", "msgd")
 
 
 class Deadline(Exception):
@@ -179,19 +181,18 @@ def run_all(bench: Benchmark) -> None:
   seeds = args.extra_seeds
   for name in MAIN:
     bench.full(name, seeds)
-  for batch_size in others[:1]:
-    for name in MAIN:
-      bench.local(name, batch_size, seeds)
   small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
   bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
+  for batch_size in others[:1]:
+    for name in BY_PRIORITY:
+      bench.local(name, batch_size, seeds)
   for name in SNGM_ONLY:
     learning_rate, decay = bench.pick("sngm_paper")
     bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
                seeds)
   for batch_size in others[1:]:
-    for name in MAIN:
-      if name != "msgd":
-        bench.local(name, batch_size, seeds)
+    for name in BY_PRIORITY[:-1]:
+      bench.local(name, batch_size, seeds)
 
 
 def _mean_sd(contender):
