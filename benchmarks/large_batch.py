@@ -56,6 +56,9 @@ MAIN = ("sngm_paper", "sngm_decoupled", "msgd", "lars", "lamb")
 SNGM_ONLY = ("sngm_nesterov", "sngm_per_layer")
 SNGM = ("sngm_paper", "sngm_decoupled", "sngm_nesterov", "sngm_per_layer")
 OTHERS = ("msgd", "lars", "lamb")
+# The work in order of priority: the tune batch's grids, the small-batch
+# reference, the second batch size, the SNGM variants, the other batch sizes.
+STAGES = ("tune", "reference", "second", "variants", "rest")
 # After the tune batch: the contenders of the issue's goal first.
 BY_PRIORITY = ("sngm_paper", "lars", "lamb", "sngm_decoupled", "msgd")
 
@@ -93,6 +96,9 @@ def _parse_args():
   parser.add_argument("--model", default="cnn")
   parser.add_argument("--stop-after", default=None,
                       help="HH:MM UTC: start no new run after it")
+  parser.add_argument("--stages", default=",".join(STAGES),
+                      help="comma-separated, from " + ", ".join(STAGES)
+                      + " (later stages need the tune stage's picks)")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
   return parser.parse_args()
@@ -136,16 +142,16 @@ class Benchmark:
     _common.write_json(self.runs_path, self.done)
 
   def tune(self, name, batch_size, learning_rates, decays, seeds=0):
-    """`compare.run_contender` with the saved runs."""
+    """`compare.run_contender` with the saved runs; None if it would need a
+    run after the deadline (the contender is then listed as skipped)."""
     try:
       contender = compare.run_contender(
           self.base, name, batch_size, learning_rates, self.dataset,
           self.args.quiet, seeds, weight_decays=decays, max_extensions=1,
           done=self.done, on_run=self.save_run)
     except Deadline:
-      self.skipped.append(f"{name} B={batch_size}"
-                          + (f" (+{seeds} seeds)" if seeds else ""))
-      raise
+      self.skipped.append(f"{name} B={batch_size}")
+      return None
     self.contenders[(name, batch_size)] = contender
     return contender
 
@@ -155,6 +161,10 @@ class Benchmark:
 
   def local(self, name, batch_size, seeds=0, center=None):
     """The local grid at `batch_size` around the tune-batch pick."""
+    if (center or name, self.args.tune_batch) not in self.contenders:
+      self.skipped.append(f"{name} B={batch_size} (no pick at the tune "
+                          "batch)")
+      return None
     learning_rate, decay = self.pick(center or name)
     factor = (batch_size / self.args.tune_batch) ** 0.5
     return self.tune(name, batch_size, _around(learning_rate, factor),
@@ -167,6 +177,8 @@ class Benchmark:
     batch = self.args.tune_batch
     middle = grid.weight_decays[len(grid.weight_decays) // 2]
     stage = self.tune(name, batch, grid.at(batch), (middle,))
+    if stage is None:
+      return None
     self.learning_rate_stages[name] = stage
     learning_rate = stage["best"]["learning_rate"]
     return self.tune(name, batch, (learning_rate,), grid.weight_decays,
@@ -177,22 +189,29 @@ def run_all(bench: Benchmark) -> None:
   """The stages in order of priority; the seeds of a pick right after its
   grid, while its compiled step is still cached."""
   args = bench.args
+  stages = args.stages.split(",")
   others = [b for b in args.batch_sizes if b != args.tune_batch]
   seeds = args.extra_seeds
-  for name in MAIN:
-    bench.full(name, seeds)
-  small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
-  bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
-  for batch_size in others[:1]:
-    for name in BY_PRIORITY:
-      bench.local(name, batch_size, seeds)
-  for name in SNGM_ONLY:
-    learning_rate, decay = bench.pick("sngm_paper")
-    bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
-               seeds)
-  for batch_size in others[1:]:
-    for name in BY_PRIORITY[:-1]:
-      bench.local(name, batch_size, seeds)
+  if "tune" in stages:
+    for name in MAIN:
+      bench.full(name, seeds)
+  if "reference" in stages:
+    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
+    bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
+  if "second" in stages:
+    for batch_size in others[:1]:
+      for name in BY_PRIORITY:
+        bench.local(name, batch_size, seeds)
+  if "variants" in stages:
+    for name in SNGM_ONLY:
+      if ("sngm_paper", args.tune_batch) in bench.contenders:
+        learning_rate, decay = bench.pick("sngm_paper")
+        bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
+                   seeds)
+  if "rest" in stages:
+    for batch_size in others[1:]:
+      for name in BY_PRIORITY[:-1]:
+        bench.local(name, batch_size, seeds)
 
 
 def _mean_sd(contender):
@@ -272,10 +291,7 @@ def main() -> None:
   start = time.perf_counter()
   load_start = os.getloadavg()[0]
   bench = Benchmark(args)
-  try:
-    run_all(bench)
-  except Deadline:
-    pass
+  run_all(bench)
   tables = {}
   for batch_size in sorted({b for _, b in bench.contenders}):
     contenders = [c for (_, b), c in bench.contenders.items()
@@ -309,7 +325,7 @@ def main() -> None:
   plot(bench, args.out / "large_batch.png")
   print("\n" + "\n".join(summary["verdicts"]))
   if bench.skipped:
-    print(f"stopped at the deadline before: {', '.join(bench.skipped)}")
+    print(f"skipped (deadline): {', '.join(bench.skipped)}")
   print(f"\nmachine: {_common.machine_line(summary['machine'])}; total "
         f"{summary['wall_time_s'] / 60:.1f} min; wrote "
         f"{args.out / 'large_batch.json'} and {args.out / 'large_batch.png'}")
