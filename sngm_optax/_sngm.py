@@ -76,6 +76,7 @@ def sngm(
     axis_name: str | tuple[str, ...] | None = None,
     per_layer: bool = False,
     accumulator_dtype: Any | None = None,
+    decoupled_weight_decay: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The SNGM optimizer for large-batch training.
 
@@ -83,6 +84,17 @@ def sngm(
     g_t &\leftarrow \text{mean over devices}(g_t) + \lambda w_t \\
     u_{t+1} &= \beta u_t + g_t / \|g_t\| \\
     w_{t+1} &= w_t - \eta_t u_{t+1}
+
+  With `decoupled_weight_decay=True` the decay is not part of the normalized
+  gradient but added after the momentum, as `optax.adamw` does for Adam:
+
+  .. math::
+    u_{t+1} = \beta u_t + g_t / \|g_t\|, \qquad
+    w_{t+1} = w_t - \eta_t (u_{t+1} + \lambda w_t)
+
+  Coupled decay (the paper's) is normalized together with the gradient, so
+  its share of the step grows as the loss gradient shrinks; decoupled decay
+  shrinks the weights by the fixed factor :math:`1 - \eta_t \lambda` a step.
 
   Normalizing the mini-batch gradient by its global L2 norm lets SNGM take
   the same step length at any batch size, so a large batch can use a large
@@ -95,8 +107,9 @@ def sngm(
       `optax.Schedule`.
     momentum: :math:`\beta`, in [0, 1).
     nesterov: use Nesterov momentum.
-    weight_decay: coupled weight decay :math:`\lambda \ge 0`, added to the
-      gradient before normalization (scalar or schedule).
+    weight_decay: weight decay :math:`\lambda \ge 0` (scalar or schedule);
+      coupled (added to the gradient before normalization) unless
+      `decoupled_weight_decay`.
     weight_decay_mask: pytree of booleans (or a function of the params
       returning one) selecting the leaves to decay, as in `optax.lars`;
       `None` decays every leaf.
@@ -106,6 +119,9 @@ def sngm(
       `None` when the gradient is already the global one.
     per_layer: normalize each leaf separately instead of globally.
     accumulator_dtype: dtype of the momentum buffer (default: the params').
+    decoupled_weight_decay: add :math:`\lambda w_t` after normalization and
+      momentum, scaled by the learning rate (AdamW style), instead of to the
+      gradient before normalization (the paper's, the default).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -133,16 +149,23 @@ def sngm(
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
   _checks.check_range("eps", eps, SMALLEST_NORMAL_FLOAT32)
+  if not isinstance(decoupled_weight_decay, bool):
+    raise ValueError("decoupled_weight_decay must be True or False, got "
+                     f"{decoupled_weight_decay!r}")
+  decay = optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
+  normalized_momentum = scale_by_sngm(
+      momentum=momentum,
+      nesterov=nesterov,
+      eps=eps,
+      per_layer=per_layer,
+      accumulator_dtype=accumulator_dtype,
+  )
+  # Coupled: decay, then normalize; decoupled (AdamW): normalize, then decay.
+  middle = ((normalized_momentum, decay) if decoupled_weight_decay
+            else (decay, normalized_momentum))
   chained = optax.chain(
       average_across_devices(axis_name) if axis_name else optax.identity(),
-      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-      scale_by_sngm(
-          momentum=momentum,
-          nesterov=nesterov,
-          eps=eps,
-          per_layer=per_layer,
-          accumulator_dtype=accumulator_dtype,
-      ),
+      *middle,
       optax.scale_by_learning_rate(learning_rate),
   )
   # The params check comes before add_decayed_weights reads params.

@@ -35,9 +35,11 @@ def random_tree(seed, dtypes=None):
 
 def sngm_reference(
     grads_seq, params, lrs, momentum, nesterov=False, weight_decay=0.0,
-    decay_mask=None,
+    decay_mask=None, decoupled=False,
 ):
-  """Float64 NumPy SNGM; momentum and params stored in the leaves' dtypes."""
+  """Float64 NumPy SNGM; momentum and params stored in the leaves' dtypes.
+
+  `decoupled`: `w ← w − lr (u + λ w)` instead of decaying the gradient."""
   leaves, treedef = jax.tree.flatten(params)
   dtypes = [np.asarray(x).dtype for x in leaves]
   w = [np.asarray(x, np.float64) for x in leaves]
@@ -47,7 +49,8 @@ def sngm_reference(
   for grads, lr in zip(grads_seq, lrs):
     g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
     # Gradients (and so the decayed gradient) are stored in the leaf dtype.
-    g = [(gi + weight_decay * wi * mi).astype(d).astype(np.float64)
+    coupled = 0.0 if decoupled else weight_decay
+    g = [(gi + coupled * wi * mi).astype(d).astype(np.float64)
          for gi, wi, mi, d in zip(g, w, mask, dtypes)]
     norm = np.sqrt(sum(np.sum(gi**2) for gi in g))
     g = [gi / norm if norm > 0 else 0 * gi for gi in g]
@@ -55,6 +58,8 @@ def sngm_reference(
     u = [(gi + momentum * ui).astype(d).astype(np.float64)
          for gi, ui, d in zip(g, u, dtypes)]
     step = [gi + momentum * ui if nesterov else ui for gi, ui in zip(g, u)]
+    if decoupled:
+      step = [si + weight_decay * wi * mi for si, wi, mi in zip(step, w, mask)]
     w = [(wi - lr * si).astype(d).astype(np.float64)
          for wi, si, d in zip(w, step, dtypes)]
     trajectory.append(w)
@@ -105,6 +110,42 @@ def test_matches_numpy_reference_for_50_steps(nesterov, weight_decay):
   for a, e in zip(actual[::7], expected[::7]):
     assert_trees_close(a, e)
   assert_trees_close(actual[-1], expected[-1])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_decoupled_weight_decay_matches_numpy_reference(nesterov):
+  params = random_tree(0, FLOAT32_LEAVES)
+  grads_seq = gradient_sequence(params, 30)
+  schedule = optax.cosine_decay_schedule(0.05, 30)
+  # A large decay, so that adding it before the normalization would differ.
+  tx = sngm(schedule, momentum=0.9, nesterov=nesterov, weight_decay=0.5,
+            decoupled_weight_decay=True)
+  lrs = [float(schedule(i)) for i in range(30)]
+  actual = run_optimizer(tx, grads_seq, params)
+  expected = sngm_reference(grads_seq, params, lrs, 0.9, nesterov=nesterov,
+                            weight_decay=0.5, decoupled=True)
+  for a, e in zip(actual[::7], expected[::7]):
+    assert_trees_close(a, e)
+  assert_trees_close(actual[-1], expected[-1])
+
+
+def test_decoupled_weight_decay_with_mask_and_per_layer_norm():
+  params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  grads_seq = [{"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.3, 0.1])}
+               ] * 4
+  tx = sngm(0.1, weight_decay=0.5, weight_decay_mask={"w": True, "b": False},
+            decoupled_weight_decay=True, per_layer=True)
+  # Per leaf: u ← 0.9 u + g / ‖g_leaf‖; w ← w − 0.1 (u + 0.5 w) on w only.
+  w = {k: np.ones_like(np.asarray(v), np.float64) for k, v in params.items()}
+  u = {k: np.zeros_like(v) for k, v in w.items()}
+  for grads in grads_seq:
+    for k in w:
+      g = np.asarray(grads[k], np.float64)
+      u[k] = 0.9 * u[k] + g / np.linalg.norm(g)
+      w[k] = w[k] - 0.1 * (u[k] + (0.5 * w[k] if k == "w" else 0.0))
+  actual = run_optimizer(tx, grads_seq, params)[-1]
+  for k in w:
+    np.testing.assert_allclose(np.asarray(actual[k]), w[k], rtol=1e-5)
 
 
 def test_weight_decay_mask_skips_masked_leaves():
@@ -399,6 +440,8 @@ def test_makes_progress_on_rosenbrock():
         ({"learning_rate": 0.1, "momentum": 1.0}, "momentum"),
         ({"learning_rate": 0.1, "momentum": -0.1}, "momentum"),
         ({"learning_rate": 0.1, "weight_decay": -1e-4}, "weight_decay"),
+        ({"learning_rate": 0.1, "decoupled_weight_decay": "yes"},
+         "decoupled_weight_decay"),
         ({"learning_rate": 0.1, "eps": 0.0}, "eps"),
         ({"learning_rate": 0.1, "eps": -1e-8}, "eps"),
         ({"learning_rate": 0.1, "eps": 1e-40}, "eps"),  # a subnormal

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "and writes compare.json and compare.png.")
   cmp.add_argument("--quick", action="store_true",
                    help="small preset: 20k examples, batch 1024 vs 128, 20 "
-                        "epochs, 3 learning rates each (~1.5 min on 2 CPU "
-                        "cores)")
+                        "epochs, 3 learning rates each, a grid extended "
+                        "where the pick is at its edge (a few minutes on 2 "
+                        "CPU cores)")
   cmp.add_argument("--batch-size", type=_positive_int, default=_NO_DEFAULT,
                    help="the large batch size (default 4096; quick 1024)")
   cmp.add_argument("--small-batch-size", type=_positive_int,
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--epochs", type=_positive_float, default=_NO_DEFAULT,
                    help="training epochs for every run (default 30; quick 20)")
   cmp.add_argument("--grid-size", type=_positive_int, default=_NO_DEFAULT,
-                   help="learning rates tried per optimizer (default 4, at "
-                        "most 4; quick 3)")
+                   help="learning rates tried per optimizer before any "
+                        "grid extension (default and at most 3)")
   cmp.add_argument("--optimizers", default=",".join(
       compare.LARGE_BATCH_OPTIMIZERS),
                    help="comma-separated large-batch optimizers "

@@ -1,41 +1,47 @@
 """The main job: SNGM against momentum SGD, LARS and LAMB at a large batch.
 
 Every contender trains the same model for the same number of epochs with a
-linear-warmup + cosine learning-rate schedule; its peak learning rate is
-picked from a grid of the same size for every optimizer, by the final
-accuracy on a validation split held out from the training set. The table
-reports the test accuracy of the picked run. Momentum SGD at a small batch
-(128) is the reference that large-batch training tries to match.
+linear-warmup + cosine learning-rate schedule. Its peak learning rate and
+weight decay are picked from a grid of the same size for every optimizer
+(`LR_GRIDS`: 3 learning rates x 3 weight decays), by the final accuracy on a
+validation split held out from the training set (`grid_search`). A pick on
+an edge of the grid extends the grid by one value in that direction and the
+search goes on (`Preset.max_extensions` times per axis and direction); a
+pick still on an edge after that is marked "(grid edge)" in the table, never
+shown as a plain best. The table reports the test accuracy of the picked run.
+Momentum SGD at a small batch (128) is the reference that large-batch
+training tries to match.
 
-Learning-rate grids (`LR_GRIDS`, `SMALL_BATCH_GRIDS`): the same rule for
-every optimizer, four values a factor of 2 apart, `[p/4, p/2, p, 2p]`, where
-`p` is the value a pilot sweep (30 epochs, 6 values a factor of 2 apart,
-picked on validation accuracy) found best at B = 4096; `2p` was at or past
-the edge of stability for every large-batch optimizer. (For the B = 128
-reference the pilot's best, 0.1, was its largest value.) For another batch
-size a
-grid is scaled by `sqrt(batch_size / reference_batch)`, the same rule for
-every family (between the linear rule of Goyal et al. for SGD and the
-batch-size insensitivity of normalized methods).
+The grids are written down once, below, with the rule that set them. For
+another batch size a learning-rate grid is scaled by
+`sqrt(batch_size / reference_batch)`, the same rule for every family
+(between the linear rule of Goyal et al. for SGD and the batch-size
+insensitivity of normalized methods); weight decays are not scaled.
 
-| optimizer | grid at B = 4096 (peak learning rate) |
-| --- | --- |
-| sngm | 0.1, 0.2, 0.4, 0.8 |
-| msgd (momentum 0.9) | 0.0625, 0.125, 0.25, 0.5 |
-| lars (trust coefficient 0.001, momentum 0.9) | 10, 20, 40, 80 |
-| lamb | 0.01, 0.02, 0.04, 0.08 |
-| msgd at B = 128 (not scaled) | 0.025, 0.05, 0.1, 0.2 |
+| optimizer | learning rates at B = 4096 | weight decays |
+| --- | --- | --- |
+| sngm (momentum 0.9) | 0.2, 0.4, 0.8 | 1e-5, 1e-4, 1e-3 (coupled) |
+| msgd (momentum 0.9) | 0.125, 0.25, 0.5 | 1e-5, 1e-4, 1e-3 (coupled) |
+| lars (trust coefficient 0.001, momentum 0.9) | 20, 40, 80 | 1e-5, 1e-4, 1e-3 |
+| lamb | 0.02, 0.04, 0.08 | 1e-3, 1e-2, 1e-1 (decoupled) |
+| msgd at B = 128 (not scaled) | 0.1, 0.2, 0.4 | 1e-4 |
 
-All runs use coupled weight decay 1e-4 on the kernels (not the biases;
-decoupled for LAMB), warmup for 2 epochs then cosine decay to 0, and the
-same initialization and batch order.
+The SNGM variants of `VARIANTS` (the paper's, decoupled weight decay,
+Nesterov, per-layer normalization) share sngm's learning rates; decoupled
+decay uses the decoupled weight decays. The quick preset (`QUICK_GRIDS`)
+tunes the learning rate only, on grids centred on its own earlier picks,
+with each optimizer's weight decay at the benchmark's pick
+(`suggested_weight_decay`). Weight decay applies to the kernels, not the
+biases; every run uses the same initialization and batch order.
 """
 
 import dataclasses
+import itertools
 import math
 import os
 import pathlib
 import time
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +61,10 @@ class LearningRateGrid:
   # The value the benchmark picked at reference_batch: `sngm-optax train`'s
   # default learning rate.
   suggested: float | None = None
+  # Weight decays of the 2-D grid (not scaled with the batch), and the one
+  # the benchmark picked (the quick preset's fixed value).
+  weight_decays: tuple[float, ...] = (1e-4,)
+  suggested_weight_decay: float = 1e-4
 
   def suggested_at(self, batch_size: int) -> float:
     """`suggested` (else the grid's third value) scaled to `batch_size`."""
@@ -73,19 +83,67 @@ class LearningRateGrid:
     return tuple(float(f"{value * scale:.3g}") for value in values)
 
 
+# The grids, written down once. The rule, the same for every optimizer:
+# learning rates are 3 values a factor of 2 apart centred on `p`, the value
+# the earlier benchmark (30 epochs, 60k examples, weight decay 1e-4, 4-value
+# grid) picked at B = 4096 for the optimizer's family; weight decays are 3
+# values a factor of 10 apart centred on the conventional value of the
+# decay's kind: 1e-4 for L2 decay coupled into the gradient (momentum SGD,
+# LARS, the paper's SNGM), 1e-2 for decoupled decay (LAMB, as in its paper;
+# SNGM with `decoupled_weight_decay`). A pick on an edge extends the grid by
+# one value in that direction (`grid_search`).
+_COUPLED_DECAYS = (1e-5, 1e-4, 1e-3)
+_DECOUPLED_DECAYS = (1e-3, 1e-2, 1e-1)
 LR_GRIDS: dict[str, LearningRateGrid] = {
-    "sngm": LearningRateGrid((0.1, 0.2, 0.4, 0.8), 4096, suggested=0.4),
-    "msgd": LearningRateGrid((0.0625, 0.125, 0.25, 0.5), 4096,
-                             suggested=0.25),
-    "lars": LearningRateGrid((10.0, 20.0, 40.0, 80.0), 4096, suggested=40.0),
-    "lamb": LearningRateGrid((0.01, 0.02, 0.04, 0.08), 4096, suggested=0.04),
+    "sngm": LearningRateGrid((0.2, 0.4, 0.8), 4096, suggested=0.4,
+                             weight_decays=_COUPLED_DECAYS),
+    "msgd": LearningRateGrid((0.125, 0.25, 0.5), 4096, suggested=0.25,
+                             weight_decays=_COUPLED_DECAYS),
+    "lars": LearningRateGrid((20.0, 40.0, 80.0), 4096, suggested=40.0,
+                             weight_decays=_COUPLED_DECAYS),
+    "lamb": LearningRateGrid((0.02, 0.04, 0.08), 4096, suggested=0.04,
+                             weight_decays=_DECOUPLED_DECAYS),
+    # SNGM variants (VARIANTS): the same learning rates as sngm.
+    "sngm_paper": LearningRateGrid((0.2, 0.4, 0.8), 4096, suggested=0.4,
+                                   weight_decays=_COUPLED_DECAYS),
+    "sngm_decoupled": LearningRateGrid((0.2, 0.4, 0.8), 4096,
+                                       weight_decays=_DECOUPLED_DECAYS),
+    "sngm_nesterov": LearningRateGrid((0.2, 0.4, 0.8), 4096,
+                                      weight_decays=_COUPLED_DECAYS),
+    "sngm_per_layer": LearningRateGrid((0.2, 0.4, 0.8), 4096,
+                                       weight_decays=_COUPLED_DECAYS),
     # Not tuned: sgd as msgd, adamw as lamb.
-    "sgd": LearningRateGrid((0.0625, 0.125, 0.25, 0.5), 4096),
-    "adamw": LearningRateGrid((0.005, 0.01, 0.02, 0.04), 4096),
+    "sgd": LearningRateGrid((0.125, 0.25, 0.5), 4096),
+    "adamw": LearningRateGrid((0.01, 0.02, 0.04), 4096,
+                              weight_decays=_DECOUPLED_DECAYS,
+                              suggested_weight_decay=1e-2),
 }
 # The small-batch reference has its own grid (no scaling across 32x).
 SMALL_BATCH_GRIDS: dict[str, LearningRateGrid] = {
-    "msgd": LearningRateGrid((0.025, 0.05, 0.1, 0.2), 128, suggested=0.1),
+    "msgd": LearningRateGrid((0.1, 0.2, 0.4), 128, suggested=0.2,
+                             weight_decays=_COUPLED_DECAYS),
+}
+# The quick preset (20 epochs of 16k examples at B = 1024 and 128): the
+# same rule, centred on the quick preset's own picks (not scaled from 4096:
+# at 1024 the sqrt rule put every pick at the grid's top edge), with each
+# optimizer's weight decay fixed at its `suggested_weight_decay`.
+QUICK_GRIDS: dict[str, LearningRateGrid] = {
+    "sngm": LearningRateGrid((0.2, 0.4, 0.8), 1024),
+    "msgd": LearningRateGrid((0.125, 0.25, 0.5), 1024),
+    "lars": LearningRateGrid((20.0, 40.0, 80.0), 1024),
+    "lamb": LearningRateGrid((0.02, 0.04, 0.08), 1024),
+}
+QUICK_SMALL_BATCH_GRIDS: dict[str, LearningRateGrid] = {
+    "msgd": LearningRateGrid((0.1, 0.2, 0.4), 128),
+}
+# Contenders that are a registry optimizer with fixed keyword arguments.
+_PAPER = {"nesterov": False, "decoupled_weight_decay": False,
+          "per_layer": False}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "sngm_paper": ("sngm", _PAPER),
+    "sngm_decoupled": ("sngm", {**_PAPER, "decoupled_weight_decay": True}),
+    "sngm_nesterov": ("sngm", {**_PAPER, "nesterov": True}),
+    "sngm_per_layer": ("sngm", {**_PAPER, "per_layer": True}),
 }
 
 
@@ -113,26 +171,46 @@ class Preset:
   warmup_epochs: float
   model: str = "cnn"
   val_fraction: float = 0.1
+  # The weight decay of an optimizer without a grid entry.
   weight_decay: float = 1e-4
+  # Which grids ("default": LR_GRIDS, "quick": QUICK_GRIDS); whether the
+  # weight decay is tuned too (else each grid's suggested_weight_decay);
+  # how often a grid may grow per axis and direction (`grid_search`).
+  grids: str = "default"
+  tune_weight_decay: bool = True
+  max_extensions: int = 1
 
 
 PRESETS = {
     "default": Preset(num_samples=60_000, epochs=30, large_batch=4096,
-                      small_batch=128, grid_size=4, warmup_epochs=2),
-    # Under 3 minutes on 2 CPU cores, data generation included.
+                      small_batch=128, grid_size=3, warmup_epochs=2),
+    # A few minutes on 2 CPU cores, data generation included.
     "quick": Preset(num_samples=20_000, epochs=20, large_batch=1024,
-                    small_batch=128, grid_size=3, warmup_epochs=1),
+                    small_batch=128, grid_size=3, warmup_epochs=1,
+                    grids="quick", tune_weight_decay=False,
+                    max_extensions=2),
 }
 LARGE_BATCH_OPTIMIZERS = ("sngm", "msgd", "lars", "lamb")
 SMALL_BATCH_OPTIMIZER = "msgd"
 
 
-def _grid(optimizer: str, batch_size: int, small: bool, size: int):
-  grids = SMALL_BATCH_GRIDS if small else LR_GRIDS
-  if optimizer not in grids:
+_GRID_SETS = {"default": (LR_GRIDS, SMALL_BATCH_GRIDS),
+              "quick": (QUICK_GRIDS, QUICK_SMALL_BATCH_GRIDS)}
+
+
+def _grid(optimizer: str, batch_size: int, small: bool, preset: Preset):
+  """(learning rates, weight decays) of `optimizer` for `preset`."""
+  grids = _GRID_SETS[preset.grids][small]
+  benchmark = (SMALL_BATCH_GRIDS if small else LR_GRIDS).get(optimizer)
+  grid = grids.get(optimizer, benchmark)
+  if grid is None:
     raise ValueError(f"no learning-rate grid for {optimizer!r} at "
                      f"{'small' if small else 'large'} batch")
-  return grids[optimizer].at(batch_size, size)
+  if preset.tune_weight_decay:
+    decays = grid.weight_decays
+  else:  # the benchmark's pick
+    decays = ((benchmark or grid).suggested_weight_decay,)
+  return grid.at(batch_size, preset.grid_size), decays
 
 
 def _one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
@@ -157,43 +235,157 @@ def _one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
                f"val acc {run['val_accuracy'] or float('nan'):.4f}  test acc "
                f"{run['test_accuracy']:.4f}  ({run['wall_time_s']:.0f} s)")
     print(f"  {config.optimizer:>5s} B={config.batch_size:<5d} "
-          f"lr={config.learning_rate:<8g} seed {config.seed}  {outcome}",
-          flush=True)
+          f"lr={config.learning_rate:<8g} wd={config.weight_decay:<7g} "
+          f"seed {config.seed}  {outcome}", flush=True)
   return run
+
+
+def _sig3(value: float) -> float:
+  return float(f"{value:.3g}")
+
+
+def _edges(best: tuple, axes: list[list[float]]) -> list[tuple[int, int]]:
+  """(axis, direction) for each axis of 2+ values whose end `best` is on;
+  direction -1 is the smallest value, +1 the largest."""
+  edges = []
+  for axis, values in enumerate(axes):
+    if len(values) < 2:
+      continue
+    if best[axis] == min(values):
+      edges.append((axis, -1))
+    elif best[axis] == max(values):
+      edges.append((axis, +1))
+  return edges
+
+
+def grid_search(score: Callable[..., float | None],
+                axes: Sequence[Sequence[float]], max_extensions: int = 0
+                ) -> dict:
+  """Maximizes `score` over a grid, extending it where the pick is an edge.
+
+  Every point of the grid (the product of `axes`, each a sorted sequence of
+  positive values) is scored; `score(*point)` returns None for a run that
+  diverged. When the best point lies at the smallest or largest value of
+  an axis with 2 or more values, that axis gets one more value in that
+  direction (the ratio of its two outermost values again, 3 significant
+  digits), every new point is scored, and the search repeats, at most
+  `max_extensions` times per axis and direction. Ties go to the point
+  scored first.
+
+  Returns:
+    A dict: `best` (a point, None if every run diverged), `scores` (point ->
+    score, in the order scored), `axes` (the final grid), `extended` (the
+    values added, as (axis, value) pairs) and `on_edge` (True if the pick is
+    still at an end of an axis: the extension limit was reached).
+  """
+  axes = [sorted(float(v) for v in values) for values in axes]
+  if any(not values or min(values) <= 0 for values in axes):
+    raise ValueError(f"axes must be non-empty and positive, got {axes!r}")
+  scores, extended, used = {}, [], {}
+  while True:
+    for point in itertools.product(*axes):
+      if point not in scores:
+        scores[point] = score(*point)
+    finished = [point for point, value in scores.items() if value is not None]
+    if not finished:
+      return {"best": None, "scores": scores, "axes": axes,
+              "extended": extended, "on_edge": False}
+    best = max(finished, key=lambda point: scores[point])
+    edges = _edges(best, axes)
+    todo = [edge for edge in edges if used.get(edge, 0) < max_extensions]
+    if not todo:
+      return {"best": best, "scores": scores, "axes": axes,
+              "extended": extended, "on_edge": bool(edges)}
+    for axis, direction in todo:
+      used[(axis, direction)] = used.get((axis, direction), 0) + 1
+      values = axes[axis]
+      if direction > 0:
+        value = _sig3(values[-1] * values[-1] / values[-2])
+        axes[axis] = values + [value]
+      else:
+        value = _sig3(values[0] * values[0] / values[1])
+        axes[axis] = [value] + values
+      extended.append((axis, value))
 
 
 def run_contender(base: config_lib.Config, optimizer: str, batch_size: int,
                   learning_rates, dataset, quiet: bool,
-                  extra_seeds: int = 0) -> dict:
-  """Trains one optimizer at each learning rate and picks the best.
+                  extra_seeds: int = 0, *, weight_decays=None,
+                  name: str | None = None, max_extensions: int = 0,
+                  done: dict | None = None,
+                  on_run: Callable[[str, dict], None] | None = None) -> dict:
+  """Tunes one optimizer over learning rate x weight decay; picks the best.
 
   The pick is the run with the best final validation accuracy (test
-  accuracy without a validation split). With `extra_seeds`, the picked
-  learning rate is trained again with that many more seeds (initialization
-  and batch order), and `test_accuracy_mean` / `test_accuracy_std` summarize
-  all its seeds.
+  accuracy without a validation split), found by `grid_search` (with
+  `max_extensions`, a pick at an edge of the grid extends it). With
+  `extra_seeds`, the pick is trained again with that many more seeds
+  (initialization and batch order), and `test_accuracy_mean` /
+  `test_accuracy_std` summarize all its seeds.
+
+  Args:
+    base: the run configuration the grid changes.
+    optimizer: a registry name, or a name in `VARIANTS` (a registry name
+      with optimizer kwargs).
+    batch_size: the batch size of every run.
+    learning_rates: the peak learning rates of the grid.
+    dataset: the data (`train.load_dataset`).
+    quiet: no progress output.
+    extra_seeds: retrain the pick with this many more seeds.
+    weight_decays: the weight decays of the grid (default: `base`'s).
+    name: the contender's name in the result (default `optimizer`).
+    max_extensions: see `grid_search`.
+    done: finished runs by `run_key` (a resumed benchmark's), reused.
+    on_run: called as `on_run(key, run)` after every new run.
   """
   start = time.perf_counter()
-  base = dataclasses.replace(base, optimizer=optimizer, batch_size=batch_size)
-  runs = [_one_run(dataclasses.replace(base, learning_rate=learning_rate),
-                   dataset, quiet) for learning_rate in learning_rates]
+  registry_name, kwargs = VARIANTS.get(optimizer, (optimizer, {}))
+  base = dataclasses.replace(
+      base, optimizer=registry_name, batch_size=batch_size,
+      optimizer_kwargs={**base.optimizer_kwargs, **kwargs})
+  name = name or optimizer
+  key_metric = "val_accuracy" if base.val_fraction > 0 else "test_accuracy"
+  runs = {}
+
+  def train_once(learning_rate, weight_decay, seed=base.seed):
+    key = run_key(name, batch_size, learning_rate, weight_decay, seed)
+    if done is not None and key in done:
+      run = done[key]
+    else:
+      run = _one_run(dataclasses.replace(
+          base, learning_rate=learning_rate, weight_decay=weight_decay,
+          seed=seed), dataset, quiet)
+      run["weight_decay"] = weight_decay
+      if on_run is not None:
+        on_run(key, run)
+    runs[(learning_rate, weight_decay, seed)] = run
+    return run
+
+  def score(learning_rate, weight_decay):
+    run = train_once(learning_rate, weight_decay)
+    return None if run["diverged"] else run[key_metric]
+
+  search = grid_search(score, [learning_rates, weight_decays or
+                               (base.weight_decay,)], max_extensions)
   grid_time = time.perf_counter() - start
-  finished = [run for run in runs if not run["diverged"]]
-  key = "val_accuracy" if base.val_fraction > 0 else "test_accuracy"
-  best = max(finished, key=lambda run: run[key]) if finished else None
+  best = None if search["best"] is None else runs[(*search["best"],
+                                                   base.seed)]
   contender = {
-      "optimizer": optimizer,
+      "optimizer": name,
+      "registry_optimizer": registry_name,
+      "optimizer_kwargs": kwargs,
       "batch_size": batch_size,
-      "learning_rates": list(learning_rates),
-      "selected_by": key,
+      "learning_rates": search["axes"][0],
+      "weight_decays": search["axes"][1],
+      "extended": search["extended"],
+      "on_edge": search["on_edge"],
+      "selected_by": key_metric,
       "best": best,
-      "runs": runs,
+      "runs": [runs[(*point, base.seed)] for point in search["scores"]],
       "grid_wall_time_s": grid_time,
   }
   if best is not None and extra_seeds:
-    seed_runs = [_one_run(dataclasses.replace(
-        base, learning_rate=best["learning_rate"], seed=base.seed + offset),
-                          dataset, quiet)
+    seed_runs = [dict(train_once(*search["best"], base.seed + offset))
                  for offset in range(1, extra_seeds + 1)]
     for run in seed_runs:
       run.pop("history", None)
@@ -205,6 +397,13 @@ def run_contender(base: config_lib.Config, optimizer: str, batch_size: int,
         test_accuracy_std=float(np.std(accuracies, ddof=1))
         if len(accuracies) > 1 else 0.0)
   return contender
+
+
+def run_key(name: str, batch_size: int, learning_rate: float,
+            weight_decay: float, seed: int) -> str:
+  """The name of one run in a benchmark's saved results."""
+  return (f"{name} B={batch_size} lr={learning_rate:g} "
+          f"wd={weight_decay:g} seed={seed}")
 
 
 def compare(
@@ -266,18 +465,16 @@ def compare(
           f"model {preset.model}", flush=True)
 
   contenders = []
-  for name in optimizers:
-    grid = _grid(name, preset.large_batch, False, preset.grid_size)
-    contenders.append(run_contender(base, name, preset.large_batch, grid,
-                                    dataset, quiet, extra_seeds))
+  runs = [(name, preset.large_batch, False) for name in optimizers]
+  if include_small_batch and reference is None:
+    runs.append((SMALL_BATCH_OPTIMIZER, preset.small_batch, True))
+  for name, batch_size, small in runs:
+    learning_rates, decays = _grid(name, batch_size, small, preset)
+    contenders.append(run_contender(
+        base, name, batch_size, learning_rates, dataset, quiet, extra_seeds,
+        weight_decays=decays, max_extensions=preset.max_extensions))
   if reference is not None:
     contenders.append(reference)
-  elif include_small_batch:
-    grid = _grid(SMALL_BATCH_OPTIMIZER, preset.small_batch, True,
-                 preset.grid_size)
-    contenders.append(run_contender(base, SMALL_BATCH_OPTIMIZER,
-                                    preset.small_batch, grid, dataset, quiet,
-                                    extra_seeds))
   result = {
       "preset": dataclasses.asdict(preset),
       "seed": seed,
@@ -303,11 +500,14 @@ def format_table(result: dict) -> str:
   optimizer's grid runs, which includes compiling its step once (the first
   run of a grid compiles, the others reuse the program). With extra seeds,
   a column gives the test accuracy's mean ± standard deviation over seeds.
+  A pick still at an edge of its grid after the allowed extensions is
+  marked "(grid edge)": the grid did not bracket the best value.
   """
   seeds = max((c.get("num_seeds", 1) for c in result["contenders"]),
               default=1)
-  header = "| optimizer | batch | best LR | test acc (%) | val acc (%) "
-  rule = "| --- | ---: | ---: | ---: | ---: "
+  header = ("| optimizer | batch | best LR | weight decay | test acc (%) "
+            "| val acc (%) ")
+  rule = "| --- | ---: | ---: | ---: | ---: | ---: "
   if seeds > 1:
     header += f"| test acc, {seeds} seeds (%) "
     rule += "| ---: "
@@ -317,10 +517,14 @@ def format_table(result: dict) -> str:
     best = contender["best"]
     cells = [contender["optimizer"], str(contender["batch_size"])]
     if best is None:
-      cells += ["all diverged", "-", "-"] + ["-"] * (seeds > 1) + ["-", "-"]
+      cells += ["all diverged", "-", "-", "-"] + ["-"] * (seeds > 1) + [
+          "-", "-"]
     else:
       val = best.get("val_accuracy")
-      cells += [f"{best['learning_rate']:g}",
+      edge = " (grid edge)" if contender.get("on_edge") else ""
+      decay = best.get("weight_decay")
+      cells += [f"{best['learning_rate']:g}{edge}",
+                "-" if decay is None else f"{decay:g}",
                 f"{100 * best['test_accuracy']:.2f}",
                 "-" if val is None else f"{100 * val:.2f}"]
       if seeds > 1:
