@@ -16,8 +16,9 @@ devices, each holding one eighth of the global batch:
 
 Tuning, the same budget for every contender: the learning-rate grid `--lrs`
 (peak of a 1-epoch warmup + cosine decay; momentum 0.9; weight decay 1e-4 on
-kernels) on the first seed; the best peak (final test accuracy) is then run
-on the other seeds, and the table reports the mean ± sd over all `--seeds`
+kernels) on the first seed, extended by a factor 2 past an edge that wins
+(up to `--grid-extensions` points); the best peak (final test accuracy) is
+then run on the other seeds, and the table reports the mean ± sd over all `--seeds`
 at that peak (the first seed's run took part in the pick). Every run is in
 the JSON.
 
@@ -124,6 +125,11 @@ def run_one(args, dataset, contender, lr, seed):
   }
 
 
+def tried_learning_rates(runs, label, seed):
+  return [r["learning_rate"] for r in runs
+          if r["label"] == label and r["seed"] == seed]
+
+
 def best_learning_rate(runs, label, seed):
   """The grid's best peak for `label` on the tuning `seed`, or None."""
   tuned = [r for r in runs if r["label"] == label and r["seed"] == seed]
@@ -140,6 +146,8 @@ def main():
   parser.add_argument("--epochs", type=float, default=20)
   parser.add_argument("--density-warmup-epochs", type=float, default=3)
   parser.add_argument("--lrs", type=float, nargs="+", default=[0.4, 0.8, 1.6])
+  parser.add_argument("--grid-extensions", type=int, default=2,
+                      help="points added past a grid edge that wins")
   parser.add_argument("--hidden", type=int, nargs="+", default=[512, 384])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--out",
@@ -193,6 +201,15 @@ def main():
   for contender in contenders():
     for lr in args.lrs:  # the grid, on the tuning seed
       record(contender, lr, tune_seed)
+    # A pick on the grid's edge: one more point past it (x2 or /2), twice at
+    # most, so that no pick sits on an edge of what was tried.
+    for _ in range(args.grid_extensions):
+      tried = sorted(tried_learning_rates(runs, contender[0], tune_seed))
+      best = best_learning_rate(runs, contender[0], tune_seed)
+      if best not in (tried[0], tried[-1]):
+        break
+      record(contender, best * 2 if best == tried[-1] else best / 2,
+             tune_seed)
     for seed in args.seeds[1:]:  # the other seeds, at the pick
       record(contender, best_learning_rate(runs, contender[0], tune_seed),
              seed)
@@ -227,7 +244,9 @@ def summarize(runs, args, dataset):
     rows.append({
         "method": label, "optimizer": name, "density": density,
         "warm_up": warm_up, "best_learning_rate": best_lr,
-        "pick_on_grid_edge": best_lr in (min(args.lrs), max(args.lrs)),
+        "pick_on_grid_edge": best_lr in (
+            min(tried_learning_rates(runs, label, args.seeds[0])),
+            max(tried_learning_rates(runs, label, args.seeds[0]))),
         "tuning_accuracy_per_lr": {
             str(r["learning_rate"]): r["test_accuracy"] for r in runs
             if r["label"] == label and r["seed"] == args.seeds[0]},
