@@ -1,5 +1,6 @@
 """DGC: Deep Gradient Compression, the sparse-communication baseline of GMC."""
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -24,13 +25,15 @@ class ScaleByDgcState(NamedTuple):
 
 def scale_by_dgc(
     momentum: float = 0.9,
-    density: float = 0.01,
+    density: float | optax.Schedule = 0.01,
     axis_name: AxisName | None = None,
     momentum_masking: bool = True,
     per_layer: bool = False,
     selection: str = "exact",
     exchange: str = "auto",
     accumulator_dtype: Any | None = None,
+    density_levels: Sequence[float] | None = None,
+    value_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Deep Gradient Compression: local momentum, accumulation, sparse average.
 
@@ -52,15 +55,14 @@ def scale_by_dgc(
   so the momentum is reset each step and DGC reduces to plain SGD; without
   masking it is momentum SGD on the averaged gradient.
 
-  Not implemented from the paper: the warm-up of the density (the state does
-  not depend on `density`, so a run may switch between `dgc` instances of
-  different densities, passing the state along) and local gradient clipping
-  (chain `optax.clip_by_global_norm(c / sqrt(K))` in front: inside `pmap`
-  it clips each worker's own gradient).
+  The rest of DGC's recipe is in :func:`dgc`: density warm-up (a `density`
+  schedule), local gradient clipping, weight decay outside the message and
+  16-bit values.
 
   Args:
     momentum: :math:`\beta`, in [0, 1).
-    density: fraction of the entries each worker sends, in (0, 1].
+    density: fraction of the entries each worker sends, in (0, 1], or an
+      `optax.Schedule` of the step, see :func:`scale_by_gmc`.
     axis_name: the `pmap`/`shard_map` axis (or axes) indexing the workers.
     momentum_masking: zero the local momentum at the sent coordinates.
     per_layer: keep `density` of each leaf rather than of the whole pytree.
@@ -68,6 +70,9 @@ def scale_by_dgc(
     exchange: `'auto'`, `'sparse'` or `'dense'`, see :func:`scale_by_gmc`.
     accumulator_dtype: dtype of the momentum and accumulation (default: the
       params').
+    density_levels: with a `density` schedule, the static densities it is
+      rounded up to, see :func:`scale_by_gmc`.
+    value_dtype: dtype of the values sent, see :func:`scale_by_gmc`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; its state reports
@@ -95,7 +100,8 @@ def scale_by_dgc(
   """
   _checks.check_momentum("momentum", momentum)
   exchange_top_k = _sparse_exchange.sparse_exchange_step(
-      density, axis_name, per_layer, selection, exchange
+      density, axis_name, per_layer, selection, exchange, density_levels,
+      value_dtype,
   )
   accumulator_dtype = _sparse_exchange.canonical_dtype(accumulator_dtype)
 
@@ -111,7 +117,7 @@ def scale_by_dgc(
     v = jax.tree.map(jnp.add, state.memory, trace)
     exchanged = exchange_top_k(v, state.count)
     if momentum_masking:
-      trace = _sparse_exchange.zero_sent(trace, exchanged.sent_index)
+      trace = _sparse_exchange.zero_sent(trace, exchanged)
     num_workers = lax.axis_size(axis_name)
     mean = jax.tree.map(lambda s: s / num_workers, exchanged.total)
     new_state = ScaleByDgcState(
@@ -128,7 +134,7 @@ def scale_by_dgc(
 def dgc(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float = 0.9,
-    density: float = 0.01,
+    density: float | optax.Schedule = 0.01,
     axis_name: AxisName | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     weight_decay_mask: MaskOrFn = None,
@@ -137,15 +143,26 @@ def dgc(
     selection: str = "exact",
     exchange: str = "auto",
     accumulator_dtype: Any | None = None,
+    density_levels: Sequence[float] | None = None,
+    value_dtype: Any | None = None,
+    local_clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DGC: the Deep Gradient Compression baseline for :func:`gmc`.
 
   Each worker keeps its own momentum and sends the `density` largest entries
   of its accumulated momentum (:func:`scale_by_dgc`); the mean of what the
-  workers sent is scaled by the learning rate:
+  workers sent, plus the weight decay, is scaled by the learning rate:
 
   .. math::
-    w \leftarrow w - \eta_t \tfrac{1}{K} \textstyle\sum_k s_k
+    w \leftarrow w - \eta_t \left(\tfrac{1}{K} \textstyle\sum_k s_k
+      + \lambda w\right)
+
+  This is DGC's whole recipe, as its authors train: momentum correction and
+  momentum factor masking (:func:`scale_by_dgc`); density warm-up with a
+  `density` schedule (e.g. 25 % -> 6.25 % -> 1.56 % -> 0.39 % -> 0.1 % over
+  the first epochs); local gradient clipping (`local_clip_norm`); 16-bit
+  values with int32 indices (`value_dtype`); and weight decay applied
+  densely, outside the message and the momentum, as in the authors' code.
 
   Call `update` inside `jax.pmap` or `jax.shard_map` with each worker's own
   gradient. The returned update includes the learning rate and the sign,
@@ -155,17 +172,23 @@ def dgc(
     learning_rate: :math:`\eta_t`, a non-negative scalar or an
       `optax.Schedule`.
     momentum: :math:`\beta`, in [0, 1).
-    density: fraction of the entries each worker sends, in (0, 1].
+    density: fraction of the entries each worker sends, in (0, 1], or an
+      `optax.Schedule` of the step (density warm-up).
     axis_name: the `pmap`/`shard_map` axis (or axes) indexing the workers;
       required.
-    weight_decay: coupled weight decay (scalar or schedule), added to each
-      worker's gradient.
+    weight_decay: weight decay :math:`\lambda` (scalar or schedule), added
+      densely to the averaged sparse update, after the exchange.
     weight_decay_mask: which leaves to decay, as in `optax.add_decayed_weights`.
     momentum_masking: zero the local momentum where entries were sent.
     per_layer: keep `density` of each leaf rather than of the whole pytree.
     selection: top-k algorithm, see :func:`top_k_by_magnitude`.
     exchange: `'auto'`, `'sparse'` or `'dense'`, see :func:`scale_by_gmc`.
     accumulator_dtype: dtype of the momentum and accumulation.
+    density_levels: with a `density` schedule, the static densities it is
+      rounded up to, see :func:`scale_by_gmc`.
+    value_dtype: dtype of the values sent, see :func:`scale_by_gmc`.
+    local_clip_norm: each of the :math:`K` workers clips its own gradient to
+      global norm `local_clip_norm / sqrt(K)`, as DGC does; None: off.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `optax.tree.get(state,
@@ -196,7 +219,7 @@ def dgc(
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
   chained = optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      *_sparse_exchange.clip_worker_gradient(local_clip_norm, axis_name),
       scale_by_dgc(
           momentum=momentum,
           density=density,
@@ -206,7 +229,12 @@ def dgc(
           selection=selection,
           exchange=exchange,
           accumulator_dtype=accumulator_dtype,
+          density_levels=density_levels,
+          value_dtype=value_dtype,
       ),
+      # Dense and after the exchange, as in the authors' code: the decay is
+      # neither sent nor accumulated, and identical on every worker.
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
   # The params check comes before add_decayed_weights reads params.

@@ -1,5 +1,6 @@
 """GMC: global momentum compression for sparse data-parallel SGD."""
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -23,12 +24,14 @@ class ScaleByGmcState(NamedTuple):
 
 def scale_by_gmc(
     momentum: float = 0.9,
-    density: float = 0.01,
+    density: float | optax.Schedule = 0.01,
     axis_name: AxisName | None = None,
     per_layer: bool = False,
     selection: str = "exact",
     exchange: str = "auto",
     accumulator_dtype: Any | None = None,
+    density_levels: Sequence[float] | None = None,
+    value_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Global momentum compression of each worker's learning-rate scaled update.
 
@@ -44,10 +47,10 @@ def scale_by_gmc(
   where :math:`\operatorname{top}_k` keeps the `num_selected(d, density)`
   entries of largest magnitude over the whole pytree (or of each leaf, with
   `per_layer=True`) and zeros the rest. Each worker sends its :math:`s_k` as
-  int32 indices and values; `jax.lax.all_gather` delivers all of them to
-  every worker, which adds them up in worker order, so :math:`U_t` is
-  bitwise identical on all workers. Nothing is lost: :math:`s_k + e_k = v_k`
-  exactly. With `density=1` the output is heavy-ball momentum of the mean
+  int32 indices and values (rounded to `value_dtype`);
+  `jax.lax.all_gather` delivers all of them to every worker, which adds
+  them up in worker order, so :math:`U_t` is bitwise identical on all
+  workers. Nothing is lost: :math:`s_k + e_k = v_k` exactly. With `density=1` the output is heavy-ball momentum of the mean
   update, :math:`U_t = \bar u + \beta U_{t-1}`.
 
   Place it after the learning rate (as :func:`gmc` does): the memory and the
@@ -56,8 +59,9 @@ def scale_by_gmc(
 
   Args:
     momentum: :math:`\beta`, in [0, 1).
-    density: fraction of the entries each worker sends, in (0, 1]; a Python
-      number (the message size is static).
+    density: fraction of the entries each worker sends, in (0, 1]: a Python
+      number, or an `optax.Schedule` of the step (a density warm-up) whose
+      values are rounded up to `density_levels`.
     axis_name: the `pmap`/`shard_map` axis (or axes) indexing the workers.
     per_layer: select `density` of each leaf instead of `density` of the
       whole pytree.
@@ -68,6 +72,18 @@ def scale_by_gmc(
       `d·itemsize` (i.e. density below about 1/2 in float32).
     accumulator_dtype: dtype of the memory and of the previous update; by
       default that of the params.
+    density_levels: with a `density` schedule, the static densities the
+      message can have, in (0, 1]; the density in force at step t is the
+      smallest level at or above `density(t)` (the largest level when
+      `density(t)` is above them all). Each distinct top-k size is one
+      branch of a `jax.lax.switch`: the step compiles once, whatever the
+      schedule. Default: the powers of two 1, 1/2, ..., 2**-24 (so up to
+      twice the scheduled density is sent; list the schedule's own values to
+      send exactly them).
+    value_dtype: dtype of the values sent, `'float32'`, `'bfloat16'` or
+      `'float16'` (default: that of the update); the indices are int32.
+      What rounding to it loses stays in the memory (float16 saturates at
+      its largest finite value), so :math:`s_k + e_k = v_k` still holds.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. Its state reports this
@@ -94,7 +110,8 @@ def scale_by_gmc(
   """
   _checks.check_momentum("momentum", momentum)
   exchange_top_k = _sparse_exchange.sparse_exchange_step(
-      density, axis_name, per_layer, selection, exchange
+      density, axis_name, per_layer, selection, exchange, density_levels,
+      value_dtype,
   )
   accumulator_dtype = _sparse_exchange.canonical_dtype(accumulator_dtype)
 
@@ -130,7 +147,7 @@ def scale_by_gmc(
 def gmc(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float = 0.9,
-    density: float = 0.01,
+    density: float | optax.Schedule = 0.01,
     axis_name: AxisName | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     weight_decay_mask: MaskOrFn = None,
@@ -138,6 +155,9 @@ def gmc(
     selection: str = "exact",
     exchange: str = "auto",
     accumulator_dtype: Any | None = None,
+    density_levels: Sequence[float] | None = None,
+    value_dtype: Any | None = None,
+    local_clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GMC: data-parallel momentum SGD that sends ~`density` of each update.
 
@@ -171,9 +191,11 @@ def gmc(
     learning_rate: :math:`\eta_t`, a non-negative scalar or an
       `optax.Schedule`.
     momentum: :math:`\beta`, in [0, 1).
-    density: fraction of the entries each worker sends, in (0, 1]; a Python
-      number, since it fixes the message size (with
-      `optax.inject_hyperparams`, list it in `static_args`).
+    density: fraction of the entries each worker sends, in (0, 1]: a Python
+      number, or an `optax.Schedule` of the step for a density warm-up
+      (e.g. 25 % -> 6.25 % -> 1.56 % -> 0.39 % -> 0.1 % over the first
+      epochs, as DGC's authors); it fixes the message size, so with
+      `optax.inject_hyperparams` list it in `static_args`.
     axis_name: the `pmap`/`shard_map` axis (or axes) indexing the workers;
       required.
     weight_decay: coupled weight decay :math:`\lambda \ge 0` (scalar or
@@ -184,6 +206,13 @@ def gmc(
     exchange: `'auto'`, `'sparse'` or `'dense'`, see :func:`scale_by_gmc`.
     accumulator_dtype: dtype of the memory and previous update (default: the
       params').
+    density_levels: with a `density` schedule, the static densities it is
+      rounded up to, see :func:`scale_by_gmc`.
+    value_dtype: dtype of the values sent (`'float32'`, `'bfloat16'`,
+      `'float16'`; default: the params'), see :func:`scale_by_gmc`.
+    local_clip_norm: DGC's local gradient clipping: each of the :math:`K`
+      workers clips its own gradient to global norm
+      `local_clip_norm / sqrt(K)` before anything else; None (default): off.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `optax.tree.get(state,
@@ -215,6 +244,7 @@ def gmc(
   _checks.check_non_negative("learning_rate", learning_rate)
   _checks.check_non_negative("weight_decay", weight_decay)
   chained = optax.chain(
+      *_sparse_exchange.clip_worker_gradient(local_clip_norm, axis_name),
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
       scale_by_gmc(
@@ -225,6 +255,8 @@ def gmc(
           selection=selection,
           exchange=exchange,
           accumulator_dtype=accumulator_dtype,
+          density_levels=density_levels,
+          value_dtype=value_dtype,
       ),
   )
   # The params check comes before add_decayed_weights reads params.

@@ -49,6 +49,11 @@ def _top_k_mask(v, density, sizes, per_layer):
   return mask
 
 
+def _at(density, t):
+  """The density in force at step t: a number, or a list over steps."""
+  return density[t] if isinstance(density, list) else density
+
+
 def gmc_reference(grads, params, lrs, momentum, density, weight_decay=0.0,
                   per_layer=False):
   """Updates of GMC; grads[t][k] is worker k's list of leaves at step t."""
@@ -57,12 +62,13 @@ def gmc_reference(grads, params, lrs, momentum, density, weight_decay=0.0,
   memory = np.zeros((K, w.size))
   previous = np.zeros(w.size)  # D_{t-1}
   updates = []
-  for step_grads, lr in zip(grads, lrs):
+  for t, (step_grads, lr) in enumerate(zip(grads, lrs)):
     total = np.zeros(w.size)
     for k in range(K):
       g = _flat(step_grads[k]) + weight_decay * w
       v = memory[k] + lr * g / K + momentum / K * previous
-      sent = np.where(_top_k_mask(v, density, sizes, per_layer), v, 0.0)
+      sent = np.where(_top_k_mask(v, _at(density, t), sizes, per_layer), v,
+                      0.0)
       memory[k] = v - sent
       total += sent
     previous = total
@@ -72,23 +78,26 @@ def gmc_reference(grads, params, lrs, momentum, density, weight_decay=0.0,
 
 
 def dgc_reference(grads, params, lrs, momentum, density, masking=True,
-                  per_layer=False):
+                  per_layer=False, weight_decay=0.0):
   sizes = [x.size for x in params]
   d = sum(sizes)
   trace = np.zeros((K, d))
   memory = np.zeros((K, d))
   updates = []
-  for step_grads, lr in zip(grads, lrs):
+  w = _flat(params)
+  for t, (step_grads, lr) in enumerate(zip(grads, lrs)):
     total = np.zeros(d)
     for k in range(K):
       trace[k] = momentum * trace[k] + _flat(step_grads[k])
       memory[k] = memory[k] + trace[k]
-      mask = _top_k_mask(memory[k], density, sizes, per_layer)
+      mask = _top_k_mask(memory[k], _at(density, t), sizes, per_layer)
       total += np.where(mask, memory[k], 0.0)
       memory[k] = np.where(mask, 0.0, memory[k])
       if masking:
         trace[k] = np.where(mask, 0.0, trace[k])
-    updates.append(_unflat(-lr * total / K, params))
+    update = -lr * (total / K + weight_decay * w)  # decay outside the message
+    w = w + update
+    updates.append(_unflat(update, params))
   return updates, memory, trace
 
 
@@ -344,7 +353,7 @@ def test_dgc_masks_momentum_where_it_sent():
   _, state = _run_pmap(tx, params, grads_seq)
   _, memory, trace = dgc_reference(*_as_reference_input(params, grads_seq),
                                    [0.1] * 3, 0.9, 0.1)
-  dgc_state = state[1]
+  dgc_state = state[0]
   for worker in range(K):
     got_memory = _flat([x[worker] for x in jax.tree.leaves(dgc_state.memory)])
     got_trace = _flat([x[worker] for x in jax.tree.leaves(dgc_state.trace)])
@@ -371,6 +380,9 @@ BYTES_PARAMS = {"a": jnp.zeros(3), "b": jnp.zeros(3), "c": jnp.zeros((10, 10))}
     (dict(density=1.0, exchange="sparse"), jnp.float32, 848),
     (dict(density=0.1), jnp.bfloat16, 66),  # 11 * (4 + 2)
     (dict(density=1.0), jnp.bfloat16, 212),
+    (dict(density=0.1, value_dtype=jnp.bfloat16), jnp.float32, 66),
+    (dict(density=0.1, value_dtype="float16"), jnp.float32, 66),
+    (dict(density=1.0, value_dtype="float16"), jnp.float32, 212),
 ]])
 def test_bytes_sent(factory, kwargs, dtype, expected):
   params = jax.tree.map(lambda x: (x + 1.0).astype(dtype), BYTES_PARAMS)
@@ -394,7 +406,15 @@ FACTORIES = [sngm_optax.gmc, sngm_optax.dgc]
     (dict(density=0.0), "density"),
     (dict(density=1.5), "density"),
     (dict(density=-0.1), "density"),
-    (dict(density=optax.constant_schedule(0.1)), "density"),
+    (dict(density=jnp.asarray(0.1)), "density"),
+    (dict(density=0.1, density_levels=(0.1,)), "density_levels"),
+    (dict(density=optax.constant_schedule(0.1), density_levels=(0.1, 0.0)),
+     "density_levels"),
+    (dict(density=optax.constant_schedule(0.1), density_levels=()),
+     "density_levels"),
+    (dict(value_dtype=jnp.int8), "value_dtype"),
+    (dict(value_dtype="float64"), "value_dtype"),
+    (dict(local_clip_norm=0.0), "local_clip_norm"),
     (dict(momentum=1.0), "momentum"),
     (dict(momentum=-0.1), "momentum"),
     (dict(axis_name=None), "axis_name"),
@@ -524,3 +544,145 @@ def test_state_is_stable_under_lax_cond(factory):
   kept = maybe_update(jnp.zeros(K, bool), replicated, state)
   assert np.all(optax.tree.get(stepped, "bytes_sent") == 8 * 4)  # k = 4
   assert np.all(optax.tree.get(kept, "bytes_sent") == 0)
+
+
+# DGC's recipe: density warm-up, 16-bit values, local clipping, weight decay.
+
+WARM_UP = optax.piecewise_constant_schedule(0.5, {2: 0.5, 4: 0.4})
+WARM_UP_LEVELS = (0.1, 0.25, 0.5)
+WARM_UP_DENSITIES = [0.5, 0.5, 0.25, 0.25, 0.1]  # by hand, step 0 to 4
+
+
+@pytest.mark.parametrize("factory, reference, per_layer", [
+    (sngm_optax.gmc, gmc_reference, False),
+    (sngm_optax.gmc, gmc_reference, True),
+    (sngm_optax.dgc, dgc_reference, False),
+])
+def test_density_warm_up_matches_the_reference(factory, reference, per_layer):
+  params = _params()
+  grads_seq = _worker_grads(params, 5)
+  tx = factory(0.1, density=WARM_UP, density_levels=WARM_UP_LEVELS,
+               axis_name=AXIS, per_layer=per_layer)
+  actual, _ = _run_pmap(tx, params, grads_seq)
+  expected = reference(*_as_reference_input(params, grads_seq), [0.1] * 5,
+                       0.9, WARM_UP_DENSITIES, per_layer=per_layer)[0]
+  _assert_updates_close(actual, expected)
+
+
+def test_a_schedule_between_levels_is_rounded_up_and_compiles_once():
+  params = _params()  # d = 38
+  grads_seq = _worker_grads(params, 6)
+  schedule = optax.linear_schedule(0.6, 0.05, 5)  # 0.6, 0.49, ..., 0.05
+  levels = (0.1, 0.3, 1.0)
+  densities = [1.0, 1.0, 1.0, 0.3, 0.3, 0.1]  # smallest level >= schedule
+  tx = sngm_optax.gmc(0.1, density=schedule, density_levels=levels,
+                      axis_name=AXIS, exchange="sparse")
+  traces = []
+
+  @functools.partial(jax.pmap, axis_name=AXIS)
+  def step(grads, state, params):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return updates, state, optax.apply_updates(params, updates)
+
+  # Sharded as the step's outputs are (same axis name), so that only a new
+  # top-k size could make it compile again.
+  replicated = jax.pmap(lambda x: x, axis_name=AXIS)(
+      jax.tree.map(lambda x: jnp.stack([x] * K), params))
+  state = jax.pmap(tx.init, axis_name=AXIS)(replicated)
+  outputs, bytes_sent = [], []
+  for grads in grads_seq:
+    updates, state, replicated = step(grads, state, replicated)
+    outputs.append(jax.tree.map(lambda x: x[0], updates))
+    bytes_sent.append(float(optax.tree.get(state, "bytes_sent")[0]))
+  assert len(traces) == 1  # one compilation for the three sizes
+  # The bytes follow the density in force: k·(4 + 4).
+  assert bytes_sent == [8 * _n_kept(38, rho) for rho in densities]
+  expected, _ = gmc_reference(*_as_reference_input(params, grads_seq),
+                              [0.1] * 6, 0.9, densities)
+  _assert_updates_close(outputs, expected)
+
+
+def _dyadic_grads(params, steps):
+  """Small integer gradients: every quantity below is exact in 16 bits."""
+  rng = np.random.default_rng(5)
+  return [jax.tree.map(lambda p: jnp.asarray(
+      rng.integers(-2, 3, size=(K,) + p.shape), p.dtype), params)
+          for _ in range(steps)]
+
+
+@pytest.mark.parametrize("value_dtype", [None, "bfloat16", "float16"])
+@pytest.mark.parametrize("density", [1.0, optax.constant_schedule(1.0)])
+def test_density_one_is_momentum_sgd_exactly(density, value_dtype):
+  params = jax.tree.map(jnp.zeros_like, _params())
+  grads_seq = _dyadic_grads(params, 3)
+  tx = sngm_optax.gmc(0.5, momentum=0.5, density=density, axis_name=AXIS,
+                      value_dtype=value_dtype)
+  actual, _ = _run_pmap(tx, params, grads_seq)
+  expected = _averaged_run(optax.sgd(0.5, momentum=0.5), params, grads_seq)
+  for got, want in zip(actual, expected):
+    for a, b in zip(jax.tree.leaves(got), want):
+      np.testing.assert_array_equal(np.asarray(a, np.float64), b)
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16", "float16"])
+def test_sent_plus_memory_is_the_input_in_every_value_dtype(value_dtype):
+  from sngm_optax import _sparse_exchange  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  v = rng.normal(size=(K, 40)).astype(np.float32)
+  v[:, 0] = 1e6  # beyond float16: saturates, the rest stays in memory
+  exchange = jax.pmap(lambda v, count: _sparse_exchange.exchange_top_k(
+      v, count, density=WARM_UP, density_levels=WARM_UP_LEVELS,
+      axis_name=AXIS, per_layer=False, selection="exact", exchange="sparse",
+      value_dtype=jnp.dtype(value_dtype)), axis_name=AXIS)
+  for count, density in [(0, 0.5), (4, 0.1)]:
+    out = exchange(v, jnp.full(K, count))
+    total, memory = np.asarray(out.total), np.asarray(out.memory)
+    sent = v - memory
+    np.testing.assert_array_equal(sent + memory, v)
+    want_sum = np.zeros(40, np.float32)
+    for k in range(K):
+      mask = _top_k_mask(v[k], density, [40], False)
+      assert np.all(sent[k][~mask] == 0)
+      largest = float(jnp.finfo(value_dtype).max)
+      rounded = np.clip(v[k][mask], -largest, largest).astype(
+          jnp.dtype(value_dtype))
+      np.testing.assert_array_equal(sent[k][mask],
+                                    rounded.astype(np.float32))
+      want_sum += sent[k]
+    np.testing.assert_array_equal(total[0], want_sum)
+    np.testing.assert_array_equal(
+        out.bytes_sent, _n_kept(40, density) * (4 + jnp.dtype(value_dtype)
+                                                .itemsize))
+
+
+def test_dgc_weight_decay_is_dense_outside_the_message():
+  params = _params()
+  grads_seq = _worker_grads(params, 4)
+  tx = sngm_optax.dgc(0.1, density=0.1, axis_name=AXIS, weight_decay=0.3)
+  actual, state = _run_pmap(tx, params, grads_seq)
+  expected, memory, _ = dgc_reference(*_as_reference_input(params, grads_seq),
+                                      [0.1] * 4, 0.9, 0.1, weight_decay=0.3)
+  _assert_updates_close(actual, expected)
+  got = _flat([x[3] for x in jax.tree.leaves(state[0].memory)])
+  np.testing.assert_allclose(got, memory[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("factory, reference", [
+    (sngm_optax.gmc, gmc_reference), (sngm_optax.dgc, dgc_reference)])
+def test_local_clipping_clips_each_workers_gradient(factory, reference):
+  params = _params()
+  grads_seq = _worker_grads(params, 3)
+  tx = factory(0.1, density=0.1, axis_name=AXIS, local_clip_norm=4.0)
+  actual, _ = _run_pmap(tx, params, grads_seq)
+  per_worker, leaves = _as_reference_input(params, grads_seq)
+  limit = 4.0 / np.sqrt(K)  # DGC's threshold, scaled by K**-1/2
+  clipped = []
+  for step in per_worker:
+    clipped.append([])
+    for worker in step:
+      norm = np.sqrt(sum(np.sum(g**2) for g in worker))
+      assert norm > limit  # the clipping is active
+      clipped[-1].append([g * limit / norm for g in worker])
+  expected = reference(clipped, leaves, [0.1] * 3, 0.9, 0.1)[0]
+  _assert_updates_close(actual, expected)

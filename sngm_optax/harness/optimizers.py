@@ -10,6 +10,7 @@ one registry line and no change to the loop.
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import sngm_optax
@@ -112,18 +113,38 @@ def _tr_adam(learning_rate, axis_name, weight_decay=0.0, strength=0.1,
       couple_to_learning_rate=couple_to_learning_rate, **kw))
 
 
+def _density_warmup(density, warmup_steps):
+  """DGC's density warm-up and its levels, or (density, None) for none.
+
+  25 %, 6.25 %, 1.56 %, 0.39 % (those above `density`), each for an equal
+  share of `warmup_steps`, then `density` (Lin et al. 2018, section 3.3).
+  """
+  stages = [0.25 * 4.0**-i for i in range(4) if 0.25 * 4.0**-i > density]
+  if not warmup_steps or not stages:
+    return density, None
+  values = jnp.asarray(stages + [density], jnp.float32)
+  per_stage = max(1, warmup_steps // len(stages))
+
+  def schedule(step):
+    return values[jnp.minimum(step // per_stage, len(stages))]
+
+  return schedule, tuple(stages) + (density,)
+
+
 def _gmc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
-         density=0.01, **kw):
+         density=0.01, density_warmup_steps=0, **kw):
+  density, levels = _density_warmup(density, density_warmup_steps)
   return sngm_optax.gmc(learning_rate, momentum=momentum, density=density,
              axis_name=axis_name, weight_decay=weight_decay,
-             weight_decay_mask=_matrices_only, **kw)
+             weight_decay_mask=_matrices_only, density_levels=levels, **kw)
 
 
 def _dgc(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
-         density=0.01, **kw):
+         density=0.01, density_warmup_steps=0, **kw):
+  density, levels = _density_warmup(density, density_warmup_steps)
   return sngm_optax.dgc(learning_rate, momentum=momentum, density=density,
              axis_name=axis_name, weight_decay=weight_decay,
-             weight_decay_mask=_matrices_only, **kw)
+             weight_decay_mask=_matrices_only, density_levels=levels, **kw)
 
 
 OptimizerFactory = Callable[..., optax.GradientTransformation]

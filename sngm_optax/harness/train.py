@@ -394,6 +394,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   name = "+".join(filter(None, (config.optimizer, config.adaptive_batch)))
   bar = _progress_bar(schedule, step, sampler.samples_seen, quiet, name)
   bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
+  bytes_sent_sum, bytes_sent_steps = 0.0, 0  # mean over this call's steps
   done = False
   while not done:
     step += 1
@@ -407,6 +408,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     schedule.observe(batch_size, metrics)
     if "bytes_sent" in metrics:
       bytes_sent = float(metrics["bytes_sent"])
+      bytes_sent_sum, bytes_sent_steps = (bytes_sent_sum + bytes_sent,
+                                          bytes_sent_steps + 1)
     nonfinite_in_a_row = 0 if math.isfinite(loss) else nonfinite_in_a_row + 1
     if not nonfinite_in_a_row:
       epoch_losses.append(loss)
@@ -461,6 +464,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   }
   if bytes_sent is not None:
     result["bytes_sent_per_step"] = bytes_sent
+    # With a density warm-up the message shrinks over the run.
+    result["bytes_sent_mean_per_step"] = bytes_sent_sum / bytes_sent_steps
   if workdir is not None:
     write_json(pathlib.Path(workdir) / "metrics.json", result)
   return result
