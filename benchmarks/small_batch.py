@@ -61,7 +61,7 @@ from sngm_optax.harness import compare
 from sngm_optax.harness import train
 from sngm_optax.harness import config as config_lib
 
-SGD_LR = 0.03    # p at B = 8
+SGD_LR = 0.01    # p at B = 8 (0.03 was unstable in a pilot)
 ADAM_LR = 0.003  # a at B = 8
 GRID_SIZE = 3
 MAX_EXTENSIONS = 1  # per side
