@@ -37,6 +37,10 @@ and step sizes; "decay only" against SGD is the inner decay's.
 
 Usage:
   python benchmarks/small_batch.py                 # the benchmark
+  # or in parallel, then merged (table and figures from all three):
+  python benchmarks/small_batch.py --batch-sizes 8 16
+  python benchmarks/small_batch.py --batch-sizes 2 --out DIR2 --curve-epochs 0
+  python benchmarks/small_batch.py --merge DIR2/small_batch.json
   python benchmarks/small_batch.py --batch-sizes 16 --epochs 1 --extra-seeds 0
 Writes benchmarks/results/small_batch.json (after every method, and resumes
 from it), small_batch.png (test accuracy against B) and
@@ -237,8 +241,13 @@ def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
                   linestyle="--" if method.label == "decay only" else "-")
   axes.set_xscale("log", base=2)
   axes.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
-  axes.set_xlabel("batch size")
-  axes.set_ylabel("test accuracy (%), mean ± sd over seeds")
+  _finish(figure, axes, path, "batch size",
+          "test accuracy (%), mean ± sd over seeds", title)
+
+
+def _finish(figure, axes, path, xlabel, ylabel, title) -> None:
+  axes.set_xlabel(xlabel)
+  axes.set_ylabel(ylabel)
   axes.set_title(title, fontsize=8)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
@@ -263,12 +272,7 @@ def plot_curve(results: list[dict], path: pathlib.Path, title: str) -> None:
       axes.plot(np.arange(1, len(curve) + 1), 100 * np.asarray(curve),
                 color="k", linestyle=":", label=f"{r['epochs']:g} epochs, "
                 "seed 0")
-  axes.set_xlabel("epoch")
-  axes.set_ylabel("test accuracy (%)")
-  axes.set_title(title, fontsize=8)
-  axes.grid(alpha=0.3)
-  axes.legend(fontsize=8)
-  _common.save_figure(figure, path)
+  _finish(figure, axes, path, "epoch", "test accuracy (%)", title)
 
 
 def _summary(args, methods, base, data_line, results, start, load_start):
@@ -313,6 +317,9 @@ def main() -> None:
                       help="seed of the grid runs; the extra seeds follow it")
   parser.add_argument("--methods", nargs="+", default=None,
                       help="labels from METHODS (default: all)")
+  parser.add_argument("--merge", type=pathlib.Path, nargs="*", default=[],
+                      help="small_batch.json files of runs over other batch "
+                      "sizes (same settings) whose results to take over")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args()
@@ -333,10 +340,14 @@ def main() -> None:
              if args.methods is None or m.label in args.methods]
   out_json = args.out / "small_batch.json"
   results = []
-  if out_json.exists():  # resume: keep the finished (method, B) results
-    earlier = json.loads(out_json.read_text())
-    if earlier.get("data") == data_line:
-      results = earlier["results"]
+  # Resume: keep the finished (method, B) results of this and merged runs.
+  for path in [out_json, *args.merge]:
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if earlier.get("data") != data_line:
+      continue
+    results += [r for r in earlier["results"] if not any(
+        (r["method"], r["batch_size"]) == (done["method"], done["batch_size"])
+        for done in results)]
   args.out.mkdir(parents=True, exist_ok=True)
   for batch_size in args.batch_sizes:
     for method in methods:
