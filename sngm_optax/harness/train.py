@@ -295,29 +295,45 @@ def _steps_until_host(config: Config, step: int, total_steps: int,
   return max(1, min(counts))
 
 
+@jax.jit
+def _unstack(batches: dict) -> list[dict]:
+  """The per-step batches of a stacked chunk, sliced in one dispatch."""
+  return [jax.tree.map(lambda array, index=index: array[index], batches)
+          for index in range(batches["y"].shape[0])]
+
+
 def _run_steps(program: Program, state, dataset: data_lib.Dataset,
                indices: np.ndarray, num_steps: int, microbatch_size: int,
                num_slots: int, scan_steps: int,
                sharding: NamedSharding) -> tuple[Any, list[dict]]:
-  """Runs `num_steps` steps on consecutive equal slices of `indices` (each
-  fed in `num_slots` microbatches): one scan when `num_steps == scan_steps
-  > 1`, else one dispatch a step. Returns the state and each step's
-  metrics, brought to the host in one transfer."""
+  """Runs `num_steps` steps on consecutive equal slices of `indices`, each
+  fed in `num_slots` microbatches (one step's may be padded with weight-0
+  ones; several steps' must fill them).
+
+  Several steps go to the device as one stacked chunk and run as one scan
+  when `num_steps == scan_steps > 1`, else one dispatch a step on slices of
+  it; either way the host does one transfer each way per chunk. Returns the
+  state and each step's metrics on the host.
+  """
+  if num_steps == 1:  # e.g. an adaptive run's step, maybe padded
+    state, metrics = program.train_step(state, _make_batch(
+        dataset, indices, microbatch_size, num_slots, sharding))
+    return state, [jax.device_get(metrics)]
+  shape = (num_steps, num_slots, microbatch_size)
+  x = dataset.x[indices]
+  chunk = jax.device_put(
+      {"x": x.reshape(shape + x.shape[1:]),
+       "y": dataset.y[indices].reshape(shape),
+       "weight": np.ones(shape, np.float32)},
+      NamedSharding(program.mesh, P(None, None, AXIS)))
   if num_steps == scan_steps > 1:
-    shape = (num_steps, num_slots, microbatch_size)
-    x = dataset.x[indices]
-    batches = {"x": x.reshape(shape + x.shape[1:]),
-               "y": dataset.y[indices].reshape(shape),
-               "weight": np.ones(shape, np.float32)}
-    state, metrics = program.scan_steps(state, jax.device_put(
-        batches, NamedSharding(program.mesh, P(None, None, AXIS))))
+    state, metrics = program.scan_steps(state, chunk)
     metrics = jax.device_get(metrics)
     return state, [{name: value[index] for name, value in metrics.items()}
                    for index in range(num_steps)]
   outputs = []
-  for step_indices in np.split(indices, num_steps):
-    state, metrics = program.train_step(state, _make_batch(
-        dataset, step_indices, microbatch_size, num_slots, sharding))
+  for batch in _unstack(chunk):
+    state, metrics = program.train_step(state, batch)
     outputs.append(metrics)
   return state, jax.device_get(outputs)
 
