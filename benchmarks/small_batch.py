@@ -33,7 +33,10 @@ TR's 1/(k+1) decay makes its average step 0.293x that of SGD at the same
 learning rate, so the SGD grid sits 3x lower than TR's: it contains SGD at
 TR-SGD's average step (0.29p to 2.6p), and the edge rule extends either. "decay only" isolates the proximal
 term: TR-SGD against it is the proximal term's effect at the same schedule
-and step sizes; "decay only" against SGD is the inner decay's.
+and step sizes; "decay only" against SGD is the inner decay's. For TR-Adam
+two untuned controls at `--controls` batch sizes do the same (3 seeds each):
+Adam at its grid value nearest TR-Adam's average step, and TR-Adam with
+strength 0 at TR-Adam's picked LR.
 
 Usage:
   python benchmarks/small_batch.py                 # the benchmark
@@ -201,6 +204,47 @@ def long_curve(base: config_lib.Config, dataset, results: list[dict],
                   "curve": [h["test_accuracy"] for h in run["history"]]})
 
 
+def matched_step_controls(base: config_lib.Config, dataset,
+                          results: list[dict], batch_size: int,
+                          num_seeds: int, quiet: bool) -> None:
+  """Two untuned controls for TR-Adam at `batch_size`, `num_seeds` seeds
+  each, appended to `results` (label "control: ..."):
+
+  - Adam at the value of its grid nearest TR-Adam's average step (0.293 x
+    TR-Adam's picked LR): the step size without the proximal term;
+  - TR-Adam with strength 0 at its picked LR: the 1/(k+1) decay alone.
+  """
+  picked = {r["method"]: r for r in results if r["batch_size"] == batch_size
+            and r.get("best")}
+  if "tr_adam" not in picked or "adam" not in picked:
+    return
+  tr_lr = picked["tr_adam"]["best"]["learning_rate"]
+  adam_grid = [run["learning_rate"] for run in picked["adam"]["runs"]]
+  adam_lr = min(adam_grid, key=lambda lr: abs(math.log(lr / (
+      TR_STEP_FACTOR * tr_lr))))
+  for label, optimizer, lr, kwargs in (
+      ("control: adam at tr_adam's mean step", "adam", adam_lr, {}),
+      ("control: tr_adam decay only", "tr_adam", tr_lr, {"strength": 0.0})):
+    if any(r["method"] == label and r["batch_size"] == batch_size
+           for r in results):
+      continue
+    config = dataclasses.replace(base, optimizer=optimizer,
+                                 batch_size=batch_size, learning_rate=lr,
+                                 optimizer_kwargs=kwargs)
+    runs = [one_run(dataclasses.replace(config, seed=base.seed + offset),
+                    dataset, quiet) for offset in range(num_seeds)]
+    accuracies = [run["test_accuracy"] for run in runs if not run["diverged"]]
+    results.append({
+        "method": label, "batch_size": batch_size, "best": None,
+        "learning_rate": lr, "optimizer_kwargs": kwargs, "runs": runs,
+        "test_accuracies": accuracies,
+        "test_accuracy_mean": float(np.mean(accuracies)),
+        "test_accuracy_std": float(np.std(accuracies, ddof=1))})
+    print(f"B={batch_size:<3d} {label}: lr {lr:g}  test "
+          f"{100 * np.mean(accuracies):.2f} ± "
+          f"{100 * results[-1]['test_accuracy_std']:.2f}", flush=True)
+
+
 def format_table(results: list[dict]) -> str:
   batch_sizes = sorted({r["batch_size"] for r in results})
   rows = []
@@ -217,6 +261,16 @@ def format_table(results: list[dict]) -> str:
       cells.append(f"{100 * r['test_accuracy_mean']:.1f} ± "
                    f"{100 * r['test_accuracy_std']:.1f} "
                    f"(lr {r['best']['learning_rate']:g}{edge})")
+    rows.append(cells)
+  for label in sorted({r["method"] for r in results
+                       if r["method"].startswith("control")}):
+    cells = [label]
+    for batch_size in batch_sizes:
+      match = [r for r in results
+               if r["method"] == label and r["batch_size"] == batch_size]
+      cells.append(f"{100 * match[0]['test_accuracy_mean']:.1f} ± "
+                   f"{100 * match[0]['test_accuracy_std']:.1f} (lr "
+                   f"{match[0]['learning_rate']:g})" if match else "-")
     rows.append(cells)
   return _common.markdown_table(
       ["method", *(f"B = {b}" for b in batch_sizes)], rows,
@@ -317,6 +371,9 @@ def main() -> None:
                       help="seed of the grid runs; the extra seeds follow it")
   parser.add_argument("--methods", nargs="+", default=None,
                       help="labels from METHODS (default: all)")
+  parser.add_argument("--controls", type=int, nargs="*", default=[2],
+                      help="batch sizes at which to run the matched-step "
+                      "controls of TR-Adam (see matched_step_controls)")
   parser.add_argument("--merge", type=pathlib.Path, nargs="*", default=[],
                       help="small_batch.json files of runs over other batch "
                       "sizes (same settings) whose results to take over")
@@ -370,6 +427,11 @@ def main() -> None:
       _common.write_json(out_json, summary)
     if batch_size == CURVE_BATCH_SIZE and args.curve_epochs:
       long_curve(base, dataset, results, args.curve_epochs, args.quiet)
+    if batch_size in args.controls:
+      matched_step_controls(base, dataset, results, batch_size,
+                            1 + args.extra_seeds, args.quiet)
+      _common.write_json(out_json, _summary(args, methods, base, data_line,
+                                            results, start, load_start))
   summary = _summary(args, methods, base, data_line, results, start,
                      load_start)
   _common.write_json(out_json, summary)
