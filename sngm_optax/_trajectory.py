@@ -44,6 +44,7 @@ def trajectory_regularized(
     inner_steps: int = 10,
     inner_lr_decay: bool = True,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    steps_per_epoch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Pulls the params toward an anchor that is reset every `inner_steps`.
 
@@ -70,9 +71,19 @@ def trajectory_regularized(
   :math:`\lambda_0`), so the pull per step :math:`\eta_t \gamma_t` stays
   constant while the schedule decays (a zero learning rate gives no pull).
 
-  :math:`k` counts the updates actually applied: under `optax.MultiSteps` it
-  advances once per accumulated step, and a step skipped by
-  `optax.apply_if_finite` does not advance it.
+  With `steps_per_epoch` :math:`E`, the inner window also restarts at every
+  epoch, as in the authors' code (a new window starts with each epoch's
+  first batch):
+
+  .. math::
+    k = (t \bmod E) \bmod S,
+
+  so an epoch whose length is not a multiple of :math:`S` ends with a short
+  window. Without it, :math:`k = t \bmod S` runs straight through epochs.
+
+  :math:`k` and :math:`t` count the updates actually applied: under
+  `optax.MultiSteps` they advance once per accumulated step, and a step
+  skipped by `optax.apply_if_finite` does not advance them.
 
   Args:
     inner: the transformation to regularize, with its learning rate included
@@ -84,6 +95,8 @@ def trajectory_regularized(
     inner_lr_decay: divide the inner output by :math:`k + 1`.
     learning_rate: :math:`\eta_t` of `inner` (scalar or schedule), to couple
       the strength to it; `None` for a plain strength.
+    steps_per_epoch: :math:`E \ge 1`, updates per epoch (a static int), to
+      restart the inner window at each epoch; `None` counts straight through.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -110,6 +123,8 @@ def trajectory_regularized(
   """
   _checks.check_non_negative("strength", strength)
   _checks.check_positive_int("inner_steps", inner_steps)
+  if steps_per_epoch is not None:
+    _checks.check_positive_int("steps_per_epoch", steps_per_epoch)
   if learning_rate is not None:
     _checks.check_non_negative("learning_rate", learning_rate)
   inner = optax.with_extra_args_support(inner)
@@ -154,7 +169,12 @@ def trajectory_regularized(
       decay = 1.0 / (k + 1).astype(jnp.float32)
       updates = jax.tree.map(lambda u: u * decay.astype(u.dtype), updates)
 
-    next_k = jnp.where(k + 1 >= inner_steps, 0, k + 1).astype(jnp.int32)
+    window_ends = k + 1 >= inner_steps
+    if steps_per_epoch is not None:
+      # The next update is the first of an epoch (count + 1 = 0 mod E).
+      epoch_ends = (state.count + 1) % steps_per_epoch == 0
+      window_ends = window_ends | epoch_ends
+    next_k = jnp.where(window_ends, 0, k + 1).astype(jnp.int32)
     return updates, TrajectoryRegularizedState(
         count=optax.safe_increment(state.count),
         inner_step=next_k,
@@ -195,6 +215,7 @@ def tr_sgd(
     nesterov: bool = False,
     weight_decay_mask: MaskOrFn = None,
     accumulator_dtype: Any | None = None,
+    steps_per_epoch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trajectory-regularized SGD with momentum (the authors' TRSGD).
 
@@ -204,7 +225,8 @@ def tr_sgd(
     b_{t+1} &= \beta b_t + d_t \\
     w_{t+1} &= w_t - \frac{\eta_t}{k + 1} b_{t+1}
 
-  with :math:`k = t \bmod S`, :math:`\lambda_t = \lambda_0 / \eta_t` and
+  with :math:`k = t \bmod S` (or :math:`(t \bmod E) \bmod S` with
+  `steps_per_epoch` :math:`E`), :math:`\lambda_t = \lambda_0 / \eta_t` and
   :math:`b_0 = 0`: the proximal term, then coupled weight decay, then
   momentum, then the step (see :func:`trajectory_regularized`).
 
@@ -233,6 +255,9 @@ def tr_sgd(
     weight_decay_mask: pytree of booleans (or a function of the params
       returning one) selecting the leaves to decay; `None` decays all.
     accumulator_dtype: dtype of the momentum buffer (default: the params').
+    steps_per_epoch: updates per epoch, to restart the inner window at each
+      epoch as the authors do (:math:`k = (t \bmod E) \bmod S`, see
+      :func:`trajectory_regularized`); `None` counts straight through.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires `params`.
@@ -273,6 +298,7 @@ def tr_sgd(
       inner_steps=inner_steps,
       inner_lr_decay=inner_lr_decay,
       learning_rate=learning_rate if couple_to_learning_rate else None,
+      steps_per_epoch=steps_per_epoch,
   )
 
 
@@ -288,6 +314,7 @@ def tr_adam(
     couple_to_learning_rate: bool = True,
     weight_decay_mask: MaskOrFn = None,
     mu_dtype: Any | None = None,
+    steps_per_epoch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trajectory-regularized Adam (the authors' TRAdam).
 
@@ -323,6 +350,8 @@ def tr_adam(
     weight_decay_mask: pytree of booleans (or a function of the params
       returning one) selecting the leaves to decay; `None` decays all.
     mu_dtype: dtype of the first moment (default: the params').
+    steps_per_epoch: updates per epoch, to restart the inner window at each
+      epoch (see :func:`tr_sgd`); `None` counts straight through.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires `params`.
@@ -363,4 +392,5 @@ def tr_adam(
       inner_steps=inner_steps,
       inner_lr_decay=inner_lr_decay,
       learning_rate=learning_rate if couple_to_learning_rate else None,
+      steps_per_epoch=steps_per_epoch,
   )

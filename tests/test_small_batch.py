@@ -10,6 +10,7 @@ from sngm_optax.harness import data
 from sngm_optax.harness import train
 from sngm_optax.harness import config as config_lib
 from sngm_optax.harness import optimizers
+from trajectory_reference import reference
 
 
 @pytest.fixture(name="dataset", scope="module")
@@ -58,9 +59,9 @@ def test_tr_without_pull_and_decay_is_the_plain_entry(tr_name, plain_name):
 
 
 def test_tr_sgd_entry_first_window_matches_hand_computed_steps():
-  # One parameter, constant gradient 1, lambda = 0.1 (uncoupled, the
-  # registry's default), momentum 0, no weight decay, lr 1: anchor 0 and
-  # w_{k+1} = w_k - (1 + 0.2 * w_k) / (k + 1).
+  # One parameter, constant gradient 1, lambda = 0.1 (the registry's coupled
+  # default lambda_0 = 0.1 * lr at lr 1), momentum 0, no weight decay:
+  # anchor 0 and w_{k+1} = w_k - (1 + 0.2 * w_k) / (k + 1).
   tx = optimizers.make_optimizer("tr_sgd", 1.0, momentum=0.0)
   params = {"w": jnp.zeros((1, 1))}
   got = _run(tx, params, [{"w": jnp.ones((1, 1))}] * 3)["w"]
@@ -68,3 +69,56 @@ def test_tr_sgd_entry_first_window_matches_hand_computed_steps():
   for k in range(3):
     w -= (1.0 + 0.2 * w) / (k + 1)
   np.testing.assert_allclose(got, [[w]], rtol=1e-6)
+
+
+def test_step_schedule_drops_tenfold_at_half_and_three_quarters():
+  # Peak 2 over 40 steps after a 4-step linear warm-up from 0.
+  schedule = optimizers.SCHEDULES["step"](2.0, 40, 4)
+  counts = [0, 2, 4, 19, 20, 29, 30, 39]
+  np.testing.assert_allclose([float(schedule(c)) for c in counts],
+                             [0, 1, 2, 2, 0.2, 0.2, 0.02, 0.02], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tr_sgd", "tr_adam"])
+def test_tr_entry_defaults_are_the_authors(name):
+  # The loop's learning rate (peak x unit "step" schedule with a 3-step
+  # warm-up, so eta_0 = 0) and the harness's weight decay, with nothing
+  # else given: the float64 reference with lambda_0 = 0.1 * peak, S = 10,
+  # momentum 0.9 (b1 0.9, b2 0.999), L2 1e-4, the window restarted at each
+  # 13-step epoch.
+  peak = 0.1 if name == "tr_sgd" else 0.01
+  unit = optimizers.SCHEDULES["step"](1.0, 30, 3)
+  weight_decay = config_lib.Config().weight_decay
+  tx = optimizers.make_optimizer(
+      name, optimizers.PeakTimesSchedule(peak, unit),
+      weight_decay=weight_decay, steps_per_epoch=13)
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(4, 2))  # a kernel: the mask decays it
+  noise = (1.0 if name == "tr_sgd" else 0.05) * rng.normal(size=(30, 8))
+  grad = lambda w, t: (w - 1.0) + noise[t]
+  params = {"w": jnp.asarray(w0, jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(30):
+    grads = {"w": jnp.asarray(grad(np.asarray(params["w"]).ravel(), t)
+                              .reshape(4, 2), jnp.float32)}
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  lr = lambda t: peak * min(t / 3, 1.0) * (1.0 if t < 15 else
+                                           0.1 if t < 22.5 else 0.01)
+  _, _, expected = reference(
+      "sgd" if name == "tr_sgd" else "adam", w0.ravel(), grad, 30,
+      lr_fn=lr, lam_fn=lambda t, eta: 0.1 * peak / eta if eta else 0.0,
+      weight_decay=1e-4, steps_per_epoch=13)
+  np.testing.assert_allclose(np.asarray(params["w"]).ravel(), expected,
+                             rtol=2e-5, atol=2e-6)
+
+
+def test_loop_passes_steps_per_epoch_to_tr_only():
+  kwargs = lambda **changes: train._optimizer_kwargs(  # pylint: disable=protected-access
+      config_lib.Config(batch_size=8, **changes), num_train=1000)
+  assert kwargs(optimizer="tr_sgd") == {"steps_per_epoch": 125}
+  assert kwargs(optimizer="tr_adam",
+                optimizer_kwargs={"steps_per_epoch": None}) == {
+                    "steps_per_epoch": None}  # straight through epochs
+  assert kwargs(optimizer="msgd") == {}

@@ -227,3 +227,31 @@ def test_make_optimizer_rejects_unknown_names_and_keywords():
     optimizers.make_optimizer("adagrad_normal", 0.1)
   with pytest.raises(ValueError, match="optimizer 'sngm'.*colour"):
     optimizers.make_optimizer("sngm", 0.1, colour=1)
+
+
+def test_scanned_steps_give_the_per_step_run(dataset):
+  # 1600 examples / 16 = 100 steps an epoch: three scans of 32 steps and 4
+  # steps dispatched one by one up to the epoch's end, then 20 more steps.
+  results = [train.train_and_evaluate(
+      _config(model="mlp", optimizer="msgd", learning_rate=0.05,
+              batch_size=16, epochs=1.2, warmup_epochs=0.0,
+              steps_per_dispatch=k), dataset=dataset, quiet=True)
+             for k in (1, 32)]
+  per_step, scanned = ([[h[key] for h in r["history"]] for key in
+                        ("train_loss", "test_loss", "steps")]
+                       for r in results)
+  assert per_step[2] == scanned[2] == [100, 120]
+  np.testing.assert_allclose(scanned[:2], per_step[:2], rtol=1e-5)
+
+
+def test_steps_per_dispatch_scans_only_small_batches_on_cpu():
+  choice = lambda platform="cpu", **changes: train.steps_per_dispatch(
+      _config(**changes), platform)
+  assert choice(batch_size=16) == train.STEPS_PER_SYNC
+  assert choice(batch_size=32) == 1
+  assert choice("gpu", batch_size=2) == 1
+  assert choice(batch_size=2, steps_per_dispatch=8) == 8
+  assert choice(batch_size=2, adaptive_batch="norm",
+                max_batch_size=64) == 1
+  with pytest.raises(ValueError, match="steps_per_dispatch"):
+    _config(steps_per_dispatch=-1)

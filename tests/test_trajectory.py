@@ -1,8 +1,8 @@
 """Tests for trajectory regularization (TR): tr_sgd, tr_adam, the wrapper.
 
-The reference below is a float64 NumPy transcription of the authors' TRSGD /
-TRAdam step (github.com/huiqu18/TRAlgorithm), written from the formulas, not
-from sngm_optax._trajectory.
+The reference (`trajectory_reference`) is a float64 NumPy transcription of
+the authors' TRSGD / TRAdam step (github.com/huiqu18/TRAlgorithm), written
+from the formulas, not from sngm_optax._trajectory.
 """
 
 import chex
@@ -16,9 +16,10 @@ from jax.flatten_util import ravel_pytree
 from sngm_optax import tr_adam
 from sngm_optax import tr_sgd
 from sngm_optax import trajectory_regularized
+from trajectory_reference import INNER_STEPS
+from trajectory_reference import reference as _reference
 
 DIM = 8
-INNER_STEPS = 10
 NUM_STEPS = 35  # three full inner windows and half of a fourth
 LR_DROP_STEP = 15  # the schedule drops in the middle of the second window
 
@@ -47,59 +48,6 @@ def _step_lr(lr0):
 
 def _reference_lr(lr0, t):
   return lr0 if t < LR_DROP_STEP else 0.1 * lr0
-
-
-def _reference(
-    kind,
-    w0,
-    grad_fn,
-    num_steps,
-    lr_fn,
-    lam_fn,
-    inner_steps=INNER_STEPS,
-    decay=True,
-    weight_decay=0.0,
-    momentum=0.9,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    eps_after_bias_correction=True,
-):
-  """Float64 TRSGD / TRAdam. Returns (params before each step, anchors, final).
-
-  `lam_fn(t, lr)` gives lambda at step t. The authors' Adam adds eps to
-  sqrt(v) before bias correction; optax adds it after.
-  """
-  w = np.array(w0, np.float64)
-  anchor = np.zeros_like(w)
-  buf = np.zeros_like(w)
-  m = np.zeros_like(w)
-  v = np.zeros_like(w)
-  k = 0
-  history, anchors = [], []
-  for t in range(num_steps):
-    history.append(w.copy())
-    lr = lr_fn(t)
-    if k == 0:
-      anchor = w.copy()
-    anchors.append(anchor.copy())
-    d = grad_fn(w, t) + 2.0 * lam_fn(t, lr) * (w - anchor)
-    d = d + weight_decay * w
-    step_lr = lr / (k + 1) if decay else lr
-    if kind == "sgd":
-      buf = momentum * buf + d
-      w = w - step_lr * buf
-    else:
-      n = t + 1  # never reset
-      m = b1 * m + (1 - b1) * d
-      v = b2 * v + (1 - b2) * d * d
-      if eps_after_bias_correction:
-        w = w - step_lr * (m / (1 - b1**n)) / (np.sqrt(v / (1 - b2**n)) + eps)
-      else:
-        step_size = step_lr * np.sqrt(1 - b2**n) / (1 - b1**n)
-        w = w - step_size * m / (np.sqrt(v) + eps)
-    k = k + 1 if k < inner_steps - 1 else 0
-  return history, anchors, w
 
 
 def _run(tx, grad_fn, num_steps):
@@ -239,6 +187,52 @@ def test_wrapper_around_optax_sgd_matches_reference():
   )
   _assert_runs_match(_run(tx, jax_grad, NUM_STEPS), reference,
                      rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_epoch_restart_matches_reference(kind):
+  # 13 updates an epoch, S = 10: windows of 10, 3, 10, 3, 9 updates; the LR
+  # drop at step 15 falls inside the second epoch's first window.
+  lr0 = 0.1 if kind == "sgd" else 0.01
+  numpy_grad, jax_grad = _grad_fns(noise_scale=1.0 if kind == "sgd" else 0.05)
+  factory = tr_sgd if kind == "sgd" else tr_adam
+  tx = factory(_step_lr(lr0), weight_decay=1e-4, steps_per_epoch=13)
+  reference = _reference(
+      kind, _w0(), numpy_grad, NUM_STEPS,
+      lr_fn=lambda t: _reference_lr(lr0, t),
+      lam_fn=lambda t, lr: 0.1 * lr0 / lr,
+      weight_decay=1e-4, steps_per_epoch=13,
+  )
+  run = _run(tx, jax_grad, NUM_STEPS)
+  _assert_runs_match(run, reference, rtol=2e-5, atol=2e-6)
+  assert int(run[3].inner_step) == (NUM_STEPS % 13) % INNER_STEPS
+
+
+@pytest.mark.parametrize("schedule", [
+    optax.cosine_decay_schedule(0.1, decay_steps=40),
+    # The harness's "step" decay: x0.1 at 50 % and 75 % of 40 steps.
+    optax.piecewise_constant_schedule(0.1, {20: 0.1, 30: 0.1}),
+])
+def test_coupled_pull_stays_two_lambda0_while_the_lr_decays(schedule):
+  # One gradient at step 0 (where k = 0: no pull) moves w off the anchor;
+  # then zero gradients, no momentum, decay or weight decay, so each step is
+  # the pull alone, w - a <- (1 - eta_t 2 lambda_t)(w - a), and coupling
+  # (lambda_t = lambda_0 / eta_t) makes the factor 1 - 2 lambda_0 whatever
+  # eta_t is.
+  lam0 = 0.01
+  tx = tr_sgd(schedule, strength=lam0, momentum=0.0, weight_decay=0.0,
+              inner_lr_decay=False, inner_steps=1000)
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  offsets = []
+  for t in range(40):
+    grad = {"w": jnp.asarray([5.0, -5.0, 10.0]) if t == 0 else jnp.zeros(3)}
+    updates, state = step(grad, state, params)
+    params = optax.apply_updates(params, updates)
+    offsets.append(np.asarray(params["w"] - state.anchor["w"], np.float64))
+  ratios = np.array(offsets[1:]) / np.array(offsets[:-1])
+  np.testing.assert_allclose(ratios, 1 - 2 * lam0, rtol=1e-5)
 
 
 def test_zero_learning_rate_gives_zero_step_not_nan():
@@ -551,6 +545,8 @@ def test_update_without_params_raises(factory):
         ("b1", lambda: tr_adam(0.1, b1=1.0)),
         ("b2", lambda: tr_adam(0.1, b2=-0.1)),
         ("eps", lambda: tr_adam(0.1, eps=-1e-8)),
+        ("steps_per_epoch", lambda: tr_sgd(0.1, steps_per_epoch=0)),
+        ("steps_per_epoch", lambda: tr_adam(0.1, steps_per_epoch=2.5)),
     ],
 )
 def test_bad_hyperparameters_raise(name, build):

@@ -62,7 +62,8 @@ class Config:
   weight_decay: float = 1e-4
   # Extra keyword arguments for the optimizer factory (e.g. momentum).
   optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
-  # "warmup_cosine": linear warmup to the peak, cosine decay to 0.
+  # "warmup_cosine": linear warmup to the peak, cosine decay to 0; "step":
+  # linear warmup, then x0.1 at 50 % and 75 % of the budget; "constant".
   schedule: str = "warmup_cosine"
   warmup_epochs: float = 2.0
   batch_size: int = 4096
@@ -93,6 +94,9 @@ class Config:
   checkpoint_at_epoch_end: bool = True
   keep_checkpoints: int = 3
   max_steps: int = 0
+  # Fixed-batch steps run per dispatch with `lax.scan` (1: one dispatch a
+  # step; 0: the measured choice, see `train.steps_per_dispatch`).
+  steps_per_dispatch: int = 0
 
   def __post_init__(self):
     _check_positive_int("batch_size", self.batch_size)
@@ -101,7 +105,8 @@ class Config:
     _check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
     _check_positive_int("num_samples", self.num_samples)
     _check_positive_int("keep_checkpoints", self.keep_checkpoints)
-    for name in ("checkpoint_every_steps", "max_steps"):
+    for name in ("checkpoint_every_steps", "max_steps",
+                 "steps_per_dispatch"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

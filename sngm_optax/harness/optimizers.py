@@ -7,7 +7,8 @@ weight_decay, **kwargs)`. It receives per-device gradients and averages over
 one registry line and no change to the loop.
 """
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,25 +93,44 @@ def _adam(learning_rate, axis_name, weight_decay=0.0, **kw):
       optax.adam(learning_rate, **kw)))
 
 
-# TR in the harness: the factory gets the learning rate as a schedule (with a
-# warmup it is 0 at step 0, where the authors' default lambda_0 = 0.1 * eta_0
-# would switch the pull off), so the default here is a constant lambda = 0.1
-# (the authors' value at the initial LR; the pull then follows the schedule).
-# Pass couple_to_learning_rate=True with an absolute strength for lambda_0.
-def _tr_sgd(learning_rate, axis_name, weight_decay=0.0, momentum=0.9,
-            strength=0.1, couple_to_learning_rate=False, **kw):
+@dataclasses.dataclass(frozen=True)
+class PeakTimesSchedule:
+  """`peak * unit_schedule(count)`: the loop's learning rate, which knows its
+  peak, so TR can take the authors' lambda_0 = 0.1 * eta_0 at the peak
+  (with a warm-up the schedule is 0 at step 0)."""
+
+  peak: Any
+  unit_schedule: Callable
+
+  def __call__(self, count):
+    return self.peak * self.unit_schedule(count)
+
+
+def _tr_strength(learning_rate, strength):
+  """The authors' default lambda_0 = 0.1 * the peak learning rate; `None`
+  (the library's 0.1 * learning_rate(0)) when the peak is unknown."""
+  if strength is not None or not isinstance(learning_rate, PeakTimesSchedule):
+    return strength
+  return 0.1 * learning_rate.peak
+
+
+# TR in the harness follows the authors' runs: lambda = lambda_0 / eta_t
+# coupled to the schedule (lambda_0 = 0.1 * peak), S = 10, momentum 0.9,
+# coupled weight decay 1e-4 on the kernels, and the inner window restarted
+# at each epoch (the loop passes `steps_per_epoch`, see EPOCH_AWARE).
+def _tr_sgd(learning_rate, axis_name, weight_decay=1e-4, momentum=0.9,
+            strength=None, **kw):
   return _device_mean(axis_name, sngm_optax.tr_sgd(
-      learning_rate, strength=strength, momentum=momentum,
-      weight_decay=weight_decay, weight_decay_mask=_matrices_only,
-      couple_to_learning_rate=couple_to_learning_rate, **kw))
+      learning_rate, strength=_tr_strength(learning_rate, strength),
+      momentum=momentum, weight_decay=weight_decay,
+      weight_decay_mask=_matrices_only, **kw))
 
 
-def _tr_adam(learning_rate, axis_name, weight_decay=0.0, strength=0.1,
-             couple_to_learning_rate=False, **kw):
+def _tr_adam(learning_rate, axis_name, weight_decay=1e-4, strength=None,
+             **kw):
   return _device_mean(axis_name, sngm_optax.tr_adam(
-      learning_rate, strength=strength, weight_decay=weight_decay,
-      weight_decay_mask=_matrices_only,
-      couple_to_learning_rate=couple_to_learning_rate, **kw))
+      learning_rate, strength=_tr_strength(learning_rate, strength),
+      weight_decay=weight_decay, weight_decay_mask=_matrices_only, **kw))
 
 
 def _density_warmup(density, warmup_steps):
@@ -168,6 +188,10 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "tr_adam": _tr_adam,   # trajectory-regularized (small batches)
     "tr_sgd": _tr_sgd,
 }
+
+# Optimizers that take `steps_per_epoch`: a fixed-batch run passes its own
+# (unless optimizer_kwargs set it; null counts straight through epochs).
+EPOCH_AWARE = frozenset({"tr_adam", "tr_sgd"})
 
 # Optimizers whose state differs between devices (error-feedback memory):
 # their state gets a leading device axis, sharded over the mesh
@@ -236,4 +260,20 @@ def _constant(peak, total_steps, warmup_steps):
   return optax.constant_schedule(peak)
 
 
-SCHEDULES = {"constant": _constant, "warmup_cosine": _warmup_cosine}
+def _step_decay(peak, total_steps, warmup_steps):
+  """Linear warm-up from 0, then the peak x0.1 from 50 % and x0.01 from 75 %
+  of `total_steps` (the authors' TR runs). Works in any unit of `count`."""
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    factor = (jnp.where(count < 0.5 * total_steps, 1.0, 0.1)
+              * jnp.where(count < 0.75 * total_steps, 1.0, 0.1))
+    if warmup_steps > 0:
+      factor = factor * jnp.minimum(count / warmup_steps, 1.0)
+    return peak * factor
+
+  return schedule
+
+
+SCHEDULES = {"constant": _constant, "step": _step_decay,
+             "warmup_cosine": _warmup_cosine}

@@ -29,8 +29,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
-                    adaptive_statistics: str | None = None):
+                    adaptive_statistics: str | None = None,
+                    scan: bool = False):
   """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
+
+  With `scan`, it returns `train_steps(state, batches) -> (state, metrics)`
+  instead: `lax.scan` of the step over the leading axis of `batches` (K
+  steps in one dispatch), with each metric stacked to shape `[K]`.
 
   `batch` holds `x`, `y` and `weight` of shape `[num_microbatches,
   microbatch, ...]`, sharded over `mesh` along the microbatch axis. The
@@ -122,6 +127,10 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
         state.replace(opt_state=None), state.opt_state, batch)
     return rest.replace(opt_state=opt_state), metrics
 
+  if scan:
+    return jax.jit(lambda state, batches: jax.lax.scan(train_step, state,
+                                                       batches),
+                   donate_argnums=(0,))
   return jax.jit(train_step, donate_argnums=(0,))
 
 

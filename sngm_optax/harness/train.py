@@ -56,7 +56,9 @@ from sngm_optax.harness import models
 from sngm_optax.harness import preemption
 from sngm_optax.harness.config import AdaptiveBatch
 from sngm_optax.harness.config import Config
+from sngm_optax.harness.optimizers import EPOCH_AWARE
 from sngm_optax.harness.optimizers import PER_DEVICE_STATE
+from sngm_optax.harness.optimizers import PeakTimesSchedule
 from sngm_optax.harness.optimizers import SCHEDULES
 from sngm_optax.harness.optimizers import make_adaptive_optimizer
 from sngm_optax.harness.optimizers import make_optimizer
@@ -78,6 +80,8 @@ class Program:
   tx: optax.GradientTransformation
   train_step: Callable
   eval_step: Callable
+  # K fixed-batch steps per dispatch (`lax.scan`); None for adaptive runs.
+  scan_steps: Callable | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,7 +109,7 @@ def build_program(model: str, num_classes: int, optimizer: str,
     test, max_batch, initial_batch, microbatch, statistics = adaptive
 
   def optimizer_with_peak(learning_rate):
-    scheduled = lambda count: learning_rate * unit_schedule(count)
+    scheduled = PeakTimesSchedule(learning_rate, unit_schedule)
     if adaptive is None:
       return make_optimizer(optimizer, scheduled, axis_name=AXIS,
                             weight_decay=weight_decay, **kwargs)
@@ -124,7 +128,9 @@ def build_program(model: str, num_classes: int, optimizer: str,
   return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
                  tx=tx, train_step=make_train_step(mesh, per_device,
                                                    statistics),
-                 eval_step=make_eval_step(mesh, apply_fn))
+                 eval_step=make_eval_step(mesh, apply_fn),
+                 scan_steps=None if adaptive else make_train_step(
+                     mesh, per_device, scan=True))
 
 
 # ----------------------------------------------------------------------------
@@ -232,6 +238,128 @@ def _make_batch(dataset: data_lib.Dataset, indices: np.ndarray,
     x = np.pad(x, pad + ((0, 0),) * (x.ndim - 2))
     y, weight = np.pad(y, pad), np.pad(weight, pad)
   return jax.device_put({"x": x, "y": y, "weight": weight}, sharding)
+
+
+# A fixed-batch run brings its metrics to the host once every this many
+# steps (and at every epoch end, due checkpoint and stop), not every step:
+# a host sync a step costs more than a tiny batch's step.
+STEPS_PER_SYNC = 32
+# Up to this batch size, K steps per dispatch (lax.scan) measured faster than
+# one dispatch a step on CPU; above it, slower (benchmarks/README.md,
+# harness_throughput).
+SCAN_MAX_BATCH_SIZE = 16
+
+
+def steps_per_dispatch(config: Config, platform: str) -> int:
+  """`config.steps_per_dispatch`, or when 0 the measured choice: a scan of
+  `STEPS_PER_SYNC` steps for batches up to `SCAN_MAX_BATCH_SIZE` on CPU,
+  else one dispatch a step (adaptive runs always dispatch each step)."""
+  if config.adaptive_batch is not None:
+    return 1
+  if config.steps_per_dispatch:
+    return config.steps_per_dispatch
+  small = config.batch_size <= SCAN_MAX_BATCH_SIZE
+  return STEPS_PER_SYNC if small and platform == "cpu" else 1
+
+
+def _optimizer_kwargs(config: Config, num_train: int) -> dict:
+  """`config.optimizer_kwargs`, plus `steps_per_epoch` for the optimizers
+  that restart something each epoch (TR's inner window) in a fixed-batch
+  run: `round(num_train / batch_size)`, exact when the batch divides the
+  training set."""
+  kwargs = dict(config.optimizer_kwargs)
+  if config.optimizer in EPOCH_AWARE and config.adaptive_batch is None:
+    kwargs.setdefault("steps_per_epoch",
+                      max(1, round(num_train / config.batch_size)))
+  return kwargs
+
+
+def _steps_until_host(config: Config, step: int, total_steps: int,
+                      samples_seen: int, epochs_recorded: int,
+                      num_train: int, scan_steps: int) -> int:
+  """Steps to run before the loop needs the host again: at most one scan
+  (`scan_steps`) or else `STEPS_PER_SYNC`, ending at the next epoch end, due
+  checkpoint or stop; 1 in an adaptive run, whose next batch size depends on
+  this step's metrics."""
+  if config.adaptive_batch is not None:
+    return 1
+  batch_size = config.batch_size
+  limit = scan_steps if scan_steps > 1 else STEPS_PER_SYNC
+  to_epoch_end = -(-((epochs_recorded + 1) * num_train - samples_seen)
+                   // batch_size)
+  counts = [limit, total_steps - step, to_epoch_end]
+  every = config.checkpoint_every_steps
+  if every:
+    counts.append(every - step % every)
+  if config.max_steps > step:
+    counts.append(config.max_steps - step)
+  return max(1, min(counts))
+
+
+@jax.jit
+def _unstack(batches: dict) -> list[dict]:
+  """The per-step batches of a stacked chunk, sliced in one dispatch."""
+  return [jax.tree.map(lambda array, index=index: array[index], batches)
+          for index in range(batches["y"].shape[0])]
+
+
+def _run_steps(program: Program, state, dataset: data_lib.Dataset,
+               indices: np.ndarray, num_steps: int, microbatch_size: int,
+               num_slots: int, scan_steps: int,
+               sharding: NamedSharding) -> tuple[Any, list[dict]]:
+  """Runs `num_steps` steps on consecutive equal slices of `indices`, each
+  fed in `num_slots` microbatches (one step's may be padded with weight-0
+  ones; several steps' must fill them).
+
+  Several steps go to the device as one stacked chunk and run as one scan
+  when `num_steps == scan_steps > 1`, else one dispatch a step on slices of
+  it; either way the host does one transfer each way per chunk. Returns the
+  state and each step's metrics on the host.
+  """
+  if num_steps == 1:  # e.g. an adaptive run's step, maybe padded
+    state, metrics = program.train_step(state, _make_batch(
+        dataset, indices, microbatch_size, num_slots, sharding))
+    return state, [jax.device_get(metrics)]
+  shape = (num_steps, num_slots, microbatch_size)
+  x = dataset.x[indices]
+  chunk = jax.device_put(
+      {"x": x.reshape(shape + x.shape[1:]),
+       "y": dataset.y[indices].reshape(shape),
+       "weight": np.ones(shape, np.float32)},
+      NamedSharding(program.mesh, P(None, None, AXIS)))
+  if num_steps == scan_steps > 1:
+    state, metrics = program.scan_steps(state, chunk)
+    metrics = jax.device_get(metrics)
+    return state, [{name: value[index] for name, value in metrics.items()}
+                   for index in range(num_steps)]
+  outputs = []
+  for batch in _unstack(chunk):
+    state, metrics = program.train_step(state, batch)
+    outputs.append(metrics)
+  return state, jax.device_get(outputs)
+
+
+def _observe_steps(config: Config, schedule: batching.BatchSchedule,
+                   batch_size: int, step_metrics: list[dict], step: int,
+                   nonfinite_in_a_row: int, epoch_losses: list[float],
+                   bar) -> int:
+  """Takes the metrics of steps `step + 1, step + 2, ...`: the schedule sees
+  each, the finite losses join `epoch_losses`. Returns the number of
+  non-finite losses in a row at the end.
+
+  Raises:
+    NonFiniteLossError: `config.max_nonfinite_steps` of them in a row.
+  """
+  for number, metrics in enumerate(step_metrics, start=step + 1):
+    loss = float(metrics["loss"])
+    schedule.observe(batch_size, metrics)
+    nonfinite_in_a_row = 0 if math.isfinite(loss) else nonfinite_in_a_row + 1
+    if not nonfinite_in_a_row:
+      epoch_losses.append(loss)
+    elif nonfinite_in_a_row >= config.max_nonfinite_steps:
+      bar.close()
+      raise _non_finite_error(config, nonfinite_in_a_row, number)
+  return nonfinite_in_a_row
 
 
 def _non_finite_error(config: Config, count: int,
@@ -369,7 +497,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   # peak learning rates (the peak is a value in the optimizer state).
   program = build_program(
       config.model, dataset.num_classes, config.optimizer,
-      json.dumps(config.optimizer_kwargs, sort_keys=True),
+      json.dumps(_optimizer_kwargs(config, num_train), sort_keys=True),
       config.weight_decay, config.schedule, total_steps, warmup_steps,
       tuple(devices), adaptive)
   state = _initial_state(program, config, dataset.x[:1])
@@ -395,28 +523,26 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   bar = _progress_bar(schedule, step, sampler.samples_seen, quiet, name)
   bytes_sent = None  # per worker, last step (sparse-exchange optimizers)
   bytes_sent_sum, bytes_sent_steps = 0.0, 0  # mean over this call's steps
+  scan_steps = steps_per_dispatch(config, devices[0].platform)
   done = False
   while not done:
-    step += 1
     batch_size = schedule.next_batch_size(sampler.samples_seen)
-    state, metrics = program.train_step(state, _make_batch(
-        dataset, sampler.next_batch(batch_size), config.microbatch_size,
-        schedule.num_slots(batch_size), batch_sharding))
-    # One transfer a step: the loss, and the next batch size (an int32).
-    metrics = jax.device_get(metrics)
-    loss = float(metrics["loss"])
-    schedule.observe(batch_size, metrics)
+    num_steps = _steps_until_host(config, step, total_steps,
+                                  sampler.samples_seen, len(history),
+                                  num_train, scan_steps)
+    state, step_metrics = _run_steps(
+        program, state, dataset, sampler.next_batch(batch_size * num_steps),
+        num_steps, config.microbatch_size, schedule.num_slots(batch_size),
+        scan_steps, batch_sharding)
+    nonfinite_in_a_row = _observe_steps(
+        config, schedule, batch_size, step_metrics, step, nonfinite_in_a_row,
+        epoch_losses, bar)
+    step, metrics = step + num_steps, step_metrics[-1]
     if "bytes_sent" in metrics:
       bytes_sent = float(metrics["bytes_sent"])
-      bytes_sent_sum, bytes_sent_steps = (bytes_sent_sum + bytes_sent,
-                                          bytes_sent_steps + 1)
-    nonfinite_in_a_row = 0 if math.isfinite(loss) else nonfinite_in_a_row + 1
-    if not nonfinite_in_a_row:
-      epoch_losses.append(loss)
-    elif nonfinite_in_a_row >= config.max_nonfinite_steps:
-      bar.close()
-      raise _non_finite_error(config, nonfinite_in_a_row, step)
-    bar.update(schedule.progress(1, batch_size))
+      bytes_sent_sum += sum(float(each["bytes_sent"]) for each in step_metrics)
+      bytes_sent_steps += num_steps
+    bar.update(schedule.progress(num_steps, batch_size * num_steps))
     _show_step(bar, batch_size, metrics,
                sampler.samples_seen / (time.perf_counter() - start_time))
 
