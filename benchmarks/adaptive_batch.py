@@ -7,11 +7,12 @@ over the samples it sees). Per optimizer family (SNGM first, then AdaGrad-Norm,
 AdaGrad, momentum SGD), the contenders are:
 
 * fixed small (B = 32);
-* adaptive: the norm test at eta = 0.1 as the paper has it, the norm test at
-  eta = 0.1 and 0.5 with the new controller options (`--growth`,
-  `--smoothing`), the inner-product test with the options;
+* adaptive: the norm test at eta = 0.5 and 0.1 as the paper has it, the
+  norm test at eta = 0.5 and 0.25 with the new controller options
+  (`--growth`, `--smoothing`), the inner-product test (theta = 0.5) with
+  the options (`--inner-product`);
 * fixed large: the final batch size of the headline adaptive run (norm test,
-  eta = 0.1, with the options) and the geometric middle of 32 and it;
+  eta = 0.5, with the options) and the geometric middle of 32 and it;
 * the authors' baselines, a linear and a stagewise ramp-up from 32 to that
   final size.
 
@@ -51,15 +52,18 @@ FAMILIES = {
     "AdaGrad": ("adagrad", "adadagrad"),
     "MSGD": ("msgd", "msgd"),
 }
-HEADLINE = "norm eta=0.1 +options"
+HEADLINE = "norm eta=0.5 +options"
 
 
 def adaptive_contenders(args):
+  """(name, test, kwargs): the headline first (it sizes the fixed large
+  batches and the ramps)."""
   options = {"max_growth_factor": args.growth, "smoothing": args.smoothing}
   return [
-      (HEADLINE, "norm", {"eta": 0.1, **options}),
+      (HEADLINE, "norm", {"eta": 0.5, **options}),
+      ("norm eta=0.5 (paper rule)", "norm", {"eta": 0.5}),
+      ("norm eta=0.25 +options", "norm", {"eta": 0.25, **options}),
       ("norm eta=0.1 (paper rule)", "norm", {"eta": 0.1}),
-      ("norm eta=0.5 +options", "norm", {"eta": 0.5, **options}),
   ] + ([("inner product theta=0.5 +options", "inner_product",
          {"theta": 0.5, **options})] if args.inner_product else [])
 

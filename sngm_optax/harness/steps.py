@@ -45,14 +45,16 @@ def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
   # The harness's schedules count samples: advance the counter they read.
   seen = optax.tree.get(opt_state, "samples_seen")
   if seen is not None:
-    opt_state = optax.tree.set(opt_state, samples_seen=seen + jnp.round(
-        total_weight).astype(seen.dtype))
+    seen = seen + jnp.round(total_weight).astype(seen.dtype)
+    opt_state = optax.tree.set(opt_state, samples_seen=seen)
   state = state.replace(step=state.step + 1, opt_state=opt_state,
                         params=optax.apply_updates(state.params, updates))
   metrics = {
       "loss": jax.lax.psum(loss_sum, AXIS) / total_weight,
       "accuracy": jax.lax.psum(correct, AXIS) / total_weight,
   }
+  if seen is not None:
+    metrics["samples_seen"] = jnp.ravel(seen)[0]
   if adaptive_statistics is not None:
     metrics["next_batch_size"] = optax.tree.get(opt_state,
                                                 "next_batch_size")

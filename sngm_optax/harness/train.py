@@ -447,10 +447,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     done = schedule.done(step, sampler.samples_seen)
     epoch_ended = sampler.samples_seen // num_train > len(history) or done
     if epoch_ended:
+      # The learning rate at the optimizer's own count of samples.
       record = _record_epoch(
           sampler.samples_seen, num_train, step, batch_size, epoch_losses,
           schedule, config.learning_rate
-          * float(program.unit_schedule(sampler.samples_seen)))
+          * float(program.unit_schedule(metrics["samples_seen"])))
       record.update(_evaluate_splits(program.eval_step, state.params, splits,
                                      eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time
