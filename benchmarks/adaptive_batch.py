@@ -64,6 +64,8 @@ def adaptive_contenders(args):
       ("norm eta=0.5 (paper rule)", "norm", {"eta": 0.5}),
       ("norm eta=0.25 +options", "norm", {"eta": 0.25, **options}),
       ("norm eta=0.1 (paper rule)", "norm", {"eta": 0.1}),
+      ("norm eta=0.5 +options, test every 10 steps", "norm",
+       {"eta": 0.5, "test_interval": 10, **options}),
   ] + ([("inner product theta=0.5 +options", "inner_product",
          {"theta": 0.5, **options})] if args.inner_product else [])
 

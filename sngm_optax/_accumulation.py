@@ -11,6 +11,9 @@ statistics of the norm and coordinate-wise tests.
 Each call of `add` may take several microbatches at once (a leading axis of
 `c * microbatch_size` examples); they are processed one after the other with
 `optax.microbatching.microbatch`, so memory stays that of one microbatch.
+That split is column-major, as optax's: microbatch :math:`u` of a chunk holds
+the examples :math:`u, u + c, u + 2c, \ldots` (the mean is the same either
+way; the units of the moments are these strided subsets).
 """
 
 from typing import Any, Callable, NamedTuple
