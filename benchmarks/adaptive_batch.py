@@ -1,77 +1,209 @@
-"""Adaptive batch sizes (AdAdaGrad) against fixed small and large batches.
+"""Adaptive batch sizes against fixed batches and ramps, on one sample budget.
 
-On MNIST-1D (the package's embedded data), starting at B = 32:
+MNIST-1D, the CNN, B0 = 32, a cap on the batch (8,192 by default), every run
+the same sample budget (`--epochs` epochs) with a warmup-cosine learning rate
+scheduled in samples (so every contender follows the same learning-rate curve
+over the samples it sees). Per optimizer family (SNGM first, then AdaGrad-Norm,
+AdaGrad, momentum SGD), the contenders are:
 
-* AdaGrad-Norm: fixed B = 32; AdAdaGrad-Norm with the norm test and with the
-  inner-product test; fixed B = the final size the norm-test run reached;
-* AdaGrad: the same four runs (AdAdaGrad);
-* SNGM: fixed B = 32; SNGM with the norm test in front (the two seeds
-  combined); fixed B = its final size.
+* fixed small (B = 32);
+* adaptive: the norm test at eta = 0.5 and 0.1 as the paper has it, the
+  norm test at eta = 0.5 and 0.25 with the new controller options
+  (`--growth`, `--smoothing`), the inner-product test (theta = 0.5) with
+  the options (`--inner-product`);
+* fixed large: the final batch size of the headline adaptive run (norm test,
+  eta = 0.5, with the options) and the geometric middle of 32 and it;
+* the authors' baselines, a linear and a stagewise ramp-up from 32 to that
+  final size.
 
-All runs of a family see the same number of samples (`--epochs` epochs) with
-a constant learning rate (an adaptive run's step count is not known in
-advance, so a step-based decay would not end where it should). The
-statistics are per-device (`--devices` simulated CPU devices, only scalars
-all-reduced). Reported per run: optimizer steps and wall time until the test
-accuracy first reaches the fixed-B=32 run's final accuracy (checked once per
-epoch; wall time includes compilation), final test accuracy, the final batch
-size. The per-step cost of the test is not re-measured: the figures of
-benchmarks/batch_size_test_cost.py (results/batch_size_test_cost.json) are
-copied into the output. Writes results/adaptive_batch.json and a PNG of the
-batch size over training.
+Each contender gets the same learning-rate grid of its family (`--lrs-*`) on
+seed 0; its best learning rate (final test accuracy) is then rerun on the
+other seeds. "Equal steps" runs train each fixed batch for as many steps as
+the headline adaptive run took (its own schedule over that shorter budget).
+Partial results are written after every run, and a restarted run resumes
+from them. Writes results/adaptive_batch.json and .png.
 
   PYTHONPATH=. python benchmarks/adaptive_batch.py
 """
 
 import argparse
 import json
+import math
 import os
 import pathlib
+import statistics
 import time
 
 import _common
 
-_common.force_host_devices(8, cpu_only=True)
+_common.force_host_devices(4, cpu_only=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sngm_optax.harness import config as config_lib  # noqa: E402
 from sngm_optax.harness import data  # noqa: E402
 from sngm_optax.harness import train  # noqa: E402
-from sngm_optax.harness import config as config_lib  # noqa: E402
 
-# (family, fixed optimizer, adaptive optimizer, learning rate, tests)
-FAMILIES = [
-    ("AdaGrad-Norm", "adagrad_norm", "adadagrad_norm", 1.0,
-     ("norm", "inner_product")),
-    ("AdaGrad", "adagrad", "adadagrad", 0.05, ("norm", "inner_product")),
-    ("SNGM", "sngm", "sngm", 0.2, ("norm",)),
-]
+# family -> (fixed optimizer, adaptive optimizer)
+FAMILIES = {
+    "SNGM": ("sngm", "sngm"),
+    "AdaGrad-Norm": ("adagrad_norm", "adadagrad_norm"),
+    "AdaGrad": ("adagrad", "adadagrad"),
+    "MSGD": ("msgd", "msgd"),
+}
+HEADLINE = "norm eta=0.5 +options"
 
 
-def steps_to_reach(result, target):
-  for record in result["history"]:
-    if record["test_accuracy"] >= target:
-      return record["steps"], record["wall_time_s"], record["epoch"]
-  return None, None, None
+def adaptive_contenders(args):
+  """(name, test, kwargs): the headline first (it sizes the fixed large
+  batches and the ramps)."""
+  options = {"max_growth_factor": args.growth, "smoothing": args.smoothing}
+  return [
+      (HEADLINE, "norm", {"eta": 0.5, **options}),
+      ("norm eta=0.5 (paper rule)", "norm", {"eta": 0.5}),
+      ("norm eta=0.25 +options", "norm", {"eta": 0.25, **options}),
+      ("norm eta=0.1 (paper rule)", "norm", {"eta": 0.1}),
+      ("norm eta=0.5 +options, test every 10 steps", "norm",
+       {"eta": 0.5, "test_interval": 10, **options}),
+  ] + ([("inner product theta=0.5 +options", "inner_product",
+         {"theta": 0.5, **options})] if args.inner_product else [])
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--num-samples", type=int, default=15000)
+  parser.add_argument("--epochs", type=float, default=4.0)
+  parser.add_argument("--warmup-epochs", type=float, default=0.25)
+  parser.add_argument("--initial-batch-size", type=int, default=32)
+  parser.add_argument("--max-batch-size", type=int, default=8192)
+  parser.add_argument("--devices", type=int, default=4)
+  parser.add_argument("--growth", type=float, default=2.0)
+  parser.add_argument("--smoothing", type=float, default=0.9)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--inner-product", action="store_true",
+                      help="also run the inner-product test")
+  parser.add_argument("--families", default="SNGM,AdaGrad-Norm,AdaGrad,MSGD")
+  parser.add_argument("--lrs-sngm", default="0.03,0.1,0.3")
+  parser.add_argument("--lrs-adagrad-norm", default="0.1,0.3,1.0")
+  parser.add_argument("--lrs-adagrad", default="0.01,0.03,0.1")
+  parser.add_argument("--lrs-msgd", default="0.03,0.1,0.3")
+  parser.add_argument("--out",
+                      default=str(_common.RESULTS / "adaptive_batch.json"))
+  return parser.parse_args()
+
+
+def family_lrs(args, family):
+  text = getattr(args, "lrs_" + family.lower().replace("-", "_"))
+  return [float(value) for value in text.split(",")]
+
+
+class Bench:
+  """Runs (or finds in the partial results) one training run per key."""
+
+  def __init__(self, args, dataset, payload, out):
+    self.args, self.dataset, self.payload, self.out = (
+        args, dataset, payload, out)
+    self.done = {row["key"]: row for row in payload["runs"]}
+
+  def run(self, family, contender, lr, seed, *, optimizer, batch_size,
+          epochs=None, **changes):
+    key = f"{family}|{contender}|{lr:g}|{seed}"
+    if key in self.done:
+      return self.done[key]
+    args = self.args
+    config = config_lib.Config(
+        model="cnn", optimizer=optimizer, learning_rate=lr,
+        batch_size=batch_size, epochs=epochs or args.epochs,
+        schedule="warmup_cosine", warmup_epochs=args.warmup_epochs,
+        weight_decay=0.0, num_devices=args.devices, seed=seed, **changes)
+    start = time.perf_counter()
+    result = train.train_and_evaluate(config, dataset=self.dataset,
+                                      quiet=True)
+    row = {
+        "key": key, "family": family, "contender": contender,
+        "learning_rate": lr, "seed": seed, "batch_size": batch_size,
+        "steps": result["steps"], "samples_seen": result["samples_seen"],
+        "wall_time_s": time.perf_counter() - start,
+        "final_test_accuracy": result["final"]["test_accuracy"],
+        "history": result["history"],
+        "batch_sizes": result.get("batch_sizes"),
+        "noise_scales": result.get("noise_scales"),
+        "train_step_compilations": result.get("train_step_compilations"),
+    }
+    final_b = (row["batch_sizes"] or [batch_size])[-1]
+    print(f"{family:12s} {contender:34s} lr={lr:<5g} seed={seed} "
+          f"steps={row['steps']:5d} acc={row['final_test_accuracy']:.4f} "
+          f"B_end={final_b} {row['wall_time_s']:.0f}s", flush=True)
+    self.payload["runs"].append(row)
+    self.done[key] = row
+    self.payload["load_average_end"] = list(os.getloadavg())
+    _common.write_json(self.out, self.payload)
+    return row
+
+
+def contender_specs(args, family, headline_final):
+  """(name, run kwargs) of every contender of `family`."""
+  fixed, adaptive = FAMILIES[family]
+  b0, cap = args.initial_batch_size, args.max_batch_size
+  specs = [("fixed 32", dict(optimizer=fixed, batch_size=b0))]
+  for name, test, kwargs in adaptive_contenders(args):
+    specs.append((name, dict(
+        optimizer=adaptive, batch_size=b0, adaptive_batch=test,
+        max_batch_size=cap, adaptive_statistics="per_device",
+        optimizer_kwargs=kwargs)))
+  if headline_final is not None:
+    middle = 2 ** round(math.log2(math.sqrt(b0 * headline_final)))
+    for size in sorted({middle, headline_final}):
+      specs.append((f"fixed {size}", dict(optimizer=fixed, batch_size=size)))
+    for ramp in ("linear", "stagewise"):
+      specs.append((f"{ramp} ramp 32->{headline_final}", dict(
+          optimizer=fixed, batch_size=b0, batch_ramp=ramp,
+          max_batch_size=headline_final)))
+  return specs
+
+
+def best_lr(bench, family, contender):
+  rows = [row for row in bench.payload["runs"] if row["family"] == family
+          and row["contender"] == contender and row["seed"] == 0]
+  return max(rows, key=lambda row: row["final_test_accuracy"])
+
+
+def run_family(bench, family):
+  """Tune every contender on seed 0, then the picks on the other seeds."""
+  args = bench.args
+  lrs = family_lrs(args, family)
+  specs = dict(contender_specs(args, family, None))
+  for lr in lrs:
+    bench.run(family, HEADLINE, lr, 0, **specs[HEADLINE])
+  headline = best_lr(bench, family, HEADLINE)
+  final_b = headline["batch_sizes"][-2] if len(
+      headline["batch_sizes"]) > 1 else headline["batch_sizes"][-1]
+  specs = contender_specs(args, family, final_b)
+  for name, kwargs in specs:
+    for lr in lrs:
+      bench.run(family, name, lr, 0, **kwargs)
+  picks = {name: best_lr(bench, family, name)["learning_rate"]
+           for name, _ in specs}
+  for seed in range(1, args.seeds):
+    for name, kwargs in specs:
+      bench.run(family, name, picks[name], seed, **kwargs)
+  # Fixed batches for as many steps as the headline run took.
+  steps = round(statistics.mean(
+      bench.done[f"{family}|{HEADLINE}|{picks[HEADLINE]:g}|{seed}"]["steps"]
+      for seed in range(args.seeds)))
+  num_train = bench.dataset.num_train
+  for name, kwargs in specs:
+    if name.startswith("fixed"):
+      epochs = steps * kwargs["batch_size"] / num_train
+      for seed in range(args.seeds):
+        bench.run(family, f"{name} for {steps} steps", picks[name], seed,
+                  epochs=epochs, **kwargs)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--num-samples", type=int, default=4000)
-  parser.add_argument("--epochs", type=float, default=10.0)
-  parser.add_argument("--model", default="mlp")
-  parser.add_argument("--devices", type=int, default=4)
-  parser.add_argument("--initial-batch-size", type=int, default=32)
-  parser.add_argument("--max-batch-size", type=int, default=256)
-  parser.add_argument("--eta", type=float, default=0.5,
-                      help="eta (norm test) and theta (inner product)")
-  parser.add_argument("--families", default="AdaGrad-Norm,AdaGrad,SNGM")
-  parser.add_argument("--out",
-                      default=str(_common.RESULTS / "adaptive_batch.json"))
-  args = parser.parse_args()
-
-  dataset = data.generate_mnist1d(args.num_samples, seed=0)
+  args = parse_args()
+  dataset = data.load_mnist1d(args.num_samples, 0)
   out = pathlib.Path(args.out)
   payload = {
       "benchmark": "adaptive_batch",
@@ -81,72 +213,71 @@ def main():
       "num_test": dataset.num_test,
       "jax": jax.__version__,
       "machine": _common.machine_description(),
-      "cpu_count": os.cpu_count(),
       "load_average_start": list(os.getloadavg()),
       "runs": [],
   }
-  cost_path = _common.RESULTS / "batch_size_test_cost.json"
-  if cost_path.exists():
-    cost = json.loads(cost_path.read_text())
-    payload["test_cost_from_batch_size_test_cost_json"] = [
-        {key: row.get(key) for key in ("mode", "mapper", "test",
-                                       "ratio_median", "cpu_ratio_median")}
-        for row in cost["rows"]]
-
-  def run(family, optimizer, batch_size, test, lr):
-    adaptive = {} if test is None else dict(
-        adaptive_batch=test, max_batch_size=args.max_batch_size,
-        adaptive_statistics="per_device",
-        optimizer_kwargs={"eta": args.eta, "theta": args.eta})
-    config = config_lib.Config(
-        model=args.model, optimizer=optimizer, learning_rate=lr,
-        batch_size=batch_size, epochs=args.epochs, schedule="constant",
-        weight_decay=0.0, num_devices=args.devices, seed=0, **adaptive)
-    start = time.perf_counter()
-    result = train.train_and_evaluate(config, dataset=dataset, quiet=True)
-    row = {
-        "family": family, "optimizer": optimizer,
-        "batch": "adaptive" if test else "fixed", "test": test,
-        "initial_batch_size": batch_size, "learning_rate": lr,
-        "steps": result["steps"], "samples_seen": result["samples_seen"],
-        "wall_time_s": time.perf_counter() - start,
-        "final_test_accuracy": result["final"]["test_accuracy"],
-        "history": result["history"],
-    }
-    if test:
-      row["final_batch_size"] = result["batch_sizes"][-2] if len(
-          result["batch_sizes"]) > 1 else result["batch_sizes"][-1]
-      row["batch_sizes"] = result["batch_sizes"]
-      row["noise_scales"] = result["noise_scales"]
-      row["train_step_compilations"] = result["train_step_compilations"]
-    print(f"{family:12s} {optimizer:15s} {row['batch']:8s} {test or '':13s} "
-          f"B0={batch_size:4d} steps={row['steps']:5d} "
-          f"acc={row['final_test_accuracy']:.4f} "
-          f"final_B={row.get('final_batch_size', batch_size)} "
-          f"{row['wall_time_s']:.0f}s", flush=True)
-    return row
-
-  wanted = args.families.split(",")
-  for family, fixed, adaptive_name, lr, tests in FAMILIES:
-    if family not in wanted:
-      continue
-    small = run(family, fixed, args.initial_batch_size, None, lr)
-    rows = [small]
-    for test in tests:
-      rows.append(run(family, adaptive_name, args.initial_batch_size, test,
-                      lr))
-    final_b = rows[1]["final_batch_size"]
-    rows.append(run(family, fixed, final_b, None, lr))
-    target = small["final_test_accuracy"]
-    for row in rows:
-      steps, wall, epoch = steps_to_reach(row, target)
-      row.update(target_accuracy=target, steps_to_target=steps,
-                 wall_time_to_target_s=wall, epochs_to_target=epoch)
-    payload["runs"].extend(rows)
-    payload["load_average_end"] = list(os.getloadavg())
-    _common.write_json(out, payload)  # partial results
+  if out.exists():
+    previous = json.loads(out.read_text())
+    if previous.get("args") == payload["args"]:
+      payload["runs"] = previous["runs"]  # resume
+  bench = Bench(args, dataset, payload, out)
+  for family in args.families.split(","):
+    run_family(bench, family)
+    payload["summary"] = summarize(payload)
+    _common.write_json(out, payload)
     plot(payload, out.with_suffix(".png"))
   print_table(payload)
+
+
+def _reach(row, target):
+  """Steps, wall time and samples when the test accuracy first >= target."""
+  for record in row["history"]:
+    if record["test_accuracy"] >= target:
+      return record["steps"], record["wall_time_s"]
+  return None, None
+
+
+def summarize(payload):
+  """Per (family, contender): the picked lr, mean ± sd over seeds."""
+  groups = {}
+  for row in payload["runs"]:
+    groups.setdefault((row["family"], row["contender"]), []).append(row)
+  summary = []
+  for (family, contender), rows in groups.items():
+    pick = max((r for r in rows if r["seed"] == 0),
+               key=lambda r: r["final_test_accuracy"])
+    seeds = [r for r in rows if r["learning_rate"] == pick["learning_rate"]]
+    if len(seeds) < 2:
+      continue
+    target_rows = groups.get((family, "fixed 32"), [])
+    target_pick = max((r for r in target_rows if r["seed"] == 0),
+                      key=lambda r: r["final_test_accuracy"])
+    target = statistics.mean(
+        r["final_test_accuracy"] for r in target_rows
+        if r["learning_rate"] == target_pick["learning_rate"])
+    accs = [r["final_test_accuracy"] for r in seeds]
+    reach = [_reach(r, target) for r in seeds]
+    reached = [x for x in reach if x[0] is not None]
+    summary.append({
+        "family": family, "contender": contender,
+        "learning_rate": pick["learning_rate"], "seeds": len(seeds),
+        "grid_edge": pick["learning_rate"] in (
+            min(r["learning_rate"] for r in rows),
+            max(r["learning_rate"] for r in rows)),
+        "accuracy_mean": statistics.mean(accs),
+        "accuracy_sd": statistics.stdev(accs),
+        "steps_mean": statistics.mean(r["steps"] for r in seeds),
+        "wall_time_s_mean": statistics.mean(r["wall_time_s"] for r in seeds),
+        "final_batch_size": statistics.mean(
+            (r["batch_sizes"] or [r["batch_size"]])[-1] for r in seeds),
+        "target_accuracy": target,
+        "reached_target": f"{len(reached)}/{len(seeds)}",
+        "steps_to_target_mean": statistics.mean(x[0] for x in reached)
+        if reached else None,
+        "wall_s_to_target_mean": statistics.mean(x[1] for x in reached)
+        if reached else None,
+    })
+  return summary
 
 
 def plot(payload, path):
@@ -155,36 +286,41 @@ def plot(payload, path):
     return
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for row in payload["runs"]:
-    if row["batch"] != "adaptive":
+    if row["seed"] != 0 or not row.get("noise_scales"):
       continue
-    seen = np.cumsum(row["batch_sizes"]) / payload["num_train"]
-    label = f"{row['family']} + {row['test']}"
+    if row["family"] != "SNGM":
+      continue
+    seen = np.cumsum(row["batch_sizes"])
+    label = f"{row['contender']} lr={row['learning_rate']:g}"
     axes[0].step(seen, row["batch_sizes"], where="post", label=label)
     axes[1].plot(seen, row["noise_scales"], label=label)
-  axes[0].set(xlabel="epochs", ylabel="batch size", yscale="log",
-              title="batch size over training")
-  axes[1].set(xlabel="epochs", ylabel="noise scale tr(Σ)/|G|² (EMA)",
+  axes[0].set(xlabel="samples seen", ylabel="batch size", yscale="log",
+              title="SNGM: batch size (seed 0)")
+  axes[1].set(xlabel="samples seen", ylabel="B_simple = tr(Σ)/|G|² (EMA)",
               yscale="log", title="gradient noise scale")
-  axes[0].legend(fontsize=8)
+  axes[0].legend(fontsize=6)
   _common.save_figure(fig, path, dpi=100)
 
 
 def print_table(payload):
-  table = []
-  for row in payload["runs"]:
-    batch = (f"adaptive from {row['initial_batch_size']}"
-             if row["batch"] == "adaptive" else f"fixed {row['initial_batch_size']}")
-    to_target = row["steps_to_target"]
-    wall = row["wall_time_to_target_s"]
-    table.append([
-        row["family"], batch, row["test"] or "-", row["steps"],
-        row.get("final_batch_size", row["initial_batch_size"]),
-        "not reached" if to_target is None else to_target,
-        "-" if wall is None else f"{wall:.1f}",
-        f"{row['final_test_accuracy']:.4f}", f"{row['wall_time_s']:.1f}"])
+  rows = []
+  for s in payload.get("summary", []):
+    rows.append([
+        s["family"], s["contender"], f"{s['learning_rate']:g}"
+        + (" (edge)" if s["grid_edge"] else ""),
+        f"{s['steps_mean']:.0f}", f"{s['final_batch_size']:.0f}",
+        f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_sd']:.2f}",
+        s["reached_target"],
+        "-" if s["steps_to_target_mean"] is None
+        else f"{s['steps_to_target_mean']:.0f}",
+        "-" if s["wall_s_to_target_mean"] is None
+        else f"{s['wall_s_to_target_mean']:.0f}",
+        f"{s['wall_time_s_mean']:.0f}"])
   print(_common.markdown_table(
-      ["family", "batch", "test", "steps", "final B", "steps to target",
-       "wall s to target", "final test acc", "wall s"], table))
+      ["family", "contender", "lr", "steps", "final B", "test acc % (mean ± sd)",
+       "reached fixed-32 acc", "steps to it", "wall s to it", "wall s"],
+      rows))
+
 
 if __name__ == "__main__":
   main()

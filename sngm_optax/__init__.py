@@ -1,5 +1,8 @@
 """sngm_optax: optax transforms for training at any batch size."""
 
+from sngm_optax._accumulation import AccumulationState
+from sngm_optax._accumulation import gradient_accumulator
+from sngm_optax._accumulation import GradientAccumulator
 from sngm_optax._adadagrad import adadagrad
 from sngm_optax._adadagrad import adadagrad_norm
 from sngm_optax._adagrad_norm import adagrad_norm
@@ -47,6 +50,7 @@ __all__ = (
     "adadagrad_norm",
     "adagrad_norm",
     "adaptive_batch_size",
+    "AccumulationState",
     "AdaptiveBatchSizeState",
     "add_gradient_moments",
     "augmented_inner_product_test",
@@ -55,7 +59,9 @@ __all__ = (
     "dgc",
     "global_norm",
     "gmc",
+    "gradient_accumulator",
     "gradient_moments",
+    "GradientAccumulator",
     "GradientMoments",
     "GradientNoiseStatistics",
     "inner_product_test",

@@ -21,6 +21,9 @@ def adadagrad(
     axis_name: AxisName | None = None,
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
+    max_growth_factor: float | None = None,
+    smoothing: float | None = None,
+    test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdAdaGrad: coordinate-wise AdaGrad with an adaptive batch size.
 
@@ -52,6 +55,11 @@ def adadagrad(
       averaged over it.
     initial_accumulator_value: AdaGrad's :math:`v_0`.
     eps: AdaGrad's :math:`\epsilon`.
+    max_growth_factor: the most the batch grows per test (`None`: no
+      limit); see :func:`adaptive_batch_size`.
+    smoothing: run the test on bias-corrected EMAs of its statistics with
+      this decay (`None`: the step's own statistics).
+    test_interval: run the test after every k-th step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -86,6 +94,9 @@ def adadagrad(
           axis_name=axis_name,
           initial_accumulator_value=initial_accumulator_value,
           eps=eps,
+          max_growth_factor=max_growth_factor,
+          smoothing=smoothing,
+          test_interval=test_interval,
       ),
       optax.adagrad(
           learning_rate,
@@ -108,6 +119,9 @@ def adadagrad_norm(
     axis_name: AxisName | None = None,
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
+    max_growth_factor: float | None = None,
+    smoothing: float | None = None,
+    test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdAdaGrad-Norm: AdaGrad-Norm with an adaptive batch size.
 
@@ -137,6 +151,11 @@ def adadagrad_norm(
       averaged over it.
     initial_accumulator_value: :math:`b_0^2` of AdaGrad-Norm.
     eps: :math:`\epsilon` of AdaGrad-Norm.
+    max_growth_factor: the most the batch grows per test (`None`: no
+      limit); see :func:`adaptive_batch_size`.
+    smoothing: run the test on bias-corrected EMAs of its statistics with
+      this decay (`None`: the step's own statistics).
+    test_interval: run the test after every k-th step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -175,6 +194,9 @@ def adadagrad_norm(
           batch_size_multiple=batch_size_multiple,
           microbatch_size=microbatch_size,
           axis_name=axis_name,
+          max_growth_factor=max_growth_factor,
+          smoothing=smoothing,
+          test_interval=test_interval,
       ),
       scale_by_adagrad_norm(
           initial_accumulator_value=initial_accumulator_value, eps=eps

@@ -7,6 +7,7 @@ runs the chosen test of :data:`BATCH_SIZE_TESTS`
 the training loop should use next.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +44,16 @@ class AdaptiveBatchSizeState(NamedTuple):
     preconditioner_accumulator: for `test='coordinate'`, the copy of
       AdaGrad's accumulator :math:`v` (shaped like the params); otherwise
       `optax.EmptyState()`.
+    num_steps: int32, the number of updates so far (the test runs after
+      every `test_interval`-th).
+    smoothed_statistics: with `smoothing`, a
+      :class:`GradientNoiseStatistics` of the EMAs (not yet bias-corrected)
+      of the statistics the test reads, with the unbiased
+      :math:`\|G\|^2` estimate in `sq_norm`; otherwise
+      `optax.EmptyState()`.
+    smoothed_count: int32, the number of steps folded into
+      `smoothed_statistics` (steps with non-finite statistics are skipped);
+      the bias correction is :math:`1 - \beta^{n}`.
   """
 
   batch_size: jax.Array
@@ -52,6 +63,9 @@ class AdaptiveBatchSizeState(NamedTuple):
   variance_trace_ema: jax.Array
   sq_norm_ema: jax.Array
   preconditioner_accumulator: Any
+  num_steps: jax.Array
+  smoothed_statistics: Any
+  smoothed_count: jax.Array
 
 
 def _noise_scale(variance_trace_ema, sq_norm_ema):
@@ -102,6 +116,25 @@ def _check_batch_sizes(
     )
 
 
+def _check_controller_options(
+    max_growth_factor, smoothing, test_interval
+) -> None:
+  """Raises for a growth factor below 1, a smoothing factor outside [0, 1)
+  or a test interval that is not a positive integer."""
+  if max_growth_factor is not None:
+    _checks.check_range("max_growth_factor", max_growth_factor, 1.0)
+    if not callable(max_growth_factor) and not isinstance(
+        max_growth_factor, jax.core.Tracer
+    ) and not math.isfinite(float(max_growth_factor)):
+      raise ValueError(
+          "max_growth_factor must be a finite number >= 1 (None for no "
+          f"limit), got {max_growth_factor!r}"
+      )
+  if smoothing is not None:
+    _checks.check_momentum("smoothing", smoothing)
+  _checks.check_positive_int("test_interval", test_interval)
+
+
 def _check_hyperparameters(
     eta, theta, nu, noise_scale_decay, initial_accumulator_value, eps, axis_name
 ) -> None:
@@ -119,7 +152,8 @@ def _check_hyperparameters(
 
 
 def _initial_state(
-    params, initial_batch_size, initial_accumulator_value, keep_accumulator
+    params, initial_batch_size, initial_accumulator_value, keep_accumulator,
+    smoothed=False,
 ) -> AdaptiveBatchSizeState:
   """The state before the first step; AdaGrad's accumulator if kept."""
   _checks.check_float_params(params, "adaptive_batch_size")
@@ -134,6 +168,11 @@ def _initial_state(
   accumulator = optax.EmptyState()
   if keep_accumulator:
     accumulator = optax.tree.full_like(params, initial_accumulator_value)
+  smoothed_statistics = optax.EmptyState()
+  if smoothed:
+    smoothed_statistics = GradientNoiseStatistics(
+        *(zero() for _ in GradientNoiseStatistics._fields)
+    )
   return AdaptiveBatchSizeState(
       batch_size=initial(),
       next_batch_size=initial(),
@@ -142,6 +181,9 @@ def _initial_state(
       variance_trace_ema=zero(),
       sq_norm_ema=zero(),
       preconditioner_accumulator=accumulator,
+      num_steps=jnp.zeros((), jnp.int32),
+      smoothed_statistics=smoothed_statistics,
+      smoothed_count=jnp.zeros((), jnp.int32),
   )
 
 
@@ -275,35 +317,92 @@ def _gather_statistics(
   return mean_updates, statistics, accumulator
 
 
+def _finite_statistics(statistics: GradientNoiseStatistics, test_needs):
+  """Whether the fields the test and the noise scale read are all finite.
+
+  Moments and the per-device norm path leave the others NaN.
+  """
+  checked_fields = dict.fromkeys(_ALWAYS_CHECKED + tuple(test_needs))
+  return jnp.all(jnp.isfinite(jnp.stack(
+      [getattr(statistics, field) for field in checked_fields]
+  )))
+
+
+def _smooth_statistics(
+    state: AdaptiveBatchSizeState,
+    statistics: GradientNoiseStatistics,
+    finite,
+    *,
+    test_needs,
+    smoothing,
+):
+  r"""The EMAs after this step, their count and the bias-corrected statistics.
+
+  .. math::
+    m_n = \beta\, m_{n-1} + (1 - \beta)\, x_n, \qquad
+    \hat x_n = m_n / (1 - \beta^n)
+
+  for each statistic :math:`x` the test reads, with :math:`\|\bar g\|^2`
+  replaced by its unbiased estimate :math:`\|\bar g\|^2 -
+  \mathrm{tr}(\Sigma)/b` (and the preconditioned one likewise). Fields the
+  test does not read stay 0; a step with non-finite statistics is skipped.
+  """
+  batch = statistics.num_samples
+  unbiased = statistics._replace(
+      sq_norm=statistics.sq_norm - statistics.variance_trace / batch,
+      preconditioned_sq_norm=statistics.preconditioned_sq_norm
+      - statistics.preconditioned_variance_trace / batch,
+  )
+  read = set(_ALWAYS_CHECKED + tuple(test_needs))
+  decay = jnp.asarray(smoothing, jnp.float32)
+  old = state.smoothed_statistics
+  ema = GradientNoiseStatistics(*(
+      jnp.where(finite, decay * o + (1 - decay) * x, o) if name in read else o
+      for name, o, x in zip(GradientNoiseStatistics._fields, old, unbiased)
+  ))
+  count = state.smoothed_count + finite.astype(jnp.int32)
+  correction = jnp.where(count > 0, 1 - decay ** count.astype(jnp.float32), 1)
+  corrected = GradientNoiseStatistics(*(m / correction for m in ema))
+  return ema, count, corrected
+
+
 def _advance_state(
     state: AdaptiveBatchSizeState,
     statistics: GradientNoiseStatistics,
     test_batch,
     accumulator,
+    finite,
     *,
-    test_needs,
     max_batch_size,
     batch_size_multiple,
     noise_scale_decay,
+    max_growth_factor=None,
+    test_interval=1,
 ) -> AdaptiveBatchSizeState:
   """The state after a step whose test asked for `test_batch` samples.
 
-  The suggestion, the test statistic and the EMAs keep their values unless
-  the statistics the test and the noise scale read (`test_needs` and
-  `_ALWAYS_CHECKED`) are all finite; moments and the per-device norm path
-  leave the others NaN.
+  The suggestion and the test statistic keep their values unless the
+  statistics are `finite` and this step runs the test (every
+  `test_interval`-th); the noise-scale EMAs keep theirs unless `finite`.
+  The suggestion grows at most to `max_growth_factor` times this step's
+  batch (then rounded up to a multiple of `batch_size_multiple`).
   """
   used_batch = jnp.round(statistics.num_samples).astype(jnp.int32)
-  checked_fields = dict.fromkeys(_ALWAYS_CHECKED + tuple(test_needs))
-  finite = jnp.all(jnp.isfinite(jnp.stack(
-      [getattr(statistics, field) for field in checked_fields]
-  )))
+  num_steps = optax.safe_increment(state.num_steps)
+  target = test_batch
+  if max_growth_factor is not None:
+    target = jnp.minimum(
+        target,
+        jnp.asarray(max_growth_factor, jnp.float32)
+        * used_batch.astype(jnp.float32),
+    )
   proposed = jnp.maximum(
       state.next_batch_size,
-      next_batch_size(
-          used_batch, test_batch, max_batch_size, batch_size_multiple
-      ),
+      next_batch_size(used_batch, target, max_batch_size, batch_size_multiple),
   )
+  run_test = finite
+  if not (isinstance(test_interval, int) and test_interval == 1):
+    run_test = finite & (num_steps % test_interval == 0)
   decay = jnp.asarray(noise_scale_decay, jnp.float32)
   trace_ema = decay * state.variance_trace_ema + (1 - decay) * (
       statistics.variance_trace
@@ -315,14 +414,15 @@ def _advance_state(
   keep = lambda new, old: jnp.where(finite, new, old)
   trace_ema = keep(trace_ema, state.variance_trace_ema)
   sq_norm_ema = keep(sq_norm_ema, state.sq_norm_ema)
-  return AdaptiveBatchSizeState(
+  return state._replace(
       batch_size=used_batch,
-      next_batch_size=keep(proposed, state.next_batch_size),
-      test_statistic=keep(test_batch, state.test_statistic),
+      next_batch_size=jnp.where(run_test, proposed, state.next_batch_size),
+      test_statistic=jnp.where(run_test, test_batch, state.test_statistic),
       noise_scale=_noise_scale(trace_ema, sq_norm_ema).astype(jnp.float32),
       variance_trace_ema=trace_ema,
       sq_norm_ema=sq_norm_ema,
       preconditioner_accumulator=accumulator,
+      num_steps=num_steps,
   )
 
 
@@ -343,6 +443,9 @@ def adaptive_batch_size(
     noise_scale_decay: float = 0.95,
     initial_accumulator_value: float = 0.1,
     eps: float = 1e-7,
+    max_growth_factor: float | None = None,
+    smoothing: float | None = None,
+    test_interval: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs a batch-size test each step and keeps the batch size to use next.
 
@@ -364,6 +467,34 @@ def adaptive_batch_size(
   :math:`\|G\|^2` and both EMAs started at 0 with decay :math:`\beta`; the
   EMAs' bias corrections cancel in the ratio. It is +inf while the estimated
   :math:`\|G\|^2` is not positive.
+
+  The defaults are the paper's rule: the test on each step's own
+  statistics, every step, with no limit on the growth. With the biased
+  :math:`\|\bar g\|^2` the norm test's fixed point is
+  :math:`b = (1/\eta^2 - 1) B_{simple}` (about :math:`99 B_{simple}` at
+  :math:`\eta = 0.1`), and one noisy estimate from a small batch can ask for
+  :math:`1/\eta^2` times the batch at once. Three options (beyond the paper)
+  make the controller steadier:
+
+  * `max_growth_factor` :math:`f`: the test's demand is capped at
+    :math:`f b_k` before rounding,
+    :math:`b_{k+1} = \max\big(b_k^{suggested}, \text{next\_batch\_size}
+    (b_k, \min(b_{new}, f b_k), b_{max}, q)\big)`, so each test grows the
+    batch at most :math:`f`-fold (then rounded up to a multiple of
+    :math:`q`).
+  * `smoothing` :math:`\beta`: the test reads bias-corrected EMAs of its
+    statistics instead of the step's own estimate (McCandlish et al.,
+    2018), with :math:`\|\bar g\|^2` replaced by the unbiased
+    :math:`\|G\|^2` estimate :math:`\|\bar g\|^2 - \mathrm{tr}(\Sigma)/b`:
+    :math:`\hat x_n = m_n / (1 - \beta^n)`,
+    :math:`m_n = \beta m_{n-1} + (1 - \beta) x_n` for each statistic
+    :math:`x`; e.g. the norm test becomes
+    :math:`b_{new} = \widehat{\mathrm{tr}\Sigma} / (\eta^2
+    \widehat{\|G\|^2})` (:math:`+\infty` while
+    :math:`\widehat{\|G\|^2} \le 0`), whose fixed point is
+    :math:`B_{simple} / \eta^2`. The EMAs advance every step.
+  * `test_interval` :math:`k`: the test runs after steps :math:`k, 2k,
+    \ldots` only; in between the suggestion stays as it is.
 
   The statistics come from the keyword arguments of `update` (one source a
   step):
@@ -414,6 +545,13 @@ def adaptive_batch_size(
       noise-scale estimate (0.95: about the last 20 steps).
     initial_accumulator_value: AdaGrad's :math:`v_0` (coordinate test only).
     eps: AdaGrad's :math:`\epsilon` (coordinate test only).
+    max_growth_factor: :math:`f \ge 1`, the most the batch grows per test;
+      `None` (default) for no limit (the paper's rule).
+    smoothing: :math:`\beta \in [0, 1)`, run the test on bias-corrected
+      EMAs of its statistics with the unbiased :math:`\|G\|^2`; `None`
+      (default) for the step's own statistics (the paper's rule).
+    test_interval: :math:`k \ge 1`, run the test after every k-th step
+      (default 1, every step).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is an
@@ -448,11 +586,13 @@ def adaptive_batch_size(
       eta, theta, nu, noise_scale_decay, initial_accumulator_value, eps,
       axis_name,
   )
+  _check_controller_options(max_growth_factor, smoothing, test_interval)
 
   def init_fn(params):
     return _initial_state(
         params, initial_batch_size, initial_accumulator_value,
         keep_accumulator=spec.needs_preconditioner,
+        smoothed=smoothing is not None,
     )
 
   def update_fn(updates, state, params=None, *, per_example_grads=None,
@@ -468,11 +608,20 @@ def adaptive_batch_size(
         updates, state, source, sources.get(source), batch_size, spec=spec,
         axis_name=axis_name, microbatch_size=microbatch_size, eps=eps,
     )
-    test_batch = spec.run(statistics, eta=eta, theta=theta, nu=nu)
+    finite = _finite_statistics(statistics, spec.needs)
+    test_input = statistics
+    if smoothing is not None:
+      ema, count, test_input = _smooth_statistics(
+          state, statistics, finite, test_needs=spec.needs,
+          smoothing=smoothing,
+      )
+      state = state._replace(smoothed_statistics=ema, smoothed_count=count)
+    test_batch = spec.run(test_input, eta=eta, theta=theta, nu=nu)
     new_state = _advance_state(
-        state, statistics, test_batch, accumulator, test_needs=spec.needs,
+        state, statistics, test_batch, accumulator, finite,
         max_batch_size=max_batch_size, batch_size_multiple=batch_size_multiple,
         noise_scale_decay=noise_scale_decay,
+        max_growth_factor=max_growth_factor, test_interval=test_interval,
     )
     return mean_updates, new_state
 

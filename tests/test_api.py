@@ -13,7 +13,9 @@ import sngm_optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 PUBLIC_NAMES = [
+    "AccumulationState",
     "AdaptiveBatchSizeState",
+    "GradientAccumulator",
     "GradientMoments",
     "GradientNoiseStatistics",
     "ScaleByAdagradNormState",
@@ -31,6 +33,7 @@ PUBLIC_NAMES = [
     "dgc",
     "global_norm",
     "gmc",
+    "gradient_accumulator",
     "gradient_moments",
     "inner_product_test",
     "microbatch_statistics",

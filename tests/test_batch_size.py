@@ -641,6 +641,103 @@ def test_low_precision_params_and_state_stable_under_lax_cond(dtype, test):
   assert int(optax.tree.get(new_state, "next_batch_size")) > 4
 
 
+# ----------------------------------------------------------------------------
+# The controller's options (max_growth_factor, smoothing, test_interval).
+
+
+def reference_controller(batches, *, initial, cap, multiple, eta,
+                         growth=None, smoothing=None, interval=1):
+  """The suggestions and test statistics of a run, in float64 NumPy.
+
+  `batches(step, size)` draws the per-example gradients of a step; the loop
+  follows the suggestion. Written from the definitions: the step's own
+  tr(Sigma) and |mean|^2, or bias-corrected EMAs of tr(Sigma) and of the
+  unbiased |G|^2 = |mean|^2 - tr(Sigma) / b.
+  """
+  size, ema_trace, ema_sq_norm, out, tested = initial, 0.0, 0.0, [], None
+  for step in range(1, len(batches) + 1):
+    samples = batches[step - 1][:size]
+    mean = samples.mean(0)
+    trace, sq_norm = samples.var(0, ddof=1).sum(), mean @ mean
+    if smoothing is not None:
+      ema_trace = smoothing * ema_trace + (1 - smoothing) * trace
+      ema_sq_norm = smoothing * ema_sq_norm + (1 - smoothing) * (
+          sq_norm - trace / size)
+      correction = 1 - smoothing**step
+      trace, sq_norm = ema_trace / correction, ema_sq_norm / correction
+    if step % interval == 0:
+      tested = trace / (eta**2 * sq_norm) if sq_norm > 0 else math.inf
+      target = tested if growth is None else min(tested, growth * size)
+      size = max(size, reference_next(size, target, cap, multiple))
+    out.append((size, tested))
+  return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the paper's rule
+        {"max_growth_factor": 2.0},
+        {"smoothing": 0.8},
+        {"test_interval": 3},
+        {"max_growth_factor": 1.5, "smoothing": 0.5, "test_interval": 2},
+    ],
+    ids=["paper", "growth", "smoothing", "interval", "all"],
+)
+def test_controller_options_match_numpy_reference(options):
+  cap, multiple, initial, eta = 4096, 4, 8, 0.3
+  rng = np.random.default_rng(40)
+  # The signal fades, so the test asks for more and more samples.
+  batches = [rng.normal([2.0 / (1 + t), -1.0 / (1 + t), 0.5], 1.0,
+                        size=(cap, 3)) for t in range(9)]
+  tx = adaptive_batch_size(cap, initial_batch_size=initial,
+                           batch_size_multiple=multiple, eta=eta,
+                           microbatch_size=1, **options)
+  step = jax.jit(lambda state, moments, mean: tx.update(
+      mean, state, jnp.zeros(3), gradient_moments=moments)[1])
+  want = reference_controller(
+      batches, initial=initial, cap=cap, multiple=multiple, eta=eta,
+      growth=options.get("max_growth_factor"),
+      smoothing=options.get("smoothing"),
+      interval=options.get("test_interval", 1))
+  state = tx.init(jnp.zeros(3))
+  for batch, (size, tested) in zip(batches, want):
+    samples = batch[:int(state.next_batch_size)]
+    # Moments of per-example gradients: one fixed shape for every size.
+    moments = sngm_optax.GradientMoments(
+        jnp.asarray(len(samples), jnp.int32),
+        jnp.asarray(samples.sum(0), jnp.float32),
+        jnp.asarray((samples**2).sum(0), jnp.float32))
+    state = step(state, moments, jnp.asarray(samples.mean(0), jnp.float32))
+    assert int(state.next_batch_size) == size
+    if tested is not None:
+      np.testing.assert_allclose(state.test_statistic, tested, rtol=2e-3)
+  assert step._cache_size() == 1
+  assert want[-1][0] > initial
+
+
+def test_growth_factor_and_interval_in_adadagrad_wrappers():
+  per_example = jnp.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0]])
+  for tx in (adadagrad(0.1, max_batch_size=64, initial_batch_size=4,
+                       max_growth_factor=2.0),
+             adadagrad_norm(0.1, max_batch_size=64, initial_batch_size=4,
+                            max_growth_factor=2.0, smoothing=0.0)):
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(per_example.mean(0), state, jnp.zeros(2),
+                         per_example_grads=per_example)
+    # Unlimited, the test would ask for 67 (the docstring example).
+    assert int(optax.tree.get(state, "next_batch_size")) == 8
+  tx = adadagrad(0.1, max_batch_size=64, initial_batch_size=4,
+                 test_interval=2)
+  state = tx.init(jnp.zeros(2))
+  sizes = []
+  for _ in range(2):
+    _, state = tx.update(per_example.mean(0), state, jnp.zeros(2),
+                         per_example_grads=per_example)
+    sizes.append(int(optax.tree.get(state, "next_batch_size")))
+  assert sizes == [4, 64]
+
+
 def test_update_argument_errors():
   tx = adaptive_batch_size(max_batch_size=64, initial_batch_size=8)
   state = tx.init(jnp.zeros(2))
@@ -672,6 +769,14 @@ def test_update_argument_errors():
         ({"max_batch_size": 64, "microbatch_size": 0}, "microbatch_size"),
         ({"max_batch_size": 64, "axis_name": ""}, "axis_name"),
         ({"max_batch_size": 64, "eps": -1.0}, "eps"),
+        ({"max_batch_size": 64, "max_growth_factor": 0.5},
+         "max_growth_factor"),
+        ({"max_batch_size": 64, "max_growth_factor": math.inf},
+         "max_growth_factor"),
+        ({"max_batch_size": 64, "smoothing": 1.0}, "smoothing"),
+        ({"max_batch_size": 64, "smoothing": -0.1}, "smoothing"),
+        ({"max_batch_size": 64, "test_interval": 0}, "test_interval"),
+        ({"max_batch_size": 64, "test_interval": 1.5}, "test_interval"),
     ],
 )
 def test_bad_hyperparameters(kwargs, name):

@@ -8,8 +8,10 @@ whether the run is done; the fixed-versus-adaptive difference lives here.
 - `GrowingBatch`: the batch-size test in front of the optimizer says the next
   batch size (`next_batch_size` in the step's metrics); the run ends when
   `budget` examples have been seen, the last batch stopping at the budget.
-  The number of microbatches is rounded up to a power of two (weight-0
-  padding), so a growing batch compiles the step once per bucket.
+  The batch is a whole number of microbatches, fed one at a time
+  (`steps.AccumulatingTrainStep`), so a growing batch compiles once.
+- `RampBatch`: a batch that grows by a fixed rule of the samples seen
+  (linear or stagewise), the baselines of an adaptive batch.
 
 Example:
   >>> schedule = GrowingBatch(initial_batch_size=16, microbatch_size=16,
@@ -17,7 +19,7 @@ Example:
   >>> schedule.observe(16, {'next_batch_size': 48, 'noise_scale': 2.0})
   >>> size = schedule.next_batch_size(samples_seen=16)
   >>> size, schedule.num_slots(size)
-  (48, 4)
+  (48, 3)
 """
 
 from typing import Callable, Protocol
@@ -126,8 +128,7 @@ class GrowingBatch:
     return min(self.batch_size, -(-remaining // microbatch) * microbatch)
 
   def num_slots(self, batch_size: int) -> int:
-    count = batch_size // self.microbatch_size
-    return 1 << (count - 1).bit_length()
+    return -(-batch_size // self.microbatch_size)
 
   def observe(self, batch_size: int, metrics: dict) -> None:
     self.batch_sizes.append(batch_size)
@@ -160,15 +161,70 @@ class GrowingBatch:
         "batch_sizes": self.batch_sizes,
         "noise_scales": self.noise_scales,
         "adaptive_statistics": self.statistics,
-        # A growing batch compiles once per power-of-two bucket.
+        # A growing batch compiles once (init, add and apply).
         "train_step_compilations": train_step._cache_size(),  # pylint: disable=protected-access
     }
 
 
+class RampBatch(GrowingBatch):
+  """A batch size that grows with the samples seen by a fixed rule (no test).
+
+  With :math:`s` the samples seen, :math:`S` the budget, :math:`b_0` the
+  initial and :math:`b_1` the final batch size, rounded up to a whole number
+  of microbatches:
+
+  - `"linear"`: :math:`b(s) = b_0 + (b_1 - b_0)\, s / S`;
+  - `"stagewise"`: `stages` equal parts of the budget, the batch multiplied
+    by the same factor at each, :math:`b(s) = b_0 (b_1/b_0)^{\lfloor
+    \text{stages}\, s/S \rfloor / (\text{stages} - 1)}`.
+  """
+
+  def __init__(self, kind: str, initial_batch_size: int,
+               final_batch_size: int, microbatch_size: int, budget: int,
+               stages: int = 4):
+    super().__init__(initial_batch_size, microbatch_size, budget, "none")
+    self.kind, self.stages = kind, stages
+    self.initial, self.final = initial_batch_size, final_batch_size
+
+  def _rule(self, samples_seen: int) -> int:
+    fraction = min(samples_seen / self.budget, 1.0)
+    if self.kind == "linear":
+      size = self.initial + (self.final - self.initial) * fraction
+    else:
+      stage = min(int(self.stages * fraction), self.stages - 1)
+      size = self.initial * (self.final / self.initial) ** (
+          stage / (self.stages - 1))
+    microbatch = self.microbatch_size
+    size = -(-round(size, 6) // microbatch) * microbatch
+    return int(min(max(size, self.initial), self.final))
+
+  def next_batch_size(self, samples_seen: int) -> int:
+    self.batch_size = self._rule(samples_seen)
+    return super().next_batch_size(samples_seen)
+
+  def observe(self, batch_size: int, metrics: dict) -> None:
+    del metrics
+    self.batch_sizes.append(batch_size)
+
+  def record_fields(self) -> dict:
+    return {"next_batch_size": self.batch_size}
+
+  def result_fields(self, train_step: Callable) -> dict:
+    fields = super().result_fields(train_step)
+    del fields["noise_scales"], fields["adaptive_statistics"]
+    return {**fields, "batch_ramp": self.kind}
+
+
 def make_batch_schedule(adaptive: AdaptiveBatch | None, batch_size: int,
                         microbatch_size: int, total_steps: int,
-                        budget: int) -> BatchSchedule:
-  """A `GrowingBatch` for `adaptive` settings, else a `FixedBatch`."""
+                        budget: int, ramp: str | None = None,
+                        final_batch_size: int | None = None) -> BatchSchedule:
+  """A `GrowingBatch` for `adaptive` settings, a `RampBatch` for a `ramp`
+  (`"linear"` or `"stagewise"`, to `final_batch_size`), else a
+  `FixedBatch`."""
+  if ramp is not None:
+    return RampBatch(ramp, batch_size, final_batch_size, microbatch_size,
+                     budget)
   if adaptive is None:
     return FixedBatch(batch_size, microbatch_size, total_steps)
   return GrowingBatch(adaptive.initial_batch_size, adaptive.microbatch_size,

@@ -84,6 +84,10 @@ class Config:
   # Where the test's statistics come from: "per_device", "microbatch", or
   # "auto" (per_device on two or more devices, else microbatch).
   adaptive_statistics: str = "auto"
+  # A batch that grows by a fixed rule instead of a test: "linear" or
+  # "stagewise" (4 stages) from `batch_size` to `max_batch_size` over the
+  # budget (see batching.RampBatch).
+  batch_ramp: str | None = None
   # Checkpoints (see sngm_optax.harness.checkpoint): saved to
   # `checkpoint_dir` every `checkpoint_every_steps` steps (0: not by steps)
   # and/or at epoch ends,
@@ -173,6 +177,9 @@ class Config:
   def _check_adaptive(self):
     """Raises ValueError for an inconsistent adaptive-batch setting."""
     test = self.adaptive_batch
+    if self.batch_ramp is not None:
+      self._check_ramp()
+      return
     if test is None:
       if self.optimizer in ADAPTIVE_OPTIMIZERS:
         raise ValueError(f"optimizer {self.optimizer!r} needs adaptive_batch "
@@ -204,6 +211,24 @@ class Config:
       raise ValueError(
           f"adaptive_batch={test!r} needs per-device statistics (the "
           "microbatch moments serve only the norm and coordinate tests)")
+
+
+  def _check_ramp(self):
+    """Raises ValueError for an inconsistent batch ramp."""
+    if self.batch_ramp not in ("linear", "stagewise"):
+      raise ValueError("batch_ramp must be 'linear' or 'stagewise', got "
+                       f"{self.batch_ramp!r}")
+    if self.adaptive_batch is not None or (
+        self.optimizer in ADAPTIVE_OPTIMIZERS):
+      raise ValueError("batch_ramp grows the batch by a fixed rule: use it "
+                       "without adaptive_batch, with a plain optimizer")
+    _check_positive_int("max_batch_size", self.max_batch_size)
+    if (self.max_batch_size < self.batch_size
+        or self.max_batch_size % self.microbatch_size):
+      raise ValueError(
+          f"max_batch_size={self.max_batch_size} must be at least the initial "
+          f"batch_size={self.batch_size} and a multiple of the microbatch "
+          f"size {self.microbatch_size} (batch_size / num_microbatches)")
 
 
 # The tests that can run on the moments of the microbatch gradients.

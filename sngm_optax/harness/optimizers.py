@@ -226,8 +226,10 @@ def make_adaptive_optimizer(
   if name in ADAPTIVE_OPTIMIZERS:
     return make_optimizer(name, learning_rate, axis_name, weight_decay,
                           **batch_kwargs, **kwargs)
-  # The tests' constants go to the test, the rest to the optimizer.
-  for constant in ("eta", "theta", "nu"):
+  # The tests' constants and the controller's options go to the test, the
+  # rest to the optimizer.
+  for constant in ("eta", "theta", "nu", "max_growth_factor", "smoothing",
+                   "test_interval"):
     if constant in kwargs:
       batch_kwargs[constant] = kwargs.pop(constant)
   return optax.chain(
@@ -249,14 +251,18 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
     raise ValueError(f"optimizer {name!r}: {error}") from None
 
 
-def _warmup_cosine(peak, total_steps, warmup_steps):
+# Learning-rate schedules, `fn(peak, total, warmup)`. The harness counts
+# `total` and `warmup` in samples seen and calls the schedule with the samples
+# seen before each step, so a growing batch and a fixed one with the same
+# budget follow the same curve.
+def _warmup_cosine(peak, total, warmup):
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=0.0)
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=total, end_value=0.0)
 
 
-def _constant(peak, total_steps, warmup_steps):
-  del total_steps, warmup_steps
+def _constant(peak, total, warmup):
+  del total, warmup
   return optax.constant_schedule(peak)
 
 

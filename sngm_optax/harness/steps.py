@@ -28,6 +28,43 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when the loss stays NaN/Inf for `max_nonfinite_steps` steps."""
 
 
+def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
+                     adaptive_statistics, per_device):
+  """The optimizer step on this device's share `grads`, and the metrics.
+
+  Inside `shard_map`: `total_weight`, `loss_sum` and `correct` are this
+  device's sums (`total_weight` already summed over devices).
+  """
+  extra_args = {}
+  if adaptive_statistics == "per_device":
+    extra_args["batch_size"] = jnp.round(total_weight).astype(jnp.int32)
+  elif moments is not None:
+    extra_args["gradient_moments"] = moments
+  updates, opt_state = state.tx.update(grads, state.opt_state,
+                                       state.params, **extra_args)
+  # The harness's schedules count samples: advance the counter they read.
+  seen = optax.tree.get(opt_state, "samples_seen")
+  if seen is not None:
+    seen = seen + jnp.round(total_weight).astype(seen.dtype)
+    opt_state = optax.tree.set(opt_state, samples_seen=seen)
+  state = state.replace(step=state.step + 1, opt_state=opt_state,
+                        params=optax.apply_updates(state.params, updates))
+  metrics = {
+      "loss": jax.lax.psum(loss_sum, AXIS) / total_weight,
+      "accuracy": jax.lax.psum(correct, AXIS) / total_weight,
+  }
+  if seen is not None:
+    metrics["samples_seen"] = jnp.ravel(seen)[0]
+  if adaptive_statistics is not None:
+    metrics["next_batch_size"] = optax.tree.get(opt_state,
+                                                "next_batch_size")
+    metrics["noise_scale"] = optax.tree.get(opt_state, "noise_scale")
+  if per_device:
+    metrics["bytes_sent"] = jax.lax.pmean(
+        jnp.sum(optax.tree.get(state.opt_state, "bytes_sent")), AXIS)
+  return state, metrics
+
+
 def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
                     adaptive_statistics: str | None = None,
                     scan: bool = False):
@@ -92,26 +129,9 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     # This device's share of the global mean-loss gradient, scaled so that
     # the optimizer's mean over devices is the global-batch gradient.
     grads = optax.tree.scale(num_devices / total_weight, grad_sum)
-    extra_args = {}
-    if adaptive_statistics == "per_device":
-      extra_args["batch_size"] = jnp.round(total_weight).astype(jnp.int32)
-    elif moments is not None:
-      extra_args["gradient_moments"] = moments
-    updates, opt_state = state.tx.update(grads, state.opt_state,
-                                         state.params, **extra_args)
-    state = state.replace(step=state.step + 1, opt_state=opt_state,
-                          params=optax.apply_updates(state.params, updates))
-    metrics = {
-        "loss": jax.lax.psum(loss_sum, AXIS) / total_weight,
-        "accuracy": jax.lax.psum(correct, AXIS) / total_weight,
-    }
-    if adaptive_statistics is not None:
-      metrics["next_batch_size"] = optax.tree.get(opt_state,
-                                                  "next_batch_size")
-      metrics["noise_scale"] = optax.tree.get(opt_state, "noise_scale")
-    if per_device:
-      metrics["bytes_sent"] = jax.lax.pmean(
-          jnp.sum(optax.tree.get(state.opt_state, "bytes_sent")), AXIS)
+    state, metrics = _apply_gradients(
+        state, grads, total_weight, loss_sum, correct, moments,
+        adaptive_statistics, per_device)
     return state.replace(opt_state=None), state.opt_state, metrics
 
   # check_vma=False keeps the pmap semantics: the gradient of replicated
@@ -132,6 +152,90 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
                                                        batches),
                    donate_argnums=(0,))
   return jax.jit(train_step, donate_argnums=(0,))
+
+
+class AccumulatingTrainStep:
+  """`train_step(state, batch) -> (state, metrics)` for a growing batch.
+
+  The batch (host arrays `x`, `y`, `weight` of shape `[num_microbatches,
+  microbatch, ...]`, any number of microbatches) is fed one microbatch at a
+  time to a jitted `sngm_optax.gradient_accumulator` step under `shard_map`
+  (each device accumulates its slice), then one jitted step applies the
+  optimizer: both compile once, whatever the batch size. Each device's
+  accumulated gradient is its unit for per-device statistics; its slices of
+  the microbatches are the units of the moments (`"microbatch"`).
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, microbatch_size: int,
+               per_device: bool = False,
+               adaptive_statistics: str | None = None):
+    num_devices = mesh.size
+    local_size = microbatch_size // num_devices
+
+    def per_example_losses(apply_fn):
+      def losses(params, microbatch):
+        logits = apply_fn({"params": params}, microbatch["x"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits, microbatch["y"])
+        right = jnp.argmax(logits, -1) == microbatch["y"]
+        weight = microbatch["weight"]
+        return loss, jnp.stack([jnp.sum(weight * loss),
+                                jnp.sum(weight * right)])
+      return sngm_optax.gradient_accumulator(losses, local_size,
+                                             has_aux=True)
+
+    def local_init(rest):
+      accumulator = per_example_losses(rest.apply_fn)
+      zeros = (accumulator.init(rest.params), jnp.zeros(2, jnp.float32))
+      return jax.tree.map(lambda x: x[None], zeros)
+
+    def local_add(carry, rest, microbatch):
+      accumulation, sums = jax.tree.map(lambda x: x[0], carry)
+      accumulation, aux = per_example_losses(rest.apply_fn).add(
+          accumulation, rest.params, microbatch, microbatch["weight"])
+      return jax.tree.map(lambda x: x[None], (accumulation, sums + aux))
+
+    def local_apply(rest, opt_state, carry):
+      state = rest.replace(opt_state=opt_state)
+      accumulation, sums = jax.tree.map(lambda x: x[0], carry)
+      total_weight = jax.lax.psum(accumulation.weight_sum, AXIS)
+      grads = optax.tree.scale(num_devices / total_weight,
+                               accumulation.grad_sum)
+      moments = (accumulation.moments
+                 if adaptive_statistics == "microbatch" else None)
+      state, metrics = _apply_gradients(
+          state, grads, total_weight, sums[0], sums[1], moments,
+          adaptive_statistics, per_device)
+      return state.replace(opt_state=None), state.opt_state, metrics
+
+    def mapped(fn, in_specs, out_specs):
+      return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                           out_specs=out_specs, check_vma=False)
+
+    opt_spec = P(AXIS) if per_device else P()
+    self._init = jax.jit(mapped(local_init, (P(),), P(AXIS)))
+    self._add = jax.jit(mapped(local_add, (P(AXIS), P(), P(AXIS)), P(AXIS)),
+                        donate_argnums=(0,))
+    self._apply = jax.jit(
+        mapped(local_apply, (P(), opt_spec, P(AXIS)),
+               (P(), opt_spec, P())), donate_argnums=(0, 1, 2))
+    self._sharding = jax.sharding.NamedSharding(mesh, P(AXIS))
+
+  def __call__(self, state, batch):
+    rest = state.replace(opt_state=None)
+    carry = self._init(rest)
+    for index in range(batch["x"].shape[0]):
+      microbatch = jax.device_put(
+          {key: value[index] for key, value in batch.items()},
+          self._sharding)
+      carry = self._add(carry, rest, microbatch)
+    rest, opt_state, metrics = self._apply(rest, state.opt_state, carry)
+    return rest.replace(opt_state=opt_state), metrics
+
+  def _cache_size(self) -> int:
+    """Compiled programs in all (the loop reports it as compilations)."""
+    return sum(fn._cache_size() for fn in (self._init, self._add,  # pylint: disable=protected-access
+                                           self._apply))
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):

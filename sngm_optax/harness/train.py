@@ -10,13 +10,15 @@ change to the loop; the steps themselves are in `steps`.
 Adaptive batch sizes (`Config.adaptive_batch`, AdAdaGrad): a batch-size test
 (`sngm_optax.adaptive_batch_size`) sits in front of the optimizer, and each
 step draws the test's `next_batch_size` examples from the `EpochSampler`
-(`batching.GrowingBatch`; a fixed batch is `batching.FixedBatch`). The
-microbatch size is fixed for the run (`batch_size / num_microbatches`), the
-batch is a whole number of microbatches, and their number is rounded up to a
-power of two with weight-0 microbatches, so a growing batch compiles the step
-once per power-of-two bucket. The test's statistics are the devices' own
-gradients (`"per_device"`: only scalars are all-reduced) or the moments of
-the microbatch gradients (`"microbatch"`, norm and coordinate tests).
+(`batching.GrowingBatch`; a fixed batch is `batching.FixedBatch`, a ramp
+`batching.RampBatch`). The microbatch size is fixed for the run
+(`batch_size / num_microbatches`), the batch is a whole number of
+microbatches, and they are fed one at a time to a jitted accumulation
+(`sngm_optax.gradient_accumulator` in `steps.AccumulatingTrainStep`), so a
+growing batch compiles its step once. The test's statistics are the
+devices' own gradients (`"per_device"`: only scalars are all-reduced) or the
+moments of the microbatch gradients (`"microbatch"`, norm and coordinate
+tests).
 
 Example:
   >>> from sngm_optax.harness import config as config_lib
@@ -63,6 +65,7 @@ from sngm_optax.harness.optimizers import SCHEDULES
 from sngm_optax.harness.optimizers import make_adaptive_optimizer
 from sngm_optax.harness.optimizers import make_optimizer
 from sngm_optax.harness.steps import AXIS
+from sngm_optax.harness.steps import AccumulatingTrainStep
 from sngm_optax.harness.steps import NonFiniteLossError
 from sngm_optax.harness.steps import evaluate
 from sngm_optax.harness.steps import make_eval_step
@@ -80,6 +83,8 @@ class Program:
   tx: optax.GradientTransformation
   train_step: Callable
   eval_step: Callable
+  # The learning-rate schedule at peak 1, a function of samples seen.
+  unit_schedule: Callable
   # K fixed-batch steps per dispatch (`lax.scan`); None for adaptive runs.
   scan_steps: Callable | None = None
 
@@ -87,29 +92,39 @@ class Program:
 @functools.lru_cache(maxsize=8)
 def build_program(model: str, num_classes: int, optimizer: str,
                   optimizer_kwargs_json: str, weight_decay: float,
-                  schedule: str, total_steps: int, warmup_steps: int,
+                  schedule: str, total_samples: int, warmup_samples: int,
                   devices: tuple,
-                  adaptive: AdaptiveBatch | None = None) -> Program:
+                  adaptive: AdaptiveBatch | None = None,
+                  growing_microbatch: int | None = None) -> Program:
   """Builds (and caches) model, optimizer and jitted steps for a run.
 
   The peak learning rate is a hyperparameter in the optimizer state
   (`optax.inject_hyperparams`, initialized to 1; set it with
   `optax.tree.set(opt_state, learning_rate=...)`), so a learning-rate grid
-  compiles its steps once. `adaptive` (`Config.adaptive_settings`, or the
-  same fields as a plain tuple) puts a batch-size test in front of the
-  optimizer.
+  compiles its steps once. The schedule counts samples, not steps: its
+  `total_samples` and `warmup_samples` are in samples, and it is evaluated
+  at the hyperparameter `samples_seen` (the samples before the step), which
+  the train step advances by each step's batch. `adaptive`
+  (`Config.adaptive_settings`, or the same fields as a plain tuple) puts a
+  batch-size test in front of the optimizer. `growing_microbatch` (the
+  microbatch size of a batch that grows) feeds the batch microbatch by
+  microbatch (`steps.AccumulatingTrainStep`, compiled once for every batch
+  size) instead of in one fused step.
   """
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   network = models.make_model(model, num_classes)
-  unit_schedule = SCHEDULES[schedule](1.0, total_steps, warmup_steps)
+  unit_schedule = SCHEDULES[schedule](1.0, total_samples, warmup_samples)
   kwargs = json.loads(optimizer_kwargs_json)
 
   statistics = None
   if adaptive is not None:
     test, max_batch, initial_batch, microbatch, statistics = adaptive
 
-  def optimizer_with_peak(learning_rate):
-    scheduled = PeakTimesSchedule(learning_rate, unit_schedule)
+  def optimizer_with_peak(learning_rate, samples_seen):
+    # The schedule's value at the samples seen; it keeps its peak, from
+    # which TR takes lambda_0 = 0.1 * peak.
+    scheduled = PeakTimesSchedule(
+        learning_rate, lambda count: unit_schedule(samples_seen))
     if adaptive is None:
       return make_optimizer(optimizer, scheduled, axis_name=AXIS,
                             weight_decay=weight_decay, **kwargs)
@@ -120,17 +135,23 @@ def build_program(model: str, num_classes: int, optimizer: str,
         microbatch_size=microbatch // len(devices), axis_name=AXIS,
         weight_decay=weight_decay, **kwargs)
 
-  tx = optax.inject_hyperparams(optimizer_with_peak)(learning_rate=1.0)
+  tx = optax.inject_hyperparams(optimizer_with_peak)(
+      learning_rate=1.0, samples_seen=jnp.zeros((), jnp.int32))
   per_device = optimizer in PER_DEVICE_STATE
   if per_device:
     tx = sngm_optax.per_device_state(tx)
   apply_fn = network.apply
+  if growing_microbatch is None:
+    train_step = make_train_step(mesh, per_device, statistics)
+  else:
+    train_step = AccumulatingTrainStep(mesh, growing_microbatch, per_device,
+                                       statistics)
   return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
-                 tx=tx, train_step=make_train_step(mesh, per_device,
-                                                   statistics),
+                 tx=tx, train_step=train_step,
                  eval_step=make_eval_step(mesh, apply_fn),
-                 scan_steps=None if adaptive else make_train_step(
-                     mesh, per_device, scan=True))
+                 unit_schedule=unit_schedule,
+                 scan_steps=None if growing_microbatch or adaptive
+                 else make_train_step(mesh, per_device, scan=True))
 
 
 # ----------------------------------------------------------------------------
@@ -146,17 +167,16 @@ def load_dataset(config: Config) -> data_lib.Dataset:
 
 
 def _step_budget(config: Config, num_train: int) -> tuple[int, int, int]:
-  """The budget in samples, and the steps and warmup steps of the schedule.
+  """The budget and the warmup in samples, and a fixed batch's step count.
 
-  An adaptive run's step count is not known in advance: its learning-rate
-  schedule counts steps at the initial batch size.
+  The learning-rate schedule counts samples (an adaptive run's step count
+  is not known in advance), so it ends where the budget ends at any batch
+  size.
   """
   budget = math.ceil(config.epochs * num_train)
-  steps_per_epoch = num_train / config.batch_size
-  total_steps = math.ceil(config.epochs * steps_per_epoch)
-  warmup_steps = min(round(config.warmup_epochs * steps_per_epoch),
-                     total_steps - 1)
-  return budget, total_steps, warmup_steps
+  total_steps = math.ceil(config.epochs * num_train / config.batch_size)
+  warmup_samples = min(round(config.warmup_epochs * num_train), budget - 1)
+  return budget, total_steps, warmup_samples
 
 
 def _check_fits_data(config: Config, num_train: int) -> None:
@@ -164,7 +184,7 @@ def _check_fits_data(config: Config, num_train: int) -> None:
   if config.batch_size > num_train:
     raise ValueError(f"batch_size={config.batch_size} is larger than the "
                      f"training set ({num_train} examples)")
-  if config.adaptive_batch is not None and config.max_batch_size > num_train:
+  if config.max_batch_size is not None and config.max_batch_size > num_train:
     raise ValueError(f"max_batch_size={config.max_batch_size} is larger than "
                      f"the training set ({num_train} examples)")
 
@@ -225,9 +245,10 @@ def _place_state(state: train_state.TrainState, mesh: jax.sharding.Mesh,
 
 def _make_batch(dataset: data_lib.Dataset, indices: np.ndarray,
                 microbatch_size: int, num_slots: int,
-                sharding: NamedSharding) -> dict:
+                sharding: NamedSharding | None) -> dict:
   """The examples at `indices` as `[num_slots, microbatch_size, ...]` arrays
-  with a weight per example; slots past the examples are weight-0 padding."""
+  with a weight per example; slots past the examples are weight-0 padding.
+  Placed with `sharding`, or host arrays if it is None."""
   count = len(indices) // microbatch_size
   shape = (count, microbatch_size)
   x = dataset.x[indices].reshape(shape + dataset.x.shape[1:])
@@ -237,7 +258,8 @@ def _make_batch(dataset: data_lib.Dataset, indices: np.ndarray,
     pad = ((0, num_slots - count), (0, 0))
     x = np.pad(x, pad + ((0, 0),) * (x.ndim - 2))
     y, weight = np.pad(y, pad), np.pad(weight, pad)
-  return jax.device_put({"x": x, "y": y, "weight": weight}, sharding)
+  batch = {"x": x, "y": y, "weight": weight}
+  return batch if sharding is None else jax.device_put(batch, sharding)
 
 
 # A fixed-batch run brings its metrics to the host once every this many
@@ -254,7 +276,7 @@ def steps_per_dispatch(config: Config, platform: str) -> int:
   """`config.steps_per_dispatch`, or when 0 the measured choice: a scan of
   `STEPS_PER_SYNC` steps for batches up to `SCAN_MAX_BATCH_SIZE` on CPU,
   else one dispatch a step (adaptive runs always dispatch each step)."""
-  if config.adaptive_batch is not None:
+  if config.adaptive_batch is not None or config.batch_ramp is not None:
     return 1
   if config.steps_per_dispatch:
     return config.steps_per_dispatch
@@ -268,7 +290,8 @@ def _optimizer_kwargs(config: Config, num_train: int) -> dict:
   run: `round(num_train / batch_size)`, exact when the batch divides the
   training set."""
   kwargs = dict(config.optimizer_kwargs)
-  if config.optimizer in EPOCH_AWARE and config.adaptive_batch is None:
+  if (config.optimizer in EPOCH_AWARE and config.adaptive_batch is None
+      and config.batch_ramp is None):
     kwargs.setdefault("steps_per_epoch",
                       max(1, round(num_train / config.batch_size)))
   return kwargs
@@ -281,7 +304,7 @@ def _steps_until_host(config: Config, step: int, total_steps: int,
   (`scan_steps`) or else `STEPS_PER_SYNC`, ending at the next epoch end, due
   checkpoint or stop; 1 in an adaptive run, whose next batch size depends on
   this step's metrics."""
-  if config.adaptive_batch is not None:
+  if config.adaptive_batch is not None or config.batch_ramp is not None:
     return 1
   batch_size = config.batch_size
   limit = scan_steps if scan_steps > 1 else STEPS_PER_SYNC
@@ -372,13 +395,15 @@ def _non_finite_error(config: Config, count: int,
 
 def _record_epoch(samples_seen: int, num_train: int, step: int,
                   batch_size: int, losses: list[float],
-                  schedule: batching.BatchSchedule) -> dict:
+                  schedule: batching.BatchSchedule,
+                  learning_rate: float) -> dict:
   """An epoch's history record, but for evaluation and wall time."""
   return {
       "epoch": samples_seen / num_train,
       "samples_seen": samples_seen,
       "steps": step,
       "batch_size": batch_size,
+      "learning_rate": learning_rate,
       "train_loss": float(np.mean(losses)) if losses else float("nan"),
       **schedule.record_fields(),
   }
@@ -460,7 +485,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
 
   Returns:
     A JSON-serializable dict: `config`, `history` (one entry per epoch with
-    `epoch`, `samples_seen`, `steps`, `train_loss`, `test_loss`,
+    `epoch`, `samples_seen`, `steps`, `batch_size`, `learning_rate` (the
+    schedule's value at `samples_seen`), `train_loss`, `test_loss`,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
     `final` (the last entry, None if stopped before the first epoch
     ended), `steps`, `samples_seen`, `wall_time_s`, `interrupted` (stopped
@@ -485,25 +511,30 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   num_train = dataset.num_train
   _check_fits_data(config, num_train)
   sampler = data_lib.EpochSampler(num_train, seed=config.seed)
-  budget, total_steps, warmup_steps = _step_budget(config, num_train)
+  budget, total_steps, warmup_samples = _step_budget(config, num_train)
 
   # --- Devices (a 1-D mesh; the batch is split along it); batch schedule.
   devices = _mesh_devices(config)
   adaptive = config.adaptive_settings(len(devices))
   schedule = batching.make_batch_schedule(
-      adaptive, config.batch_size, config.microbatch_size, total_steps, budget)
+      adaptive, config.batch_size, config.microbatch_size, total_steps, budget,
+      config.batch_ramp, config.max_batch_size)
 
   # --- Model and optimizer, with compiled steps cached across a grid of
   # peak learning rates (the peak is a value in the optimizer state).
   program = build_program(
       config.model, dataset.num_classes, config.optimizer,
       json.dumps(_optimizer_kwargs(config, num_train), sort_keys=True),
-      config.weight_decay, config.schedule, total_steps, warmup_steps,
-      tuple(devices), adaptive)
+      config.weight_decay, config.schedule, budget, warmup_samples,
+      tuple(devices), adaptive,
+      None if isinstance(schedule, batching.FixedBatch)
+      else config.microbatch_size)
   state = _initial_state(program, config, dataset.x[:1])
 
   # --- Train step and evaluation.
   batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
+  if isinstance(program.train_step, AccumulatingTrainStep):
+    batch_sharding = None  # it places each microbatch itself
   eval_chunk = -(-config.eval_batch_size // len(devices)) * len(devices)
 
   # --- Checkpoint: resume the state, the sampler, the schedule, the counters.
@@ -550,8 +581,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     done = schedule.done(step, sampler.samples_seen)
     epoch_ended = sampler.samples_seen // num_train > len(history) or done
     if epoch_ended:
-      record = _record_epoch(sampler.samples_seen, num_train, step,
-                             batch_size, epoch_losses, schedule)
+      # The learning rate at the optimizer's own count of samples.
+      record = _record_epoch(
+          sampler.samples_seen, num_train, step, batch_size, epoch_losses,
+          schedule, config.learning_rate
+          * float(program.unit_schedule(metrics["samples_seen"])))
       record.update(_evaluate_splits(program.eval_step, state.params, splits,
                                      eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time
