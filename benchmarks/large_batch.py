@@ -203,6 +203,8 @@ def run_all(bench: Benchmark) -> None:
       for name in BY_PRIORITY:
         bench.local(name, batch_size, seeds)
   if "variants" in stages:
+    if ("sngm_paper", args.tune_batch) not in bench.contenders:
+      bench.full("sngm_paper", seeds)  # the pick (saved runs, if any)
     for name in SNGM_ONLY:
       if ("sngm_paper", args.tune_batch) in bench.contenders:
         learning_rate, decay = bench.pick("sngm_paper")
@@ -211,6 +213,8 @@ def run_all(bench: Benchmark) -> None:
   if "rest" in stages:
     for batch_size in others[1:]:
       for name in BY_PRIORITY[:-1]:
+        if (name, args.tune_batch) not in bench.contenders:
+          bench.full(name, seeds)  # the pick (saved runs, if any)
         bench.local(name, batch_size, seeds)
 
 
