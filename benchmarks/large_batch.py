@@ -93,6 +93,9 @@ def _parse_args():
   parser.add_argument("--num-samples", type=int, default=100_000)
   parser.add_argument("--small-batch", type=int, default=256)
   parser.add_argument("--extra-seeds", type=int, default=2)
+  parser.add_argument("--reference-size", type=int, default=3,
+                      help="learning rates of the small-batch reference's "
+                           "grid (1: its middle value, not tuned)")
   parser.add_argument("--model", default="cnn")
   parser.add_argument("--stop-after", default=None,
                       help="HH:MM UTC: start no new run after it")
@@ -196,7 +199,8 @@ def run_all(bench: Benchmark) -> None:
     for name in MAIN:
       bench.full(name, seeds)
   if "reference" in stages:
-    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
+    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch,
+                                                 args.reference_size)
     bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
   if "second" in stages:
     for batch_size in others[:1]:
