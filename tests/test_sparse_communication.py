@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
-from sngm_optax import _top_k
 
 K = 8  # workers = simulated devices (tests/conftest.py)
 AXIS = "data"
