@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for an accelerator (about 6 minutes on one GPU, under 8):
+# One command for an accelerator, sized for under 8 minutes on one GPU:
 #   1. update_cost.py on the large trees (25M and 100M parameters, float32 and
 #      bfloat16): time and achieved memory bandwidth of each optimizer;
 #   2. step_throughput.py: samples/s of the harness step, and the cost of the

@@ -93,6 +93,9 @@ def _parse_args():
   parser.add_argument("--num-samples", type=int, default=100_000)
   parser.add_argument("--small-batch", type=int, default=256)
   parser.add_argument("--extra-seeds", type=int, default=2)
+  parser.add_argument("--reference-size", type=int, default=3,
+                      help="learning rates of the small-batch reference's "
+                           "grid (1: its middle value, not tuned)")
   parser.add_argument("--model", default="cnn")
   parser.add_argument("--stop-after", default=None,
                       help="HH:MM UTC: start no new run after it")
@@ -196,13 +199,16 @@ def run_all(bench: Benchmark) -> None:
     for name in MAIN:
       bench.full(name, seeds)
   if "reference" in stages:
-    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch)
+    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch,
+                                                 args.reference_size)
     bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
   if "second" in stages:
     for batch_size in others[:1]:
       for name in BY_PRIORITY:
         bench.local(name, batch_size, seeds)
   if "variants" in stages:
+    if ("sngm_paper", args.tune_batch) not in bench.contenders:
+      bench.full("sngm_paper", seeds)  # the pick (saved runs, if any)
     for name in SNGM_ONLY:
       if ("sngm_paper", args.tune_batch) in bench.contenders:
         learning_rate, decay = bench.pick("sngm_paper")
@@ -211,6 +217,8 @@ def run_all(bench: Benchmark) -> None:
   if "rest" in stages:
     for batch_size in others[1:]:
       for name in BY_PRIORITY[:-1]:
+        if (name, args.tune_batch) not in bench.contenders:
+          bench.full(name, seeds)  # the pick (saved runs, if any)
         bench.local(name, batch_size, seeds)
 
 

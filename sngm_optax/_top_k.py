@@ -20,14 +20,15 @@ SELECTIONS = ("exact", "approx", "sampled")
 # Threshold-by-sampling ('sampled'): the random sample holds about
 # _SAMPLE_HITS entries above the true k-th largest magnitude, and the threshold
 # is the sample's (_OVERSELECT * _SAMPLE_HITS)-th largest, so about
-# _OVERSELECT * k entries pass it; fewer than k passing (which triggers the
-# exact fallback) is then a ~3-sigma event. Passing entries are gathered by
-# blocks of up to _MAX_BLOCK entries, at most _MAX_BLOCKS_PER_K * k blocks,
-# which must be at most 1/8 of the vector for the shortcut to pay.
-_SAMPLE_HITS = 32
-_OVERSELECT = 1.5
+# _OVERSELECT * k entries pass it, give or take 1/sqrt(_SAMPLE_HITS) = 3 %;
+# fewer than k, or more than _BUFFER * k (either would trigger the exact
+# fallback), are then ~4-sigma events. The candidates are compacted in two
+# stages: the blocks holding one (jnp.nonzero over size/block flags), then the
+# candidates within those blocks, into a static buffer of _BUFFER * k.
+_SAMPLE_HITS = 1024
+_OVERSELECT = 1.15
+_BUFFER = 1.3
 _MAX_BLOCK = 16
-_MAX_BLOCKS_PER_K = 3
 
 
 def check_selection(selection: str) -> None:
@@ -54,21 +55,45 @@ def num_selected(size: int, density: float) -> int:
 class _SampledPlan(NamedTuple):
   samples: int  # sample size
   rank: int  # the threshold is the sample's rank-th largest magnitude
-  block: int  # entries per candidate block
-  max_blocks: int  # static number of gathered blocks
+  buffer: int  # static number of candidates kept (and of candidate blocks)
+  block: int  # entries per block in the first compaction
 
 
 def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
   """Static sizes for 'sampled' selection, or None where exact is as cheap."""
   samples = math.ceil(_SAMPLE_HITS * size / k)
-  max_blocks = _MAX_BLOCKS_PER_K * k
-  if 4 * samples > size or 8 * max_blocks > size:
+  buffer = math.ceil(_BUFFER * k)
+  if 8 * samples > size or 8 * buffer > size:
     return None
   block = 1
-  while 2 * block <= _MAX_BLOCK and 8 * max_blocks * 2 * block <= size:
+  while 2 * block <= _MAX_BLOCK and 8 * buffer * 2 * block <= size:
     block *= 2
   return _SampledPlan(
-      samples, round(_OVERSELECT * _SAMPLE_HITS), block, max_blocks
+      samples, round(_OVERSELECT * _SAMPLE_HITS), buffer, block
+  )
+
+
+def _compact(is_candidate, size, plan):
+  """Positions of the first `plan.buffer` candidates; `size` pads the rest."""
+  whole = (size // plan.block) * plan.block
+  per_block = jnp.any(
+      is_candidate[:whole].reshape(-1, plan.block), axis=1
+  )
+  if whole < size:
+    per_block = jnp.append(per_block, jnp.any(is_candidate[whole:]))
+  blocks = jnp.nonzero(
+      per_block, size=plan.buffer, fill_value=per_block.shape[0]
+  )[0]
+  positions = (blocks[:, None] * plan.block + jnp.arange(plan.block)).reshape(
+      -1
+  )
+  inside = positions < size
+  positions = jnp.minimum(positions, size - 1)
+  in_blocks = inside & is_candidate[positions]
+  return jnp.where(
+      jnp.arange(plan.buffer) < jnp.sum(in_blocks),
+      positions[jnp.nonzero(in_blocks, size=plan.buffer, fill_value=0)[0]],
+      size,
   )
 
 
@@ -77,29 +102,18 @@ def _top_k_from_sampled_threshold(magnitude, k, key, plan):
 
   Returns the indices and whether they are certainly the exact top k: that is
   when at least k entries pass the threshold (so the k largest all pass) and
-  all blocks holding one were gathered.
+  no more than the buffer holds.
   """
   size = magnitude.shape[0]
   sample = magnitude[jax.random.randint(key, (plan.samples,), 0, size)]
   threshold = lax.top_k(sample, plan.rank)[0][-1]
   # NaNs count as candidates so that they are sent, as `lax.top_k` would.
   is_candidate = (magnitude >= threshold) | jnp.isnan(magnitude)
-  whole = (size // plan.block) * plan.block
-  per_block = jnp.sum(
-      is_candidate[:whole].reshape(-1, plan.block), axis=1, dtype=jnp.int32
-  )
-  if whole < size:
-    per_block = jnp.append(per_block, jnp.sum(is_candidate[whole:]))
-  # Padding points past the end, where magnitudes read as -inf.
-  blocks = jnp.nonzero(
-      per_block, size=plan.max_blocks, fill_value=per_block.shape[0]
-  )[0]
-  is_exact = (jnp.sum(per_block) >= k) & (
-      jnp.count_nonzero(per_block) <= plan.max_blocks
-  )
-  positions = (blocks[:, None] * plan.block + jnp.arange(plan.block)).reshape(
-      -1
-  )
+  count = jnp.sum(is_candidate, dtype=jnp.int32)
+  is_exact = (count >= k) & (count <= plan.buffer)
+  positions = _compact(is_candidate, size, plan)
+  # Padding reads as -inf; positions are ascending, so ties go to the lower
+  # index, as in `lax.top_k`.
   values = jnp.where(
       positions < size, magnitude[jnp.minimum(positions, size - 1)], -jnp.inf
   )
@@ -110,7 +124,7 @@ def _top_k_sampled(magnitude, k, key):
   """Exact top-k indices, usually found among sampled-threshold candidates."""
   plan = _sampled_plan(magnitude.shape[0], k)
   if plan is None:
-    return lax.top_k(magnitude, k)[1]
+    return lax.top_k(magnitude, k)[1].astype(jnp.int32)
   indices, is_exact = _top_k_from_sampled_threshold(magnitude, k, key, plan)
   return lax.cond(
       is_exact,
@@ -133,19 +147,18 @@ def top_k_by_magnitude(
   - `'exact'`: `jax.lax.top_k` of `|vector|`.
   - `'approx'`: `jax.lax.approx_max_k` with recall target 0.95; only TPUs
     have an approximate kernel, CPUs and GPUs sort the whole vector (exact).
-  - `'sampled'`: DGC's threshold by sampling. The magnitude threshold that
-    about 1.5 k entries pass is estimated from a random sample of
-    `32 · size / k` entries; the blocks of (up to 16) entries holding one
-    are compacted into a static buffer of `3 k` blocks
-    (`jnp.nonzero(..., size=)`) and the top k of those are taken. When fewer
-    than k entries pass, or more than `3 k` blocks hold one, it falls back to
-    `'exact'` under `jax.lax.cond`; so the result is always the exact top k,
-    only the time differs. Below k = 128, or above a density of 1/24, the
-    sampling does not pay and `'exact'` is used.
-
-  On a 2-core CPU `'exact'` was the fastest or within noise of the fastest
-  (see benchmarks/topk_selection.py), hence the default of :func:`gmc` and
-  :func:`dgc`.
+  - `'sampled'`: DGC's threshold by sampling, with an exact correction. The
+    magnitude threshold that about 1.15 k entries pass is estimated from a
+    random sample of `1024 · size / k` entries (the sample holds ~1024
+    entries of the top k, so the count passing is within a few % of
+    1.15 k); the candidates are compacted into a static buffer of `1.3 k`
+    (`jnp.nonzero(..., size=)`, first over blocks of up to 16 entries, then
+    within those blocks) and the top k of the buffer are taken. When fewer
+    than k entries pass, or more than `1.3 k`, it falls back to `'exact'`
+    under `jax.lax.cond`; so the result is always the exact top k (ties to
+    the lower index, as `lax.top_k`), only the time differs. Where the
+    sample or the buffer would exceed 1/8 of the vector (k below 8192, or a
+    density above 1/10), `'exact'` is used.
 
   Args:
     vector: a 1-D array.

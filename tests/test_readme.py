@@ -31,3 +31,20 @@ def test_readme_adaptive_batch_example_grows_the_batch():
   exec(python_blocks()[1], namespace)  # pylint: disable=exec-used
   import optax  # pylint: disable=g-import-not-at-top
   assert int(optax.tree.get(namespace["opt_state"], "next_batch_size")) > 32
+
+
+def test_readme_growing_batch_loop_serves_each_example_once_and_compiles_once():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  block = next(b for b in python_blocks() if "gradient_accumulator" in b)
+  namespace = {}
+  exec(block, namespace)  # pylint: disable=exec-used
+  served = namespace["served"]
+  sizes = [len(indices) for indices in served]
+  assert len(set(sizes)) >= 3 and sizes == sorted(sizes), sizes
+  everything = np.concatenate(served)
+  num_train = len(namespace["x_train"])
+  assert len(everything) > 2 * num_train
+  for epoch in range(len(everything) // num_train):
+    chunk = everything[epoch * num_train:(epoch + 1) * num_train]
+    np.testing.assert_array_equal(np.sort(chunk), np.arange(num_train))
+  assert namespace["add"]._cache_size() == 1  # pylint: disable=protected-access

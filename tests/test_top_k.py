@@ -29,26 +29,33 @@ def _sampled_top_k(vector, k):
   return np.asarray(indices), bool(is_exact)
 
 
-@pytest.mark.parametrize("size, density", [(100_000, 0.002), (50_000, 0.01)])
-def test_sampled_selection_is_the_exact_top_k(size, density):
-  vector = np.random.default_rng(0).normal(size=size).astype(np.float32)
+@pytest.mark.parametrize("size, density, layered", [
+    (1_000_000, 0.01, False),
+    (1_000_003, 0.0085, True),  # not a multiple of the block; layered scales
+])
+def test_sampled_selection_is_the_exact_top_k(size, density, layered):
+  rng = np.random.default_rng(0)
+  vector = rng.normal(size=size).astype(np.float32)
+  if layered:  # scales over 4 decades across 50 "layers", as a gradient tree
+    vector *= np.repeat(10.0 ** rng.uniform(-2, 2, 50), -(-size // 50))[:size]
   k = _n_kept(size, density)
   indices, is_exact = _sampled_top_k(vector, k)
   assert is_exact  # found without the fallback
-  expected = np.argsort(-np.abs(vector))[:k]
+  assert len(set(indices.tolist())) == k  # the count is exact
+  expected = np.argsort(-np.abs(vector), kind="stable")[:k]
   np.testing.assert_array_equal(np.sort(indices), np.sort(expected))
 
 
 def test_sampled_selection_falls_back_to_exact():
-  # 150 nonzeros out of 100k, k = 200: the sampled threshold is 0, every
-  # block is a candidate, and the exact fallback must be used.
-  vector = np.zeros(100_000, np.float32)
+  # 9000 nonzeros out of 1M, k = 10000: the sampled threshold is 0, every
+  # entry is a candidate, more than the buffer holds: the exact fallback.
+  vector = np.zeros(1_000_000, np.float32)
   rng = np.random.default_rng(0)
-  hot = rng.choice(vector.size, 150, replace=False)
-  vector[hot] = rng.normal(size=150) + 10.0
-  indices, is_exact = _sampled_top_k(vector, 200)
+  hot = rng.choice(vector.size, 9000, replace=False)
+  vector[hot] = rng.normal(size=9000) + 10.0
+  indices, is_exact = _sampled_top_k(vector, 10_000)
   assert not is_exact
-  assert len(set(indices.tolist())) == 200
+  assert len(set(indices.tolist())) == 10_000
   assert set(hot.tolist()) <= set(indices.tolist())
 
 

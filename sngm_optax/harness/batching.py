@@ -167,7 +167,7 @@ class GrowingBatch:
 
 
 class RampBatch(GrowingBatch):
-  """A batch size that grows with the samples seen by a fixed rule (no test).
+  r"""A batch size that grows with the samples seen by a fixed rule (no test).
 
   With :math:`s` the samples seen, :math:`S` the budget, :math:`b_0` the
   initial and :math:`b_1` the final batch size, rounded up to a whole number
