@@ -102,6 +102,9 @@ def _parse_args():
   parser.add_argument("--stages", default=",".join(STAGES),
                       help="comma-separated, from " + ", ".join(STAGES)
                       + " (later stages need the tune stage's picks)")
+  parser.add_argument("--contenders", default=None,
+                      help="comma-separated subset of the contenders "
+                           "(default all), to split the work over processes")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
   return parser.parse_args()
@@ -193,10 +196,12 @@ def run_all(bench: Benchmark) -> None:
   grid, while its compiled step is still cached."""
   args = bench.args
   stages = args.stages.split(",")
+  chosen = args.contenders.split(",") if args.contenders else None
+  keep = lambda names: [n for n in names if chosen is None or n in chosen]
   others = [b for b in args.batch_sizes if b != args.tune_batch]
   seeds = args.extra_seeds
   if "tune" in stages:
-    for name in MAIN:
+    for name in keep(MAIN):
       bench.full(name, seeds)
   if "reference" in stages:
     small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch,
@@ -204,19 +209,21 @@ def run_all(bench: Benchmark) -> None:
     bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
   if "second" in stages:
     for batch_size in others[:1]:
-      for name in BY_PRIORITY:
+      for name in keep(BY_PRIORITY):
+        if (name, args.tune_batch) not in bench.contenders:
+          bench.full(name, seeds)  # the pick (saved runs, if any)
         bench.local(name, batch_size, seeds)
   if "variants" in stages:
     if ("sngm_paper", args.tune_batch) not in bench.contenders:
       bench.full("sngm_paper", seeds)  # the pick (saved runs, if any)
-    for name in SNGM_ONLY:
+    for name in keep(SNGM_ONLY):
       if ("sngm_paper", args.tune_batch) in bench.contenders:
         learning_rate, decay = bench.pick("sngm_paper")
         bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
                    seeds)
   if "rest" in stages:
     for batch_size in others[1:]:
-      for name in BY_PRIORITY[:-1]:
+      for name in keep(BY_PRIORITY[:-1]):
         if (name, args.tune_batch) not in bench.contenders:
           bench.full(name, seeds)  # the pick (saved runs, if any)
         bench.local(name, batch_size, seeds)
