@@ -110,7 +110,7 @@ def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   # NaNs count as candidates so that they are sent, as `lax.top_k` would.
   is_candidate = (magnitude >= threshold) | jnp.isnan(magnitude)
   count = jnp.sum(is_candidate, dtype=jnp.int32)
-  is_exact = count >= 0
+  is_exact = (count >= k) & (count <= plan.buffer)
   positions = _compact(is_candidate, size, plan)
   # Padding reads as -inf; positions are ascending, so ties go to the lower
   # index, as in `lax.top_k`.
@@ -159,10 +159,6 @@ def top_k_by_magnitude(
     the lower index, as `lax.top_k`), only the time differs. Where the
     sample or the buffer would exceed 1/8 of the vector (k below 8192, or a
     density above 1/10), `'exact'` is used.
-
-  `'exact'` stays the default of :func:`gmc` and :func:`dgc`; the new
-  `'sampled'` is timed against it in benchmarks/topk_selection.py and
-  benchmarks/update_cost.py (see benchmarks/README.md).
 
   Args:
     vector: a 1-D array.
