@@ -269,12 +269,18 @@ def summarize(runs, args, dataset):
       row["vs_dense_points"] = 100 * (row["test_accuracy"]
                                       - base["test_accuracy"])
       row["step_time_vs_msgd"] = row["step_time_ms"] / base["step_time_ms"]
-  return {"num_params": d, "rows": rows, "plateau": _plateau(runs)}
+  return {"num_params": d, "rows": rows,
+          "plateau": _plateau(runs, args.seeds[0])}
 
 
-def _plateau(runs):
-  """Dense momentum SGD's test accuracy at 75 % and 100 % of its epochs."""
-  dense = [r for r in runs if r["label"] == "msgd" and r.get("history")]
+def _plateau(runs, seed):
+  """Dense momentum SGD's test accuracy at 75 % and 100 % of its epochs.
+
+  The mean over the seeds at its picked learning rate.
+  """
+  best_lr = best_learning_rate(runs, "msgd", seed)
+  dense = [r for r in runs if r["label"] == "msgd" and r.get("history")
+           and r["learning_rate"] == best_lr]
   if not dense:
     return None
   curves = np.array([[h["test_accuracy"] for h in r["history"]]

@@ -610,8 +610,11 @@ def _dyadic_grads(params, steps):
           for _ in range(steps)]
 
 
-@pytest.mark.parametrize("value_dtype", [None, "bfloat16", "float16"])
-@pytest.mark.parametrize("density", [1.0, optax.constant_schedule(1.0)])
+@pytest.mark.parametrize("density, value_dtype", [
+    (1.0, None),
+    (optax.constant_schedule(1.0), "bfloat16"),  # default levels: 1, 1/2, ...
+    (optax.constant_schedule(1.0), "float16"),
+])
 def test_density_one_is_momentum_sgd_exactly(density, value_dtype):
   params = jax.tree.map(jnp.zeros_like, _params())
   grads_seq = _dyadic_grads(params, 3)
