@@ -247,8 +247,8 @@ def test_scanned_steps_give_the_per_step_run(dataset):
 def test_steps_per_dispatch_scans_only_small_batches_on_cpu():
   choice = lambda platform="cpu", **changes: train.steps_per_dispatch(
       _config(**changes), platform)
-  assert choice(batch_size=16) == train.STEPS_PER_SYNC
-  assert choice(batch_size=32) == 1
+  assert choice(batch_size=8) == train.STEPS_PER_SYNC
+  assert choice(batch_size=16) == 1
   assert choice("gpu", batch_size=2) == 1
   assert choice(batch_size=2, steps_per_dispatch=8) == 8
   assert choice(batch_size=2, adaptive_batch="norm",

@@ -267,9 +267,9 @@ def _make_batch(dataset: data_lib.Dataset, indices: np.ndarray,
 # a host sync a step costs more than a tiny batch's step.
 STEPS_PER_SYNC = 32
 # Up to this batch size, K steps per dispatch (lax.scan) measured faster than
-# one dispatch a step on CPU; above it, slower (benchmarks/README.md,
-# harness_throughput).
-SCAN_MAX_BATCH_SIZE = 16
+# one dispatch a step on CPU (at B = 8 a tie); at B = 16 and above, slower
+# (benchmarks/README.md, harness_throughput).
+SCAN_MAX_BATCH_SIZE = 8
 
 
 def steps_per_dispatch(config: Config, platform: str) -> int:
