@@ -90,6 +90,12 @@ def parse_args():
   parser.add_argument("--lrs-msgd", default="0.03,0.1,0.3")
   parser.add_argument("--out",
                       default=str(_common.RESULTS / "adaptive_batch.json"))
+  parser.add_argument("--edge-lr", type=float, default=None,
+                      help="only check the grid's edge: seed 0 at this lr "
+                      "for every contender of --edge-from whose pick is at "
+                      "the top of the grid (reported apart, not a pick)")
+  parser.add_argument("--edge-from", default=None,
+                      help="the results file whose picks --edge-lr checks")
   parser.add_argument("--merge", nargs="*", default=None,
                       help="only combine these partial result files into "
                       "--out (runs split over processes)")
@@ -210,7 +216,12 @@ def merge(args):
   payload = dict(parts[0])
   payload["commands"] = [part["command"] for part in parts]
   payload["load_average_end"] = parts[-1].get("load_average_end")
-  payload["runs"] = [row for part in parts for row in part["runs"]]
+  runs = [row for part in parts for row in part["runs"]]
+  payload["runs"] = [row for row in runs if not row.get("edge_check")]
+  payload["edge_check"] = [
+      {key: row[key] for key in ("family", "contender", "learning_rate",
+                                 "seed", "steps", "final_test_accuracy")}
+      for row in runs if row.get("edge_check")]
   payload["summary"] = summarize(payload)
   payload["verdict"] = verdict(payload)
   out = pathlib.Path(args.out)
@@ -219,10 +230,41 @@ def merge(args):
   print_table(payload)
 
 
+def edge_check(args):
+  """Seed 0 at `--edge-lr` for the contenders picked at the grid's top."""
+  done = json.loads(pathlib.Path(args.edge_from).read_text())
+  dataset = data.load_mnist1d(args.num_samples, 0)
+  out = pathlib.Path(args.out)
+  payload = {"benchmark": "adaptive_batch", "edge_check": True,
+             "command": _common.command_line(args, exclude=("out",)),
+             "args": vars(args), "runs": []}
+  if out.exists():
+    payload["runs"] = json.loads(out.read_text())["runs"]
+  bench = Bench(args, dataset, payload, out)
+  for family in args.families.split(","):
+    rows = [r for r in done["runs"] if r["family"] == family]
+    top = max(family_lrs(args, family))
+    headline = max((r for r in rows if r["contender"] == HEADLINE
+                    and r["seed"] == 0),
+                   key=lambda r: r["final_test_accuracy"])
+    final_b = headline["batch_sizes"][-2]
+    for name, kwargs in contender_specs(args, family, final_b):
+      picks = [r for r in rows if r["contender"] == name and r["seed"] == 0]
+      if picks and max(picks, key=lambda r: r["final_test_accuracy"])[
+          "learning_rate"] == top:
+        bench.run(family, name, args.edge_lr, 0, **kwargs)
+  for row in payload["runs"]:
+    row["edge_check"] = True
+  _common.write_json(out, payload)
+
+
 def main():
   args = parse_args()
   if args.merge:
     merge(args)
+    return
+  if args.edge_lr is not None:
+    edge_check(args)
     return
   dataset = data.load_mnist1d(args.num_samples, 0)
   out = pathlib.Path(args.out)
