@@ -324,7 +324,8 @@ def summarize(payload):
     summary.append({
         "family": family, "contender": contender,
         "learning_rate": pick["learning_rate"], "seeds": len(seeds),
-        "grid_edge": pick["learning_rate"] in (
+        "grid_edge": len({r["learning_rate"] for r in rows}) > 1
+        and pick["learning_rate"] in (
             min(r["learning_rate"] for r in rows),
             max(r["learning_rate"] for r in rows)),
         "accuracy_mean": statistics.mean(accs),
