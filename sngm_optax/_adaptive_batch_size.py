@@ -492,7 +492,10 @@ def adaptive_batch_size(
     :math:`b_{new} = \widehat{\mathrm{tr}\Sigma} / (\eta^2
     \widehat{\|G\|^2})` (:math:`+\infty` while
     :math:`\widehat{\|G\|^2} \le 0`), whose fixed point is
-    :math:`B_{simple} / \eta^2`. The EMAs advance every step.
+    :math:`B_{simple} / \eta^2`. The EMAs advance every step. Every test
+    is a ratio of two statistics with the same correction, so the
+    correction cancels in :math:`b_{new}`; the state keeps the EMAs
+    uncorrected (`smoothed_statistics`, with `smoothed_count` steps).
   * `test_interval` :math:`k`: the test runs after steps :math:`k, 2k,
     \ldots` only; in between the suggestion stays as it is.
 
