@@ -50,8 +50,9 @@ def scale_by_gmc(
   int32 indices and values (rounded to `value_dtype`);
   `jax.lax.all_gather` delivers all of them to every worker, which adds
   them up in worker order, so :math:`U_t` is bitwise identical on all
-  workers. Nothing is lost: :math:`s_k + e_k = v_k` exactly. With `density=1` the output is heavy-ball momentum of the mean
-  update, :math:`U_t = \bar u + \beta U_{t-1}`.
+  workers. Nothing is lost: :math:`s_k + e_k = v_k` exactly. With
+  `density=1` the output is heavy-ball momentum of the mean update,
+  :math:`U_t = \bar u + \beta U_{t-1}`.
 
   Place it after the learning rate (as :func:`gmc` does): the memory and the
   momentum then hold learning-rate scaled quantities, as in the paper, where
