@@ -33,7 +33,8 @@ TR's 1/(k+1) decay makes its average step 0.293x that of SGD at the same
 learning rate, so the SGD grid sits 3x lower than TR's: it contains SGD at
 TR-SGD's average step (0.29p to 2.6p), and the edge rule extends either.
 "decay only" isolates the proximal term: TR-SGD against it is the proximal
-term's effect at the same schedule and step sizes; "decay only" against SGD is the inner decay's. For TR-Adam
+term's effect at the same schedule and step sizes; "decay only" against SGD
+is the inner decay's. For TR-Adam
 two untuned controls at `--controls` batch sizes do the same (3 seeds each):
 Adam at its grid value nearest TR-Adam's average step, and TR-Adam with
 strength 0 at TR-Adam's picked LR.
