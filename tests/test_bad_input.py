@@ -31,6 +31,7 @@ NON_NEGATIVE = r"\[0, inf\)"
 TINY = r"\[1.17549e-38, inf\)"  # float32's smallest normal: no subnormal eps
 DENSITY = r"\(0, 1\]"
 POS_INT = "positive integer"
+GROWTH = r"\[1, inf\)"
 
 TABLE = [
     # SNGM and normalization.
@@ -67,6 +68,18 @@ TABLE = [
     (so.adaptive_batch_size, ABS, "eps", [-1.0], NON_NEGATIVE),
     (so.adaptive_batch_size, ABS, "initial_accumulator_value", [-1.0],
      NON_NEGATIVE),
+    (so.adaptive_batch_size, ABS, "max_growth_factor", [0.5, 0.0, NAN],
+     GROWTH),
+    (so.adaptive_batch_size, ABS, "smoothing", [-0.1, 1.0, NAN], MOMENTUM),
+    (so.adaptive_batch_size, ABS, "test_interval", [0, -1, 2.5], POS_INT),
+    (so.adadagrad, ADA, "max_growth_factor", [0.5], GROWTH),
+    (so.adadagrad, ADA, "smoothing", [1.0], MOMENTUM),
+    (so.adadagrad, ADA, "test_interval", [0], POS_INT),
+    (so.adadagrad_norm, ADA, "max_growth_factor", [0.5], GROWTH),
+    (so.adadagrad_norm, ADA, "smoothing", [1.0], MOMENTUM),
+    (so.adadagrad_norm, ADA, "test_interval", [0], POS_INT),
+    (so.gradient_accumulator, dict(loss_fn=lambda params, batch: batch),
+     "microbatch_size", [0, -2, 1.5], POS_INT),
     (so.adadagrad, ADA, "learning_rate", [-1.0], NON_NEGATIVE),
     (so.adadagrad, ADA, "max_batch_size", [0], POS_INT),
     (so.adadagrad, ADA, "eta", [0.0], POSITIVE),
@@ -140,7 +153,7 @@ TABLE = [
 # Infinity, a number as a string, and booleans, for every numeric
 # hyperparameter above: each row's own message (the allowed range) applies.
 NOT_NUMBERS = [INF, "0.1", True]
-NUMERIC = (MOMENTUM, POSITIVE, NON_NEGATIVE, TINY, DENSITY, POS_INT)
+NUMERIC = (MOMENTUM, POSITIVE, NON_NEGATIVE, TINY, DENSITY, POS_INT, GROWTH)
 NOT_NUMBERS_TABLE = list({
     (factory.__name__, name): (factory, fixed, name, NOT_NUMBERS, message)
     for factory, fixed, name, _, message in TABLE if message in NUMERIC
