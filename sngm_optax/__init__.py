@@ -46,11 +46,11 @@ from sngm_optax._trajectory import TrajectoryRegularizedState
 __version__ = "0.1.0"
 
 __all__ = (
+    "AccumulationState",
     "adadagrad",
     "adadagrad_norm",
     "adagrad_norm",
     "adaptive_batch_size",
-    "AccumulationState",
     "AdaptiveBatchSizeState",
     "add_gradient_moments",
     "augmented_inner_product_test",
