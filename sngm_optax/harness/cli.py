@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--epochs", type=_positive_float, default=_NO_DEFAULT,
                    help="training epochs for every run (default 30; quick 20)")
   cmp.add_argument("--grid-size", type=_positive_int, default=_NO_DEFAULT,
-                   help="learning rates tried per optimizer before any "
-                        "grid extension (default and at most 3)")
+                   help="values per grid axis (learning rate, weight "
+                        "decay) before any extension (default and at most "
+                        "3)")
   cmp.add_argument("--optimizers", default=",".join(
       compare.LARGE_BATCH_OPTIMIZERS),
                    help="comma-separated large-batch optimizers "

@@ -206,8 +206,10 @@ def _grid(optimizer: str, batch_size: int, small: bool, preset: Preset):
   if grid is None:
     raise ValueError(f"no learning-rate grid for {optimizer!r} at "
                      f"{'small' if small else 'large'} batch")
-  if preset.tune_weight_decay:
+  if preset.tune_weight_decay:  # the middle grid_size values
     decays = grid.weight_decays
+    start = max(0, (len(decays) - preset.grid_size + 1) // 2)
+    decays = decays[start:start + preset.grid_size]
   else:  # the benchmark's pick
     decays = ((benchmark or grid).suggested_weight_decay,)
   return grid.at(batch_size, preset.grid_size), decays
