@@ -61,7 +61,7 @@ def contenders(config: config_lib.Config, dataset: data_lib.Dataset) -> dict:
   program = train.build_program(
       config.model, CLASSES, config.optimizer, "{}", config.weight_decay,
       config.schedule, steps, 0, tuple(jax.local_devices()[:1]), None)
-  state = train._initial_state(program, config, dataset.x[:1])  # pylint: disable=protected-access
+  state = train.initial_state(program, config, dataset.x[:1])
   order = np.random.default_rng(1).permutation(num_train)
   sharding = NamedSharding(program.mesh, P(None, steps_lib.AXIS))
   batches = [jax.device_put({

@@ -42,6 +42,8 @@ NOT_TRANSFORMATIONS = {
     "microbatch_statistics", "moment_statistics", "next_batch_size",
     "norm_test", "num_selected", "orthogonality_test",
     "per_device_statistics", "per_example_statistics", "top_k_by_magnitude",
+    # Builds (init, add, result) functions for a user's loop, not a transform.
+    "gradient_accumulator",
 }
 
 

@@ -208,8 +208,8 @@ def _mesh_devices(config: Config) -> list:
   return available[:num_devices]
 
 
-def _initial_state(program: Program, config: Config,
-                   sample_input: np.ndarray) -> train_state.TrainState:
+def initial_state(program: Program, config: Config,
+                  sample_input: np.ndarray) -> train_state.TrainState:
   """A new `TrainState` with the peak learning rate set, placed on the mesh."""
   params = program.init_fn(jax.random.key(config.seed),
                            sample_input)["params"]
@@ -529,7 +529,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       tuple(devices), adaptive,
       None if isinstance(schedule, batching.FixedBatch)
       else config.microbatch_size)
-  state = _initial_state(program, config, dataset.x[:1])
+  state = initial_state(program, config, dataset.x[:1])
 
   # --- Train step and evaluation.
   batch_sharding = NamedSharding(program.mesh, P(None, AXIS))
