@@ -105,7 +105,9 @@ def command_line(args=None, exclude: Sequence[str] = ()) -> str:
 
   Args:
     args: parsed `argparse` arguments: spell out every option (defaults
-      included) but those in `exclude`; None: the command line as typed.
+      included) but those in `exclude`, unset ones (None, a `store_true`
+      flag left off) and flags set without a value; None: the command line
+      as typed.
     exclude: destinations of `args` to leave out.
   """
   script = "python benchmarks/" + pathlib.Path(sys.argv[0]).name
@@ -113,10 +115,14 @@ def command_line(args=None, exclude: Sequence[str] = ()) -> str:
     return " ".join([script, *map(shlex.quote, sys.argv[1:])])
   words = [script]
   for name, value in vars(args).items():
-    if name in exclude:
+    flag = f"--{name.replace('_', '-')}"
+    if name in exclude or value is None or value is False:
+      continue
+    if value is True:  # a `store_true` flag takes no value
+      words.append(flag)
       continue
     values = value if isinstance(value, (list, tuple)) else [value]
-    words += [f"--{name.replace('_', '-')}", *map(str, values)]
+    words += [flag, *map(shlex.quote, map(str, values))]
   return " ".join(words)
 
 

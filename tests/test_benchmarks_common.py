@@ -1,7 +1,9 @@
 """The shared benchmark helper, and that benchmarks use only public names."""
 
+import argparse
 import ast
 import pathlib
+import shlex
 import sys
 
 import pytest
@@ -105,3 +107,16 @@ def test_the_public_name_check_catches_private_names():
       "sngm_optax.sngm, sngm_optax._checks, compare._one_run\n")
   assert _private_uses(tree) == ["sngm_optax._compression",
                                  "sngm_optax._checks", "compare._one_run"]
+
+
+def test_command_line_spells_flags_so_that_it_parses_back():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--fresh", action="store_true")
+  parser.add_argument("--lrs", type=float, nargs="+", default=[0.4, 0.8])
+  parser.add_argument("--name", default="a b")
+  parser.add_argument("--limit", type=int, default=None)
+  args = parser.parse_args(["--quick"])
+  words = _common.command_line(args).split(" ", 2)[2]
+  assert vars(parser.parse_args(shlex.split(words))) == vars(args)
+  assert "--fresh" not in words and "--limit" not in words

@@ -253,5 +253,6 @@ def test_steps_per_dispatch_scans_only_small_batches_on_cpu():
   assert choice(batch_size=2, steps_per_dispatch=8) == 8
   assert choice(batch_size=2, adaptive_batch="norm",
                 max_batch_size=64) == 1
+  assert choice(batch_size=2, batch_ramp="linear", max_batch_size=64) == 1
   with pytest.raises(ValueError, match="steps_per_dispatch"):
     _config(steps_per_dispatch=-1)

@@ -148,6 +148,12 @@ class Config:
     """Examples per microbatch: `batch_size / num_microbatches`."""
     return self.batch_size // self.num_microbatches
 
+  @property
+  def fixed_batch(self) -> bool:
+    """Whether every step has `batch_size` examples: no adaptive batch and
+    no ramp (`batching.FixedBatch`)."""
+    return self.adaptive_batch is None and self.batch_ramp is None
+
   def adaptive_settings(self, num_devices: int) -> AdaptiveBatch | None:
     """The adaptive-batch settings on `num_devices`, None for a fixed batch.
 

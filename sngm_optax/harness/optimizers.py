@@ -274,16 +274,16 @@ def _constant(peak, total, warmup):
   return optax.constant_schedule(peak)
 
 
-def _step_decay(peak, total_steps, warmup_steps):
+def _step_decay(peak, total, warmup):
   """Linear warm-up from 0, then the peak x0.1 from 50 % and x0.01 from 75 %
-  of `total_steps` (the authors' TR runs). Works in any unit of `count`."""
+  of `total` (the authors' TR runs). Works in any unit of `count`."""
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
-    factor = (jnp.where(count < 0.5 * total_steps, 1.0, 0.1)
-              * jnp.where(count < 0.75 * total_steps, 1.0, 0.1))
-    if warmup_steps > 0:
-      factor = factor * jnp.minimum(count / warmup_steps, 1.0)
+    factor = (jnp.where(count < 0.5 * total, 1.0, 0.1)
+              * jnp.where(count < 0.75 * total, 1.0, 0.1))
+    if warmup > 0:
+      factor = factor * jnp.minimum(count / warmup, 1.0)
     return peak * factor
 
   return schedule

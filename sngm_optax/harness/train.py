@@ -276,7 +276,7 @@ def steps_per_dispatch(config: Config, platform: str) -> int:
   """`config.steps_per_dispatch`, or when 0 the measured choice: a scan of
   `STEPS_PER_SYNC` steps for batches up to `SCAN_MAX_BATCH_SIZE` on CPU,
   else one dispatch a step (adaptive runs always dispatch each step)."""
-  if config.adaptive_batch is not None or config.batch_ramp is not None:
+  if not config.fixed_batch:
     return 1
   if config.steps_per_dispatch:
     return config.steps_per_dispatch
@@ -290,8 +290,7 @@ def _optimizer_kwargs(config: Config, num_train: int) -> dict:
   run: `round(num_train / batch_size)`, exact when the batch divides the
   training set."""
   kwargs = dict(config.optimizer_kwargs)
-  if (config.optimizer in EPOCH_AWARE and config.adaptive_batch is None
-      and config.batch_ramp is None):
+  if config.optimizer in EPOCH_AWARE and config.fixed_batch:
     kwargs.setdefault("steps_per_epoch",
                       max(1, round(num_train / config.batch_size)))
   return kwargs
@@ -304,7 +303,7 @@ def _steps_until_host(config: Config, step: int, total_steps: int,
   (`scan_steps`) or else `STEPS_PER_SYNC`, ending at the next epoch end, due
   checkpoint or stop; 1 in an adaptive run, whose next batch size depends on
   this step's metrics."""
-  if config.adaptive_batch is not None or config.batch_ramp is not None:
+  if not config.fixed_batch:
     return 1
   batch_size = config.batch_size
   limit = scan_steps if scan_steps > 1 else STEPS_PER_SYNC
@@ -320,8 +319,10 @@ def _steps_until_host(config: Config, step: int, total_steps: int,
 
 
 @jax.jit
+@jax.jit
 def _unstack(batches: dict) -> list[dict]:
-  """The per-step batches of a stacked chunk, sliced in one dispatch."""
+  """The per-step batches of a stacked chunk, sliced in one dispatch (each
+  slice taken outside `jit` would be a dispatch of its own, per array)."""
   return [jax.tree.map(lambda array, index=index: array[index], batches)
           for index in range(batches["y"].shape[0])]
 
@@ -527,8 +528,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       json.dumps(_optimizer_kwargs(config, num_train), sort_keys=True),
       config.weight_decay, config.schedule, budget, warmup_samples,
       tuple(devices), adaptive,
-      None if isinstance(schedule, batching.FixedBatch)
-      else config.microbatch_size)
+      None if config.fixed_batch else config.microbatch_size)
   state = initial_state(program, config, dataset.x[:1])
 
   # --- Train step and evaluation.
