@@ -17,7 +17,8 @@ devices, each holding one eighth of the global batch:
 Tuning, the same budget for every contender: the learning-rate grid `--lrs`
 (peak of a 1-epoch warmup + cosine decay; momentum 0.9; weight decay 1e-4 on
 kernels) on the first seed, extended by a factor 2 past an edge that wins
-(up to `--grid-extensions` points); the best peak (final test accuracy) is
+(up to `--grid-extensions` points); the best peak (final accuracy on a
+validation split, 10 % of the training set, never on the test set) is
 then run on the other seeds, and the table reports the mean ± sd over all `--seeds`
 at that peak (the first seed's run took part in the pick). Every run is in
 the JSON.
@@ -63,6 +64,7 @@ from sngm_optax.harness import steps as steps_lib  # noqa: E402
 from sngm_optax.harness import train  # noqa: E402
 
 NUM_WORKERS = 8
+VAL_FRACTION = 0.1  # the learning rate is picked on it
 # Run order: the most compressed first, in case the time runs out.
 DENSITIES = (0.001, 0.01, 0.005)
 
@@ -95,12 +97,13 @@ def run_one(args, dataset, contender, lr, seed):
     kwargs["density"] = density
     if warm_up:
       kwargs["density_warmup_steps"] = round(
-          args.density_warmup_epochs * dataset.num_train / args.batch_size)
+          args.density_warmup_epochs * (1 - VAL_FRACTION) * dataset.num_train
+          / args.batch_size)
   config = config_lib.Config(
       optimizer=name, learning_rate=lr, model=args.model_name,
       optimizer_kwargs=kwargs, batch_size=args.batch_size,
       epochs=args.epochs, seed=seed, num_devices=NUM_WORKERS,
-      warmup_epochs=1.0, weight_decay=1e-4)
+      warmup_epochs=1.0, weight_decay=1e-4, val_fraction=VAL_FRACTION)
   row = {"label": label, "optimizer": name, "density": density,
          "warm_up": warm_up, "learning_rate": lr, "seed": seed}
   load_before = os.getloadavg()[0]
@@ -109,10 +112,12 @@ def run_one(args, dataset, contender, lr, seed):
   except steps_lib.NonFiniteLossError as error:
     print(f"{label} lr={lr:g} seed={seed}: {error}")
     return {**row, "diverged": True, "test_accuracy": 0.0,
+            "val_accuracy": 0.0,
             "step_time_s": float("nan"), "history": []}
   return {
       **row,
       "test_accuracy": result["final"]["test_accuracy"],
+      "val_accuracy": result["final"]["val_accuracy"],
       "train_loss": result["final"]["train_loss"],
       "steps": result["steps"],
       "bytes_sent_per_step": result.get("bytes_sent_per_step"),
@@ -131,11 +136,12 @@ def tried_learning_rates(runs, label, seed):
 
 
 def best_learning_rate(runs, label, seed):
-  """The grid's best peak for `label` on the tuning `seed`, or None."""
+  """The grid's best peak for `label` on the tuning `seed` (validation
+  accuracy), or None."""
   tuned = [r for r in runs if r["label"] == label and r["seed"] == seed]
   if not tuned:
     return None
-  return max(tuned, key=lambda r: r["test_accuracy"])["learning_rate"]
+  return max(tuned, key=lambda r: r["val_accuracy"])["learning_rate"]
 
 
 def main():
@@ -247,8 +253,8 @@ def summarize(runs, args, dataset):
         "pick_on_grid_edge": best_lr in (
             min(tried_learning_rates(runs, label, args.seeds[0])),
             max(tried_learning_rates(runs, label, args.seeds[0]))),
-        "tuning_accuracy_per_lr": {
-            str(r["learning_rate"]): r["test_accuracy"] for r in runs
+        "tuning_val_accuracy_per_lr": {
+            str(r["learning_rate"]): r["val_accuracy"] for r in runs
             if r["label"] == label and r["seed"] == args.seeds[0]},
         "test_accuracy": float(np.mean(accuracies)),
         "test_accuracy_sd": float(np.std(accuracies, ddof=1))
