@@ -161,6 +161,9 @@ def main():
                       help="path of the results without .json / .png")
   parser.add_argument("--fresh", action="store_true",
                       help="discard the runs already in the output JSON")
+  parser.add_argument("--only", nargs="+", default=None,
+                      help="train only these contenders (labels, e.g. msgd "
+                      "'gmc 0.5%% warm-up'), e.g. for a pilot")
   args = parser.parse_args()
   if args.quick:
     args.num_samples, args.epochs, args.lrs, args.seeds = 2_000, 2, [0.1], [0]
@@ -205,6 +208,8 @@ def main():
   # Contender by contender, so that its compiled step is reused (the peak
   # learning rate is a value in the optimizer state).
   for contender in contenders():
+    if args.only is not None and contender[0] not in args.only:
+      continue
     for lr in args.lrs:  # the grid, on the tuning seed
       record(contender, lr, tune_seed)
     # A pick on the grid's edge: one more point past it (x2 or /2), twice at
