@@ -319,6 +319,11 @@ def _steps_until_host(config: Config, step: int, total_steps: int,
 
 
 @jax.jit
+def _stack(trees: list[dict]) -> dict:
+  """The steps' metrics stacked along a new leading axis, on the device."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
 @jax.jit
 def _unstack(batches: dict) -> list[dict]:
   """The per-step batches of a stacked chunk, sliced in one dispatch (each
@@ -353,14 +358,15 @@ def _run_steps(program: Program, state, dataset: data_lib.Dataset,
       NamedSharding(program.mesh, P(None, None, AXIS)))
   if num_steps == scan_steps > 1:
     state, metrics = program.scan_steps(state, chunk)
-    metrics = jax.device_get(metrics)
-    return state, [{name: value[index] for name, value in metrics.items()}
-                   for index in range(num_steps)]
-  outputs = []
-  for batch in _unstack(chunk):
-    state, metrics = program.train_step(state, batch)
-    outputs.append(metrics)
-  return state, jax.device_get(outputs)
+  else:
+    outputs = []
+    for batch in _unstack(chunk):
+      state, metrics = program.train_step(state, batch)
+      outputs.append(metrics)
+    metrics = _stack(outputs)
+  metrics = jax.device_get(metrics)  # a few arrays, not one per step
+  return state, [{name: value[index] for name, value in metrics.items()}
+                 for index in range(num_steps)]
 
 
 def _observe_steps(config: Config, schedule: batching.BatchSchedule,
