@@ -46,6 +46,18 @@ def test_sampled_selection_is_the_exact_top_k(size, density, layered):
   np.testing.assert_array_equal(np.sort(indices), np.sort(expected))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kth_largest_by_bisection_matches_a_sort(dtype):
+  rng = np.random.default_rng(3)
+  values = np.abs(rng.standard_t(2, size=4099)).astype(dtype)
+  values[:40] = 0.0  # ties, and zeros at the bottom
+  values[40:60] = values[60]
+  values[60] = np.inf
+  kth = jax.jit(_top_k._kth_largest, static_argnums=1)
+  for rank in (1, 2, 21, 98, 2000, 4059, 4060, 4099):
+    assert kth(jnp.asarray(values), rank) == np.sort(values)[-rank], rank
+
+
 def test_sampled_selection_falls_back_to_exact():
   # 9000 nonzeros out of 1M, k = 10000: the sampled threshold is 0, every
   # entry is a candidate, more than the buffer holds: the exact fallback.
