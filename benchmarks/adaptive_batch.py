@@ -235,7 +235,8 @@ def choose_headline(bench, family, names):
     rows = bench.seeds_at_pick(family, name)
     return statistics.mean(r["final_val_accuracy"] for r in rows) if rows \
         else -1.0
-  return max((n for n in names if n.startswith("norm")), key=mean_val)
+  return max((n for n in names if n.startswith("norm")), key=mean_val,
+             default=None)
 
 
 def final_batch_size(bench, family, contender):
@@ -267,7 +268,7 @@ def run_family(bench, family, headline=None):
   if headline is None:
     headline = choose_headline(bench, family, [c[0] for c in contenders])
   bench.payload["headline"][family] = headline
-  final_b = final_batch_size(bench, family, headline)
+  final_b = headline and final_batch_size(bench, family, headline)
   if final_b is None:
     return headline
   # Sized by the headline: fixed large batches (and, with the full set, the
