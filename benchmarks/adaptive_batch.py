@@ -97,7 +97,7 @@ def parse_args():
   parser.add_argument("--smoothing", type=float, default=0.9)
   parser.add_argument("--interval", type=int, default=10)
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--families", default="SNGM,AdaGrad-Norm,MSGD",
+  parser.add_argument("--families", default="SNGM,AdaGrad-Norm,MSGD,AdaGrad",
                       help="the first gets every contender, the others the "
                       "headline contenders")
   parser.add_argument("--contenders", default=None,
@@ -517,8 +517,46 @@ def print_table(payload):
       ["family", "contender", "lr", "steps", "max B", "val acc %",
        "test acc % (mean ± sd, seeds)", "reached fixed-32 acc", "steps to it",
        "wall s to it", "wall s"], rows))
+  print_tuning(payload)
+  print_verdict(payload)
   print(_common.machine_line(payload["machine"]))
   print(verdict_line(payload))
+
+
+def print_tuning(payload):
+  """Seed 0's validation accuracy at every learning rate each contender
+  tried, the pick in bold, an unresolved edge marked."""
+  rows = []
+  for tuning in payload["tuning"].values():
+    cells = []
+    for lr in tuning["grid"]:
+      value = tuning["val_accuracy"].get(f"{lr:g}")
+      text = "diverged" if value is None else f"{100 * value:.1f}"
+      bold = tuning["pick"] is not None and lr == tuning["pick"]
+      cells.append(f"{lr:g}: " + (f"**{text}**" if bold else text))
+    rows.append([tuning["family"], tuning["contender"], ", ".join(cells),
+                 ", ".join(f"{v:g}" for v in tuning["extended"]) or "-",
+                 "yes" if tuning["on_edge"] else "no"])
+  print(_common.markdown_table(
+      ["family", "contender", "lr: seed-0 val acc %", "added past an edge",
+       "pick still on an edge"], rows))
+
+
+def print_verdict(payload):
+  """The goal's parts per norm-test contender of the first family."""
+  rows = []
+  for e in payload.get("verdict", []):
+    rows.append([
+        e["contender"] + (" (headline)" if e["headline"] else ""),
+        f"{e['gap_to_fixed_32_points']:.2f}",
+        f"{e['sd_points']:.2f} / {e['fixed_32_sd_points']:.2f}",
+        f"{e['steps_fraction_of_fixed_32']:.2f}", e["within_0.3_points"],
+        e["at_most_20_percent_steps"],
+        e.get("beats_every_fixed_at_equal_steps", "-")])
+  print(_common.markdown_table(
+      ["contender", "gap to fixed 32 (points)", "seed sd (points): it / "
+       "fixed 32", "steps / fixed-32 steps", "≤ 0.3 points", "≤ 20 % steps",
+       "beats every fixed B at equal steps"], rows))
 
 
 if __name__ == "__main__":
