@@ -110,6 +110,9 @@ def parse_args():
   parser.add_argument("--max-extensions", type=int, default=2)
   parser.add_argument("--out",
                       default=str(_common.RESULTS / "adaptive_batch.json"))
+  parser.add_argument("--report", action="store_true",
+                      help="no runs: summarize --out (e.g. a stopped run's "
+                      "partial results), rewrite it and its figure, print")
   return parser.parse_args()
 
 
@@ -311,11 +314,16 @@ def run_equal_steps(bench, family, headline, specs):
 
 def main():
   args = parse_args()
-  dataset = data.load_mnist1d(args.num_samples, 0)
   out = pathlib.Path(args.out)
+  if args.report:
+    payload = json.loads(out.read_text())
+    finish(payload, out)
+    print_table(payload)
+    return
+  dataset = data.load_mnist1d(args.num_samples, 0)
   payload = {
       "benchmark": "adaptive_batch",
-      "command": _common.command_line(args, exclude=("out",)),
+      "command": _common.command_line(args, exclude=("out", "report")),
       "args": vars(args),
       "num_train": dataset.num_train,
       "num_test": dataset.num_test,
