@@ -7,7 +7,8 @@ rate scheduled in samples, so every contender follows the same learning-rate
 curve over the samples it sees, with one peak learning rate for the whole
 run. SNGM gets the full set of contenders:
 
-* fixed small (B = 32);
+* fixed small (B = 32), and, to check that this baseline is at its plateau,
+  its pick trained on twice the samples;
 * adaptive, the norm test at eta = 0.5, 0.25, 0.1 (the authors' values),
   each with the paper's rule and with the new controller options
   (`max_growth_factor=--growth`, `smoothing=--smoothing`,
@@ -66,6 +67,8 @@ FAMILIES = {
     "MSGD": ("msgd", "msgd"),
 }
 SMALL = "fixed 32"
+# Fixed 32 at its pick on twice the sample budget: the plateau check.
+PLATEAU = f"{SMALL} for 2x the samples"
 
 
 def adaptive_contenders(args):
@@ -88,8 +91,8 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--num-samples", type=int, default=60000)
   parser.add_argument("--val-fraction", type=float, default=0.1)
-  parser.add_argument("--epochs", type=float, default=2.0)
-  parser.add_argument("--warmup-epochs", type=float, default=0.25)
+  parser.add_argument("--epochs", type=float, default=5.0)
+  parser.add_argument("--warmup-epochs", type=float, default=0.625)
   parser.add_argument("--initial-batch-size", type=int, default=32)
   parser.add_argument("--max-batch-size", type=int, default=8192)
   parser.add_argument("--devices", type=int, default=4)
@@ -258,7 +261,12 @@ def run_family(bench, family, headline=None):
   fixed, adaptive = FAMILIES[family]
   b0 = args.initial_batch_size
   specs = {SMALL: fixed_spec(fixed, b0)}
-  bench.tune(family, SMALL, specs[SMALL])
+  small_pick = bench.tune(family, SMALL, specs[SMALL])
+  if headline is None and small_pick is not None:
+    # Is the baseline at its plateau? Its pick on twice the samples.
+    for seed in range(args.seeds):
+      bench.run(family, PLATEAU, small_pick, seed, epochs=2 * args.epochs,
+                **specs[SMALL])
   contenders = adaptive_contenders(args)
   if headline is not None:
     contenders = [c for c in contenders if c[0] == headline]
@@ -350,6 +358,7 @@ def finish(payload, out):
   """Summary, verdict, JSON and figure from the runs so far."""
   payload["summary"] = summarize(payload)
   payload["verdict"] = verdict(payload)
+  payload["plateau"] = plateau(payload)
   _common.write_json(out, payload)
   plot(payload, out.with_suffix(".png"))
 
@@ -430,7 +439,7 @@ def verdict(payload):
   if small is None:
     return []
   headline = payload["headline"].get(family)
-  equal = {c: s for c, s in summary.items() if " for " in c}
+  equal = {c: s for c, s in summary.items() if c.endswith(" steps")}
   out = []
   for contender, s in summary.items():
     if not contender.startswith("norm"):
@@ -458,6 +467,22 @@ def verdict(payload):
                                        False))
     out.append(entry)
   return out
+
+
+def plateau(payload):
+  """Fixed 32 on twice the budget against fixed 32: the gain, in points, and
+  both seed sds (the baseline is at its plateau if the gain is within them)."""
+  family = payload["args"]["families"].split(",")[0]
+  summary = {s["contender"]: s for s in payload.get("summary", [])
+             if s["family"] == family}
+  if SMALL not in summary or PLATEAU not in summary:
+    return None
+  small, double = summary[SMALL], summary[PLATEAU]
+  gain = 100 * (double["accuracy_mean"] - small["accuracy_mean"])
+  spread = 100 * ((small["accuracy_sd"] or 0.0)
+                  + (double["accuracy_sd"] or 0.0))
+  return {"gain_points": gain, "sum_of_sds_points": spread,
+          "at_plateau": gain <= spread}
 
 
 def verdict_line(payload):
@@ -529,6 +554,12 @@ def print_table(payload):
   print_verdict(payload)
   print(_common.machine_line(payload["machine"]))
   print(verdict_line(payload))
+  check = payload.get("plateau")
+  if check:
+    print(f"plateau check: fixed 32 on twice the samples gains "
+          f"{check['gain_points']:+.2f} points (sum of the seed sds "
+          f"{check['sum_of_sds_points']:.2f}): "
+          + ("at" if check["at_plateau"] else "NOT at") + " its plateau")
 
 
 def print_tuning(payload):
