@@ -21,8 +21,9 @@ run. SNGM gets the full set of contenders:
 
 The headline is the SNGM norm-test contender with the best validation
 accuracy (mean over seeds at its pick). The other families (`--families`
-after the first) get the headline contenders only: fixed 32, the headline's
-adaptive setting and a fixed batch of its final size.
+after the first) get two adaptive contenders, the headline's setting and
+SNGM's best inner-product setting, and the same fixed and ramped baselines
+(sized by their own headline run).
 
 Every contender's peak learning rate is picked on seed 0 from its family's
 grid (`--lrs-*`) by the final validation accuracy, never the test set; a pick
@@ -235,13 +236,14 @@ def adaptive_spec(args, optimizer, test, kwargs):
               adaptive_statistics="per_device", optimizer_kwargs=kwargs)
 
 
-def choose_headline(bench, family, names):
-  """The norm-test contender with the best mean validation accuracy."""
+def best_by_validation(bench, family, names, prefix):
+  """The contender named `prefix...` with the best mean validation
+  accuracy at its pick (the headline: prefix "norm")."""
   def mean_val(name):
     rows = bench.seeds_at_pick(family, name)
     return statistics.mean(r["final_val_accuracy"] for r in rows) if rows \
         else -1.0
-  return max((n for n in names if n.startswith("norm")), key=mean_val,
+  return max((n for n in names if n.startswith(prefix)), key=mean_val,
              default=None)
 
 
@@ -251,54 +253,52 @@ def final_batch_size(bench, family, contender):
   return max(rows[0]["batch_sizes"]) if rows else None
 
 
-def run_family(bench, family, headline=None):
-  """Tunes and seeds every contender of `family`; returns the headline.
+def run_family(bench, family, chosen=None):
+  """Tunes and seeds every contender of `family`.
 
-  `headline` None: the full set (the headline is chosen here); else the
-  headline contenders only, with that adaptive setting.
+  `chosen` None: the full set of adaptive contenders; else only these (the
+  first family's best norm test and best inner-product test). Returns the
+  family's best norm test (the headline) and best inner-product test.
   """
   args = bench.args
   fixed, adaptive = FAMILIES[family]
   b0 = args.initial_batch_size
   specs = {SMALL: fixed_spec(fixed, b0)}
   small_pick = bench.tune(family, SMALL, specs[SMALL])
-  if headline is None and small_pick is not None:
+  if chosen is None and small_pick is not None:
     # Is the baseline at its plateau? Its pick on twice the samples.
     for seed in range(args.seeds):
       bench.run(family, PLATEAU, small_pick, seed, epochs=2 * args.epochs,
                 **specs[SMALL])
   contenders = adaptive_contenders(args)
-  if headline is not None:
-    contenders = [c for c in contenders if c[0] == headline]
+  if chosen is not None:
+    contenders = [c for c in contenders if c[0] in chosen]
   elif args.contenders:
     wanted = args.contenders.split(",")
     contenders = [c for c in contenders if c[0] in wanted]
   for name, test, kwargs in contenders:
     specs[name] = adaptive_spec(args, adaptive, test, kwargs)
     bench.tune(family, name, specs[name])
-  if headline is None:
-    headline = choose_headline(bench, family, [c[0] for c in contenders])
+  names = [c[0] for c in contenders]
+  headline = best_by_validation(bench, family, names, "norm")
+  inner = best_by_validation(bench, family, names, "inner")
   bench.payload["headline"][family] = headline
   final_b = headline and final_batch_size(bench, family, headline)
   if final_b is None:
-    return headline
-  # Sized by the headline: fixed large batches (and, with the full set, the
-  # middle size and the ramps).
+    return headline, inner
+  # Sized by the headline: a fixed batch of its final size and of the
+  # geometric middle of 32 and it, and the ramps from 32 to it.
   sized = {}
-  sizes = {final_b}
-  if family == args.families.split(",")[0]:
-    sizes.add(2 ** round(math.log2(math.sqrt(b0 * final_b))))
-  for size in sorted(sizes):
+  for size in sorted({final_b, 2 ** round(math.log2(math.sqrt(b0 * final_b)))}):
     sized[f"fixed {size}"] = fixed_spec(fixed, size)
-  if family == args.families.split(",")[0]:
-    for ramp in ("linear", "stagewise"):
-      sized[f"{ramp} ramp 32->{final_b}"] = dict(
-          optimizer=fixed, batch_size=b0, batch_ramp=ramp,
-          max_batch_size=final_b)
+  for ramp in ("linear", "stagewise"):
+    sized[f"{ramp} ramp 32->{final_b}"] = dict(
+        optimizer=fixed, batch_size=b0, batch_ramp=ramp,
+        max_batch_size=final_b)
   for name, kwargs in sized.items():
     bench.tune(family, name, kwargs)
   run_equal_steps(bench, family, headline, {**specs, **sized})
-  return headline
+  return headline, inner
 
 
 def run_equal_steps(bench, family, headline, specs):
@@ -346,9 +346,11 @@ def main():
       for key in ("runs", "tuning", "headline", "equal_steps"):
         payload[key] = previous.get(key, payload[key])  # resume
   bench = Bench(args, dataset, payload, out)
-  headline = None
-  for family in args.families.split(","):
-    headline = run_family(bench, family, headline)
+  first, *others = args.families.split(",")
+  chosen = run_family(bench, first)
+  finish(payload, out)
+  for family in others:
+    run_family(bench, family, chosen)
     finish(payload, out)
   finish(payload, out)
   print_table(payload)
