@@ -14,7 +14,8 @@ decay, momentum SGD, LARS, LAMB) follows the same procedure:
    scaled by sqrt(B / 4096), times 1/2, 1, 2, at the 4096 pick's weight
    decay;
 3. a pick at an edge of its grid extends the grid by one value in that
-   direction (`compare.grid_search`, at most once per axis and direction);
+   direction (`compare.grid_search`, at most `--max-extensions` times per
+   axis and direction);
 4. picks on the validation split, each pick retrained with `--extra-seeds`
    more seeds (initialization and batch order): mean ± sd over seeds.
 
@@ -88,11 +89,14 @@ def _parse_args():
                       default=[4096, 8192, 16384])
   parser.add_argument("--tune-batch", type=int, default=4096,
                       help="the batch size of the full 2-D grids")
-  parser.add_argument("--epochs", type=float, default=4)
-  parser.add_argument("--warmup-epochs", type=float, default=0.5)
+  parser.add_argument("--epochs", type=float, default=15)
+  parser.add_argument("--warmup-epochs", type=float, default=1.5)
   parser.add_argument("--num-samples", type=int, default=100_000)
   parser.add_argument("--small-batch", type=int, default=256)
   parser.add_argument("--extra-seeds", type=int, default=2)
+  parser.add_argument("--max-extensions", type=int, default=3,
+                      help="values a grid may add past an edge pick, per "
+                           "axis and direction")
   parser.add_argument("--reference-size", type=int, default=3,
                       help="learning rates of the small-batch reference's "
                            "grid (1: its middle value, not tuned)")
@@ -125,6 +129,24 @@ def _around(value, factor=1.0):
   return tuple(float(f"{value * factor * f:.3g}") for f in (0.5, 1.0, 2.0))
 
 
+# The settings a saved run's key does not name: a restart must share them.
+BUDGET = ("epochs", "warmup_epochs", "num_samples", "model")
+
+
+def _check_same_budget(args):
+  """Saved runs are reused by optimizer, batch, learning rate, weight decay
+  and seed: refuse to mix them with runs of another budget."""
+  summary = args.out / "large_batch.json"
+  if not summary.exists():
+    return
+  saved = json.loads(summary.read_text())["settings"]
+  changed = [f"{key} {saved[key]} -> {getattr(args, key)}" for key in BUDGET
+             if saved.get(key) != getattr(args, key)]
+  if changed:
+    raise SystemExit(f"{summary} holds runs of another budget "
+                     f"({', '.join(changed)}): pass another --out")
+
+
 class Benchmark:
   """The runs done so far, saved after each run; the contenders by stage."""
 
@@ -132,6 +154,7 @@ class Benchmark:
     self.args = args
     self.stop = _deadline(args.stop_after)
     self.runs_path = args.out / "large_batch_runs.json"
+    _check_same_budget(args)
     self.done = _SavedRuns(json.loads(self.runs_path.read_text())
                            if self.runs_path.exists() else {})
     self.done.stop = self.stop
@@ -153,7 +176,8 @@ class Benchmark:
     try:
       contender = compare.run_contender(
           self.base, name, batch_size, learning_rates, self.dataset,
-          self.args.quiet, seeds, weight_decays=decays, max_extensions=1,
+          self.args.quiet, seeds, weight_decays=decays,
+          max_extensions=self.args.max_extensions,
           done=self.done, on_run=self.save_run)
     except Deadline:
       self.skipped.append(f"{name} B={batch_size}")
