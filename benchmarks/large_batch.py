@@ -24,8 +24,13 @@ grid (3 values, factor 2) centred on the paper SNGM's 4096 pick, at its
 weight decay. Momentum SGD at `--small-batch` is the reference (learning
 rate grid of `compare.SMALL_BATCH_GRIDS`, weight decay 1e-4).
 
+Whether the budget (`--epochs`) is long enough: the plateau check trains
+the reference's pick, and the 8192 picks of SNGM, LARS and LAMB, again on
+twice the epochs (all seeds) and reports the gain against the seed spread.
+
 Work is done in order of priority (4096; the reference; 8192; variants;
-16384, without momentum SGD; each pick's seeds right after its grid), every
+16384, without momentum SGD; the plateau check; each pick's seeds right
+after its grid), every
 run is saved to `large_batch_runs.json` as it ends,
 and a restarted benchmark reuses them. `--stop-after HH:MM` (UTC) starts no
 new run after that time and reports what was skipped (so a restart after
@@ -59,7 +64,10 @@ SNGM = ("sngm_paper", "sngm_decoupled", "sngm_nesterov", "sngm_per_layer")
 OTHERS = ("msgd", "lars", "lamb")
 # The work in order of priority: the tune batch's grids, the small-batch
 # reference, the second batch size, the SNGM variants, the other batch sizes.
-STAGES = ("tune", "reference", "second", "variants", "rest")
+STAGES = ("tune", "reference", "second", "variants", "rest", "plateau")
+# The plateau check: these picks again on twice the epochs (the reference,
+# then the goal's contenders at the second batch size).
+PLATEAU = ("msgd", "sngm_paper", "lars", "lamb")
 # After the tune batch: the contenders of the issue's goal first.
 BY_PRIORITY = ("sngm_paper", "lars", "lamb", "sngm_decoupled", "msgd")
 
@@ -163,6 +171,7 @@ class Benchmark:
         warmup_epochs=args.warmup_epochs, epochs=args.epochs, seed=0)
     self.dataset = train.load_dataset(self.base)
     self.contenders = {}  # (name, batch_size) -> contender
+    self.plateau = {}  # (name, batch_size) -> its pick on twice the epochs
     self.learning_rate_stages = {}  # name -> the 1st axis of `full`
     self.skipped = []
 
@@ -185,8 +194,25 @@ class Benchmark:
     self.contenders[(name, batch_size)] = contender
     return contender
 
-  def pick(self, name):
-    best = self.contenders[(name, self.args.tune_batch)]["best"]
+  def twice_the_epochs(self, name, batch_size, seeds):
+    """The pick of `name` at `batch_size` on twice the budget, or None."""
+    if (name, batch_size) not in self.contenders:
+      return None
+    learning_rate, decay = self.pick(name, batch_size)
+    base = dataclasses.replace(self.base, epochs=2 * self.base.epochs,
+                               warmup_epochs=2 * self.base.warmup_epochs)
+    try:
+      return compare.run_contender(
+          base, name, batch_size, (learning_rate,), self.dataset,
+          self.args.quiet, seeds, weight_decays=(decay,),
+          name=f"{name} on {base.epochs:g} epochs", done=self.done,
+          on_run=self.save_run)
+    except Deadline:
+      self.skipped.append(f"{name} B={batch_size} on twice the epochs")
+      return None
+
+  def pick(self, name, batch_size=None):
+    best = self.contenders[(name, batch_size or self.args.tune_batch)]["best"]
     return best["learning_rate"], best["weight_decay"]
 
   def local(self, name, batch_size, seeds=0, center=None):
@@ -251,6 +277,29 @@ def run_all(bench: Benchmark) -> None:
         if (name, args.tune_batch) not in bench.contenders:
           bench.full(name, seeds)  # the pick (saved runs, if any)
         bench.local(name, batch_size, seeds)
+  if "plateau" in stages:
+    for name, batch_size in zip(PLATEAU, [args.small_batch]
+                                + others[:1] * (len(PLATEAU) - 1)):
+      doubled = bench.twice_the_epochs(name, batch_size, seeds)
+      if doubled is not None:
+        bench.plateau[(name, batch_size)] = doubled
+
+
+def plateau_lines(bench: Benchmark) -> list[str]:
+  """Each plateau-check pick: the gain of twice the epochs, against the
+  sum of the two seed sds."""
+  lines = []
+  for key, doubled in bench.plateau.items():
+    (mean, sd, _), (mean2, sd2, _) = (_mean_sd(bench.contenders[key]),
+                                      _mean_sd(doubled))
+    gain = mean2 - mean
+    lines.append(
+        f"{key[0]} B={key[1]}: {bench.args.epochs:g} epochs {mean:.2f} ± "
+        f"{sd:.2f}, {2 * bench.args.epochs:g} epochs {mean2:.2f} ± "
+        f"{sd2:.2f}: {gain:+.2f} points, "
+        + ("within" if abs(gain) <= sd + sd2 else "beyond")
+        + f" the seed spread ({sd + sd2:.2f})")
+  return lines
 
 
 def _mean_sd(contender):
@@ -357,12 +406,13 @@ def main() -> None:
           for c in bench.learning_rate_stages.values()],
       "tables": tables,
       "verdicts": verdicts(bench),
+      "plateau": plateau_lines(bench),
       "contenders": [compare.without_histories({"contenders": [c]})
                      ["contenders"][0] for c in bench.contenders.values()],
   }
   _common.write_json(args.out / "large_batch.json", summary)
   plot(bench, args.out / "large_batch.png")
-  print("\n" + "\n".join(summary["verdicts"]))
+  print("\n" + "\n".join(summary["verdicts"] + summary["plateau"]))
   if bench.skipped:
     print(f"skipped (deadline): {', '.join(bench.skipped)}")
   print(f"\nmachine: {_common.machine_line(summary['machine'])}; total "
