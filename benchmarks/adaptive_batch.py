@@ -108,7 +108,7 @@ def parse_args():
                       help="only these SNGM adaptive contenders (comma "
                       "separated names; default: all)")
   parser.add_argument("--lrs-sngm", default="0.1,0.3,1")
-  parser.add_argument("--lrs-adagrad-norm", default="0.3,1,3")
+  parser.add_argument("--lrs-adagrad-norm", default="9,27,81")
   parser.add_argument("--lrs-adagrad", default="0.03,0.1,0.3")
   parser.add_argument("--lrs-msgd", default="0.1,0.3,1")
   parser.add_argument("--max-extensions", type=int, default=2)
