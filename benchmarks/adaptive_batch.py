@@ -352,7 +352,6 @@ def main():
   for family in others:
     run_family(bench, family, chosen)
     finish(payload, out)
-  finish(payload, out)
   print_table(payload)
 
 
