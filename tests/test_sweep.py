@@ -291,3 +291,17 @@ def test_train_config_records_ok_diverged_and_collapsed_runs():
   still = sweep.train_config(
       config_lib.override(base, ["learning_rate=1e-12"]), dataset)
   assert still.status == sweep.COLLAPSED
+
+
+def test_harness_trainer_trains_a_point_once_through_the_store(tmp_path):
+  dataset = data_lib.generate_mnist1d(600)
+  base = config_lib.Config(model="mlp", optimizer="msgd", batch_size=60,
+                           epochs=1, warmup_epochs=0.0, num_devices=1)
+  store = sweep.RunStore(tmp_path / "runs.jsonl", {"epochs": 1})
+  train = sweep.harness_trainer(store, base, dataset)
+  first = train({"learning_rate": 0.1, "weight_decay": 1e-4}, 3)
+  assert first.settings["seed"] == 3 and first.settings["weight_decay"] == 1e-4
+  reopened = sweep.RunStore(tmp_path / "runs.jsonl", {"epochs": 1})
+  assert len(reopened) == 1
+  assert sweep.harness_trainer(reopened, base, dataset)(
+      {"learning_rate": 0.1, "weight_decay": 1e-4}, 3) == first

@@ -673,3 +673,36 @@ def train_config(config, dataset, *, settings: Mapping[str, Any] | None = None,
       curve=result["history"] if keep_curve else [],
       run_time_s=wall - compile_time, compile_time_s=compile_time,
       code_version=code_version(), extra=extra)
+
+
+def harness_trainer(store: RunStore, base, dataset, *,
+                    keep_curve: bool = True) -> Callable[[dict, int], Run]:
+  """`train(point, seed)` for `tune`: `base` (a `Config`) with the point's
+  fields and the seed, trained by `train_config` unless `store` has it."""
+
+  def train(point: dict, seed: int) -> Run:
+    config = dataclasses.replace(base, seed=seed, **point)
+    return store.run(config_settings(config), lambda _: train_config(
+        config, dataset, keep_curve=keep_curve))
+
+  return train
+
+
+# ----------------------------------------------------------------------------
+# A benchmark's results file.
+
+
+def results_record(benchmark: str, *, claim: str, command: str,
+                   machine: Mapping[str, Any], budget: Mapping[str, Any],
+                   contenders: Sequence[Mapping[str, Any]],
+                   trial_budget: int | None, **fields) -> dict:
+  """The top level of `benchmarks/results/<benchmark>.json`, one schema for
+  every benchmark: what it claims, the command and machine, the budget, the
+  trial budget every contender shared, the rule of its verdicts and the
+  contenders (`tune` results); `fields` adds the benchmark's own."""
+  return {
+      "schema": SCHEMA_VERSION, "benchmark": benchmark, "claim": claim,
+      "code_version": code_version(), "command": command,
+      "machine": dict(machine), "budget": dict(budget),
+      "trial_budget": trial_budget, "spread_rule": SPREAD_RULE,
+      "contenders": list(contenders), **fields}
