@@ -8,7 +8,8 @@ the checkout:
 1. `import sngm_optax` works, from site-packages, with the expected version;
 2. `sngm-optax --help` runs (the console script of the wheel);
 3. `sngm-optax train` runs 20 SNGM steps on random data and writes finite
-   metrics.
+   metrics;
+4. the wheel carries the Apache-2.0 LICENSE that its metadata declares.
 """
 
 import json
@@ -29,6 +30,16 @@ def _check_import(expected_version: str) -> None:
       sngm_optax.__version__, expected_version)
   assert "sngm" in sngm_optax.__all__
   print(f"import sngm_optax: {sngm_optax.__version__} from {location.parent}")
+
+
+def _check_license() -> None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  distribution = metadata.distribution("sngm-optax")
+  assert distribution.metadata["License-Expression"] == "Apache-2.0"
+  files = [f for f in distribution.files if f.name == "LICENSE"]
+  assert files, "the wheel has no LICENSE"
+  assert "Apache License" in files[0].read_text()
+  print("LICENSE: Apache-2.0")
 
 
 def _run(*argv: str) -> str:
@@ -66,6 +77,7 @@ def _check_training(script: str, workdir: pathlib.Path) -> None:
 def main() -> int:
   expected_version = sys.argv[1]
   _check_import(expected_version)
+  _check_license()
   # The console script of the environment that runs this check.
   script = str(pathlib.Path(sys.executable).with_name("sngm-optax"))
   assert shutil.which(script), f"no console script {script}"
