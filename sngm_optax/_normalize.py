@@ -40,6 +40,7 @@ def sum_of_squares(leaves, scale=None):
   return total
 
 
+@jax.jit  # eagerly, `lax.cond` below would compile at every call
 def global_norm(tree) -> jax.Array:
   r"""The L2 norm of a pytree, as one float32 scalar, without over/underflow.
 
@@ -82,6 +83,7 @@ def global_norm(tree) -> jax.Array:
 _LARGEST_SAFE_NORM = 2.0**64
 
 
+@jax.jit  # eagerly, `lax.cond` below would compile at every call
 def _normalize(tree, eps):
   """`g / max(‖g‖, eps)`, with one elementwise pass that XLA fuses downstream.
 

@@ -109,9 +109,12 @@ def trajectory_regularized(
     >>> tx = trajectory_regularized(optax.adam(0.1), strength=0.1)
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-2), int(state.inner_step)
     (True, 0)
 
@@ -269,9 +272,12 @@ def tr_sgd(
     >>> tx = tr_sgd(learning_rate=0.1)
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
-    >>> for _ in range(200):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(200):
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-3)
     True
 
@@ -363,9 +369,12 @@ def tr_adam(
     >>> tx = tr_adam(learning_rate=0.1, weight_decay=0.0)
     >>> params = jnp.zeros(3)
     >>> state = tx.init(params)
-    >>> for _ in range(300):
+    >>> @jax.jit
+    ... def step(params, state):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(300):
+    ...   params, state = step(params, state)
     >>> bool(loss(params) < 1e-2)
     True
 

@@ -16,7 +16,9 @@ RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 @st.composite
 def leaves(draw, dtype):
-  shape = tuple(draw(st.lists(st.integers(1, 4), max_size=3)))
+  # Few distinct shapes: eager JAX compiles each op once per shape and dtype,
+  # and the properties are about nesting, dtypes and magnitudes, not sizes.
+  shape = tuple(draw(st.lists(st.sampled_from([1, 3]), max_size=2)))
   low, high = EXPONENTS[dtype]
   exponent = draw(st.integers(low, high))
   seed = draw(st.integers(0, 2**31 - 1))
