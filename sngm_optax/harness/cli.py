@@ -116,23 +116,20 @@ def _add_config_arguments(group, fields, own_defaults=None) -> None:
   check, choices and help; an absent flag leaves the field to `Config`'s
   default (`argparse.SUPPRESS`: the flag is then missing from the args),
   or to the command's own rule described in `own_defaults[name]`."""
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
   own_defaults = own_defaults or {}
   for field in fields:
     help_text = field.metadata["help"]
     if field.name in own_defaults:
       help_text += f" (default: {own_defaults[field.name]})"
-    elif field.default is not dataclasses.MISSING:
+    elif field.default not in (None, dataclasses.MISSING):
       help_text += f" (default: {field.default})"
+    choices = config_lib.choices_of(field)
     group.add_argument(
         _flag(field.name), dest=field.name, type=_config_type(field),
-        choices=_config_choices(field), default=argparse.SUPPRESS,
-        metavar=None if _config_choices(field) else field.name.upper(),
+        choices=choices, default=argparse.SUPPRESS,
+        metavar=None if choices else field.name.upper(),
         help=help_text.replace("%", "%%"))
-
-
-def _config_choices(field):
-  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.choices_of(field)
 
 
 def _config_fields(names=None) -> list:
@@ -141,9 +138,10 @@ def _config_fields(names=None) -> list:
   return [f for f in fields if names is None or f.name in names]
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser,
+                        own_defaults=None) -> None:
   _add_config_arguments(parser.add_argument_group("data"),
-                        _config_fields(DATA_FIELDS))
+                        _config_fields(DATA_FIELDS), own_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--out", default="runs/compare",
                    help="output directory (default runs/compare)")
   cmp.add_argument("--quiet", action="store_true", help="print only the table")
-  _add_data_arguments(cmp)
+  _add_data_arguments(cmp, {"num_samples": "the preset's"})
 
   # train ------------------------------------------------------------------
   # One flag per Config field (its type, check, choices and help come from

@@ -1,5 +1,10 @@
 """The run configuration: one frozen dataclass, checked when it is made.
 
+`Config` is the one source of the defaults, the help texts and the checks
+of a run's settings: each field's metadata holds its help, its `FieldCheck`
+(a check of `sngm_optax._checks`) and its choices; `Config.__post_init__`
+applies them, and `sngm-optax train` builds its options from them.
+
 The adaptive-batch settings that depend on the number of devices are
 resolved once, by `Config.adaptive_settings`.
 
@@ -29,7 +34,7 @@ from sngm_optax.harness.optimizers import SCHEDULES
 class AdaptiveBatch(NamedTuple):
   """A run's adaptive-batch settings, resolved for its number of devices.
 
-  The field order is `build_program`'s `adaptive` key.
+  The field order is that of `train.ProgramSpec.adaptive`.
   """
 
   test: str

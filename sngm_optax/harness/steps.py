@@ -8,7 +8,9 @@ Batches have the shape `[num_microbatches, microbatch, ...]` plus a weight per
 example: the step loops over the microbatches and accumulates the weighted
 gradient sum, so a controller that grows the batch can feed a variable number
 of fixed-shape microbatches (and pad with weight-0 examples) without
-recompiling for every batch size.
+recompiling for every batch size. Every step (fused, accumulating,
+evaluation) uses the one loss `classification_loss`, and both train steps
+apply the optimizer with `_apply_gradients`.
 """
 
 import functools

@@ -20,6 +20,13 @@ devices' own gradients (`"per_device"`: only scalars are all-reduced) or the
 moments of the microbatch gradients (`"microbatch"`, norm and coordinate
 tests).
 
+What is compiled is keyed by a hashable `ProgramSpec` (model, optimizer,
+schedule, budget, devices, batch settings): `build_program(spec)` caches it.
+The peak learning rate and the weight decay are values in the optimizer
+state, so a grid over them reuses one compiled step. The result reports the
+seconds JAX spent compiling (`compile_time_s`, from `jax.monitoring`'s
+compile events) apart from the rest (`run_time_s`).
+
 Example:
   >>> from sngm_optax.harness import config as config_lib
   >>> from sngm_optax.harness import data, train
