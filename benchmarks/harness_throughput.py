@@ -58,9 +58,10 @@ def contenders(config: config_lib.Config, dataset: data_lib.Dataset) -> dict:
   array to block on."""
   num_train = dataset.num_train
   steps = num_train // config.batch_size
-  program = train.build_program(
-      config.model, CLASSES, config.optimizer, "{}", config.weight_decay,
-      config.schedule, steps, 0, tuple(jax.local_devices()[:1]), None)
+  program = train.build_program(train.ProgramSpec(
+      model=config.model, num_classes=CLASSES, optimizer=config.optimizer,
+      schedule=config.schedule, total_samples=steps, warmup_samples=0,
+      devices=tuple(jax.local_devices()[:1])))
   state = train.initial_state(program, config, dataset.x[:1])
   order = np.random.default_rng(1).permutation(num_train)
   sharding = NamedSharding(program.mesh, P(None, steps_lib.AXIS))

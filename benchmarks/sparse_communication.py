@@ -43,7 +43,6 @@ restarted run resumes from it unless `--fresh`) and .png.
 """
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -100,7 +99,8 @@ def run_one(args, dataset, contender, lr, seed):
           args.density_warmup_epochs * (1 - VAL_FRACTION) * dataset.num_train
           / args.batch_size)
   config = config_lib.Config(
-      optimizer=name, learning_rate=lr, model=args.model_name,
+      optimizer=name, learning_rate=lr, model="mlp",
+      model_kwargs=args.model_kwargs,
       optimizer_kwargs=kwargs, batch_size=args.batch_size,
       epochs=args.epochs, seed=seed, num_devices=NUM_WORKERS,
       warmup_epochs=1.0, weight_decay=1e-4, val_fraction=VAL_FRACTION)
@@ -168,9 +168,7 @@ def main():
   if args.quick:
     args.num_samples, args.epochs, args.lrs, args.seeds = 2_000, 2, [0.1], [0]
     args.density_warmup_epochs = 1
-  args.model_name = "mlp_" + "_".join(map(str, args.hidden))
-  models.MODELS[args.model_name] = functools.partial(
-      models.MLP, hidden_sizes=tuple(args.hidden))
+  args.model_kwargs = {"hidden_sizes": list(args.hidden)}
 
   assert jax.local_device_count() >= NUM_WORKERS, jax.devices()
   dataset = data.load_mnist1d(args.num_samples)
@@ -180,7 +178,7 @@ def main():
     runs.extend(json.loads(out.with_suffix(".json").read_text())["runs"])
   payload = {
       "command": _common.command_line(
-          args, exclude=("quick", "out", "fresh", "model_name")),
+          args, exclude=("quick", "out", "fresh", "model_kwargs")),
       "machine": _common.machine_description(),
       "workers": f"{NUM_WORKERS} simulated XLA CPU devices (no network)",
       "jax": jax.__version__,
@@ -232,7 +230,8 @@ def main():
 
 def _num_params(args, dataset):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  network = models.make_model(args.model_name, dataset.num_classes)
+  network = models.make_model("mlp", dataset.num_classes,
+                              **args.model_kwargs)
   params = network.init(jax.random.key(0), jnp.asarray(dataset.x[:1]))
   return sum(x.size for x in jax.tree.leaves(params))
 

@@ -64,8 +64,10 @@ def make_step(model, optimizer, batch_size, num_devices, microbatches=1):
     optimizer = optimizer[:-len(NORM_TEST)]
     statistics = "per_device" if microbatches == 1 else "microbatch"
     adaptive = ("norm", 1 << 20, batch_size, microbatch, statistics)
-  program = train.build_program(model, CLASSES, optimizer, "{}", 0.0,
-                                "constant", 1000, 0, devices, adaptive)
+  program = train.build_program(train.ProgramSpec(
+      model=model, num_classes=CLASSES, optimizer=optimizer,
+      schedule="constant", total_samples=1000, warmup_samples=0,
+      devices=devices, adaptive=adaptive))
   rng = np.random.default_rng(0)
   shape = (microbatches, microbatch)
   batch = {

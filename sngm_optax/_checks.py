@@ -100,6 +100,21 @@ def check_positive_int(name: str, value: Any) -> int | None:
   return int(array)
 
 
+def check_non_negative_int(name: str, value: Any) -> int | None:
+  """Checks an integer >= 0; returns it, or `None` when it is traced."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if (
+      isinstance(value, bool)
+      or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer)
+      or int(array) < 0
+  ):
+    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+  return int(array)
+
+
 def check_axis_name(name: str, value: Any, *, optional: bool = False) -> None:
   """Checks a pmap/shard_map axis name: a non-empty string or tuple of them."""
   if value is None and optional:

@@ -144,11 +144,14 @@ def _step_once(config, dataset, num_real, slots, accumulate=False):
   train.build_program.cache_clear()
   devices = tuple(jax.local_devices()[:config.num_devices])
   statistics = config.adaptive_statistics
-  program = train.build_program(
-      config.model, dataset.num_classes, config.optimizer,
-      '{"eta": 0.5}', 0.0, "constant", 10, 0, devices,
-      (config.adaptive_batch, config.max_batch_size, config.batch_size,
-       MICROBATCH, statistics), MICROBATCH if accumulate else None)
+  program = train.build_program(train.ProgramSpec(
+      model=config.model, num_classes=dataset.num_classes,
+      optimizer=config.optimizer,
+      optimizer_kwargs=train.frozen_items({"eta": 0.5}), schedule="constant",
+      total_samples=10, warmup_samples=0, devices=devices,
+      adaptive=(config.adaptive_batch, config.max_batch_size,
+                config.batch_size, MICROBATCH, statistics),
+      growing_microbatch=MICROBATCH if accumulate else None))
   params = program.init_fn(jax.random.key(0), dataset.x[:1])["params"]
   state = train_state.TrainState.create(apply_fn=program.apply_fn,
                                         params=params, tx=program.tx)
@@ -226,7 +229,7 @@ def test_microbatch_statistics_match_the_library_on_the_same_units(dataset):
     (dict(optimizer="sngm", adaptive_batch=None), "only used with"),
     (dict(adaptive_batch="augmented", adaptive_statistics="microbatch"),
      "needs per-device statistics"),
-    (dict(adaptive_statistics="sometimes"), "adaptive_statistics must be"),
+    (dict(adaptive_statistics="sometimes"), "unknown adaptive_statistics"),
 ])
 def test_bad_adaptive_configs_raise(changes, message):
   with pytest.raises(ValueError, match=message):

@@ -1,5 +1,7 @@
 """Tests of the `sngm-optax` command line (sngm_optax.harness.cli)."""
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from sngm_optax.harness import cli
+from sngm_optax.harness import config as config_lib
 
 
 def _run(argv, capsys):
@@ -38,8 +41,15 @@ def _tiny(tmp_path):
     (["compare", "--batch-size", "-1"], "--batch-size: expected a positive"),
     (["compare", "--grid-size", "zero"], "--grid-size: expected a positive"),
     (["train", "--set", "colour=red"], "bad override 'colour=red'"),
-    (["train", "--warmup-epochs", "-1"], "warmup_epochs must be a number"),
-    (["train", "--set", "epochs=many"], "epochs must be a number"),
+    (["train", "--warmup-epochs", "-1"],
+     "--warmup-epochs: expected a number >= 0"),
+    (["train", "--set", "epochs=many"], "epochs must be a real number"),
+    (["train", "--set", "warmup_epochs=-1"], "warmup_epochs must be in [0"),
+    (["train", "--model-kwargs", "{oops"], "--model-kwargs: expected a JSON"),
+    (["train", "--set", 'model_kwargs={"colour": 1}'],
+     "unexpected keyword argument 'colour'"),
+    (["train", "--checkpoint-at-epoch-end", "maybe"],
+     "--checkpoint-at-epoch-end: expected true or false"),
     (["train", "--batch-size", "100", "--num-microbatches", "3"],
      "not divisible by num_microbatches"),
     (["train", "--adaptive-batch", "median"], "invalid choice: 'median'"),
@@ -177,3 +187,43 @@ def test_train_without_lr_needs_a_benchmark_pick(monkeypatch, capsys):
   status, _, err = _run(["train", "--optimizer", "sgd"], capsys)
   assert status == 2
   assert "--lr is required for sgd" in err
+
+
+def _train_parser():
+  commands = next(action for action in cli.build_parser()._actions  # pylint: disable=protected-access
+                  if isinstance(action, argparse._SubParsersAction))  # pylint: disable=protected-access
+  return commands.choices["train"]
+
+
+def test_train_has_a_flag_per_config_field_and_leaves_defaults_to_config():
+  fields = {field.name for field in dataclasses.fields(config_lib.Config)}
+  actions = {action.dest: action for action in _train_parser()._actions}  # pylint: disable=protected-access
+  assert fields <= set(actions)
+  # No restated default: an absent flag is absent from the namespace.
+  assert all(actions[name].default is argparse.SUPPRESS for name in fields)
+  assert not fields & set(vars(cli.build_parser().parse_args(["train"])))
+  args = cli.build_parser().parse_args([
+      "train", "--lr", "0.1", "--weight-decay", "0", "--batch-size", "64",
+      "--model-kwargs", '{"hidden_sizes": [8]}', "--data", "mine.npz",
+      "--checkpoint-at-epoch-end", "false", "--checkpoint-every", "7"])
+  assert (args.learning_rate, args.weight_decay, args.batch_size) == (
+      0.1, 0.0, 64)
+  assert args.model_kwargs == {"hidden_sizes": [8]}
+  assert args.data_path == "mine.npz"
+  assert (args.checkpoint_at_epoch_end, args.checkpoint_every_steps) == (
+      False, 7)
+
+
+def test_train_flags_reach_the_config(tmp_path, capsys):
+  out = tmp_path / "run"
+  status, _, _ = _run([
+      "train", "--optimizer", "msgd", "--batch-size", "48", "--lr", "0.1",
+      "--weight-decay", "0.01", "--epochs", "1", "--model", "mlp",
+      "--model-kwargs", '{"hidden_sizes": [8]}', "--schedule", "constant",
+      "--out", str(out), "--quiet", *_tiny(tmp_path)], capsys)
+  assert status == 0
+  config = json.loads((out / "metrics.json").read_text())["config"]
+  assert config["weight_decay"] == 0.01 and config["schedule"] == "constant"
+  assert config["model_kwargs"] == {"hidden_sizes": [8]}
+  # The rest are Config's defaults.
+  assert config["warmup_epochs"] == config_lib.Config().warmup_epochs

@@ -119,9 +119,10 @@ def test_harness_step_compiles_once_per_microbatch_bucket():
   # The harness grows the batch by feeding more fixed-shape microbatches:
   # one executable per distinct number of microbatches, reused when a
   # bucket comes back, whatever the learning rate and the data.
-  program = train.build_program(
-      "mlp", 10, "sngm", "{}", 0.0, "constant", 100, 0,
-      tuple(jax.local_devices()))
+  program = train.build_program(train.ProgramSpec(
+      model="mlp", num_classes=10, optimizer="sngm", schedule="constant",
+      total_samples=100, warmup_samples=0,
+      devices=tuple(jax.local_devices())))
   model = models.make_model("mlp")
   rng = np.random.default_rng(0)
   microbatch = 64  # divisible by the 8 devices of tests/conftest.py

@@ -1,5 +1,6 @@
 """End-to-end tests of the training loop (sngm_optax.harness.train)."""
 
+import dataclasses
 import json
 
 import jax
@@ -143,6 +144,102 @@ def test_injected_peak_learning_rate_matches_plain_optax(dataset):
   assert abs(results[0]["final"]["test_loss"] - expected) > 1e-3
 
 
+def _plain_sgd_test_loss(dataset, peak, weight_decay):
+  """`_sgd_config`'s run by hand: optax.sgd after add_decayed_weights on the
+  kernels, warmup-cosine schedule, on the batches the loop serves; returns
+  the final test loss."""
+  model = models.make_model("mlp")
+  params = jax.jit(model.init)(jax.random.key(0), dataset.x[:1])["params"]
+  # 1600 examples / 400 = 4 steps, warmup 0.5 epoch = 2 steps.
+  tx = optax.chain(
+      optax.add_decayed_weights(
+          weight_decay, lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+      optax.sgd(optax.warmup_cosine_decay_schedule(0.0, peak, 2, 4, 0.0)))
+  opt_state = tx.init(params)
+  sampler = data.EpochSampler(dataset.num_train, seed=0)
+
+  @jax.jit
+  def sgd_step(params, opt_state, x, y):
+    def mean_loss(p):
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    updates, opt_state = tx.update(jax.grad(mean_loss)(params), opt_state,
+                                   params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(4):
+    idx = sampler.next_batch(400)
+    params, opt_state = sgd_step(params, opt_state, dataset.x[idx],
+                                 dataset.y[idx])
+  logits = jax.jit(model.apply)({"params": params}, dataset.x_test)
+  return float(optax.softmax_cross_entropy_with_integer_labels(
+      logits, dataset.y_test).mean())
+
+
+def test_learning_rate_and_weight_decay_share_one_compiled_step(dataset):
+  # Both are values in the optimizer state: a (learning rate, weight decay)
+  # grid builds one program and compiles its train step once, and the
+  # weight decay still acts as optax's add_decayed_weights.
+  train.build_program.cache_clear()
+  trials = [(0.05, 0.0), (0.3, 0.2)]
+  configs = [_sgd_config(learning_rate=lr, weight_decay=wd)
+             for lr, wd in trials]
+  results = [train.train_and_evaluate(config, dataset=dataset, quiet=True)
+             for config in configs]
+  assert train.build_program.cache_info().misses == 1
+  program = train.build_program(train.ProgramSpec.from_config(
+      configs[1], dataset.num_train, jax.local_devices()[:1],
+      dataset.num_classes))
+  assert train.build_program.cache_info().misses == 1  # the same program
+  assert program.train_step._cache_size() == 1
+  for (lr, wd), result in zip(trials, results):
+    np.testing.assert_allclose(result["final"]["test_loss"],
+                               _plain_sgd_test_loss(dataset, lr, wd),
+                               rtol=1e-4)
+  # The decay is large enough to matter at this tolerance.
+  assert abs(results[1]["final"]["test_loss"]
+             - _plain_sgd_test_loss(dataset, 0.3, 0.0)) > 1e-3
+
+
+def test_program_spec_is_hashable_and_carries_model_kwargs(dataset):
+  config = _sgd_config(model_kwargs={"hidden_sizes": [8]},
+                       optimizer_kwargs={"nesterov": True},
+                       optimizer="msgd")
+  devices = jax.local_devices()[:1]
+  spec = train.ProgramSpec.from_config(config, dataset.num_train, devices,
+                                       dataset.num_classes)
+  assert spec == train.ProgramSpec.from_config(
+      config, dataset.num_train, devices, dataset.num_classes)
+  assert hash(spec) == hash(dataclasses.replace(spec))
+  assert spec.model_kwargs == (("hidden_sizes", (8,)),)
+  assert spec.optimizer_kwargs == (("nesterov", True),)
+  program = train.build_program(spec)
+  params = program.init_fn(jax.random.key(0), dataset.x[:1])["params"]
+  assert params["Dense_0"]["kernel"].shape == (40, 8)
+  assert params["Dense_1"]["kernel"].shape == (8, dataset.num_classes)
+
+
+def test_frozen_items_sorts_and_freezes_nested_values():
+  frozen = train.frozen_items({"b": [1, [2]], "a": {"y": 1, "x": 2}})
+  assert frozen == (("a", (("x", 2), ("y", 1))), ("b", (1, (2,))))
+  hash(frozen)
+
+
+def test_compile_time_is_reported_apart_from_run_time(dataset):
+  # A second identical run reuses every compiled step: its compile time is
+  # near 0 while the first run's is not.
+  train.build_program.cache_clear()
+  config = _sgd_config(batch_size=200)
+  first, second = (train.train_and_evaluate(config, dataset=dataset,
+                                            quiet=True) for _ in range(2))
+  assert first["compile_time_s"] > 0.1
+  assert second["compile_time_s"] < 0.05 * first["compile_time_s"]
+  for result in (first, second):
+    assert 0 <= result["compile_time_s"] <= result["wall_time_s"]
+    assert result["run_time_s"] == pytest.approx(
+        result["wall_time_s"] - result["compile_time_s"])
+
+
 def test_non_finite_loss_stops_after_k_steps(dataset):
   # Step 1 has learning rate 0 (warmup), step 2 blows the weights up, the
   # losses of steps 3 and 4 are non-finite.
@@ -154,11 +251,16 @@ def test_non_finite_loss_stops_after_k_steps(dataset):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(epochs=0.0), r"epochs must be a number in \(0, inf\)"),
-    (dict(epochs="ten"), "epochs must be a number"),
-    (dict(learning_rate=-1.0), "learning_rate must be a number in"),
-    (dict(learning_rate=float("nan")), "learning_rate must be a number in"),
+    (dict(epochs=0.0), r"epochs must be in \(0, inf\)"),
+    (dict(epochs="ten"), "epochs must be a real number"),
+    (dict(learning_rate=-1.0), "learning_rate must be in"),
+    (dict(learning_rate=float("nan")), "learning_rate must be in"),
+    (dict(weight_decay=-1e-4), "weight_decay must be in"),
     (dict(optimizer_kwargs=[1]), "optimizer_kwargs must be a dict"),
+    (dict(model_kwargs={1: 2}), "model_kwargs must be a dict"),
+    (dict(model="mlp", model_kwargs={"width": 3}), "model 'mlp'.*width"),
+    (dict(max_steps=-1), "max_steps must be an integer >= 0"),
+    (dict(checkpoint_at_epoch_end="yes"), "checkpoint_at_epoch_end must be"),
     (dict(optimizer="adam2"), "unknown optimizer 'adam2'"),
     (dict(model="resnet"), "unknown model 'resnet'"),
     (dict(batch_size=100, num_microbatches=3), "not divisible by"),

@@ -1,6 +1,5 @@
 """GMC and DGC through the training harness: per-device optimizer state."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +72,11 @@ def test_gmc_trains_above_chance_at_one_percent(dataset):
 
 
 def test_error_feedback_memory_is_per_device_and_params_replicated(dataset):
-  program = train.build_program(
-      "mlp", dataset.num_classes, "gmc", json.dumps({"density": 0.01}),
-      0.0, "constant", 10, 0, tuple(jax.local_devices()[:NUM_DEVICES]))
+  program = train.build_program(train.ProgramSpec(
+      model="mlp", num_classes=dataset.num_classes, optimizer="gmc",
+      optimizer_kwargs=train.frozen_items({"density": 0.01}),
+      schedule="constant", total_samples=10, warmup_samples=0,
+      devices=tuple(jax.local_devices()[:NUM_DEVICES])))
   params = program.init_fn(jax.random.key(0), dataset.x[:1])["params"]
   state = train_state.TrainState.create(apply_fn=program.apply_fn,
                                         params=params, tx=program.tx)

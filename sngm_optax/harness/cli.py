@@ -13,10 +13,10 @@ arguments, 75 stopped by SIGTERM after writing a checkpoint (resume with
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
-
-from sngm_optax.harness import data as data_lib
+import typing
 
 _NO_DEFAULT = None
 
@@ -35,7 +35,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _checked(convert, description: str, valid):
-  """An argparse `type` converting with `convert` and checking `valid`."""
+  """An argparse `type` converting with `convert` and checking `valid`
+  (for `compare`'s own options; `train`'s are `Config`'s, see
+  `_config_type`)."""
 
   def parse(text: str):
     try:
@@ -56,28 +58,95 @@ _positive_float = _checked(float, "a positive number",
                            lambda v: 0 < v < float("inf"))
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-  group = parser.add_argument_group("data")
-  group.add_argument(
-      "--data", metavar="PATH.npz", default=None,
-      help="your own dataset: an .npz with x, y, x_test, y_test "
-           "(default: MNIST-1D generated locally and cached)")
-  group.add_argument(
-      "--num-samples", type=_positive_int, default=_NO_DEFAULT,
-      help="MNIST-1D size, train + test (80/20 split)")
-  group.add_argument("--data-seed", type=_non_negative_int,
-                     default=data_lib.DEFAULT_SEED,
-                     help="seed of the generated MNIST-1D")
-  group.add_argument(
-      "--cache-dir", default=None,
-      help="MNIST-1D cache directory (default: $SNGM_OPTAX_CACHE, else "
-           "$XDG_CACHE_HOME/sngm_optax or ~/.cache/sngm_optax)")
+# Config fields whose flag is not `--field-name` (README.md and scripts
+# use these spellings).
+FLAG_ALIASES = {
+    "learning_rate": "--lr",
+    "data_path": "--data",
+    "checkpoint_every_steps": "--checkpoint-every",
+}
+# The fields of the `data` group, shared by `train` and `compare`.
+DATA_FIELDS = ("data_path", "num_samples", "data_seed", "cache_dir")
+# The first batch of an adaptive run when --initial-batch-size is not given
+# (Config's batch_size default is a fixed batch's).
+ADAPTIVE_INITIAL_BATCH_SIZE = 32
+
+
+def _flag(name: str) -> str:
+  return FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+
+
+def _value_type(field: dataclasses.Field) -> type:
+  """The field's type without `| None`."""
+  types = [t for t in typing.get_args(field.type) if t is not type(None)]
+  return types[0] if types else field.type
+
+
+def _config_type(field: dataclasses.Field):
+  """An argparse `type` for `field`: converts the text to the field's type
+  and applies the field's own check (`Config`'s metadata), so a bad value
+  fails while parsing, naming the flag."""
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  value_type = _value_type(field)
+  check = field.metadata["check"]
+  if value_type is dict:
+    convert = json.loads
+  elif value_type is bool:
+    convert = {"true": True, "false": False}.__getitem__
+  else:
+    convert = value_type
+  choices = config_lib.choices_of(field)
+  if check is None:
+    return None if choices else convert
+
+  def parse(text: str):
+    try:
+      value = convert(text)
+      check.check(field.name, value)
+    except (ValueError, KeyError):
+      raise argparse.ArgumentTypeError(
+          f"expected {check.description}, got {text!r}") from None
+    return value
+
+  return parse
+
+
+def _add_config_arguments(group, fields, own_defaults=None) -> None:
+  """Adds a flag for each `Config` field in `fields`, with the field's type,
+  check, choices and help; an absent flag leaves the field to `Config`'s
+  default (`argparse.SUPPRESS`: the flag is then missing from the args),
+  or to the command's own rule described in `own_defaults[name]`."""
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  own_defaults = own_defaults or {}
+  for field in fields:
+    help_text = field.metadata["help"]
+    if field.name in own_defaults:
+      help_text += f" (default: {own_defaults[field.name]})"
+    elif field.default not in (None, dataclasses.MISSING):
+      help_text += f" (default: {field.default})"
+    choices = config_lib.choices_of(field)
+    group.add_argument(
+        _flag(field.name), dest=field.name, type=_config_type(field),
+        choices=choices, default=argparse.SUPPRESS,
+        metavar=None if choices else field.name.upper(),
+        help=help_text.replace("%", "%%"))
+
+
+def _config_fields(names=None) -> list:
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  fields = dataclasses.fields(config_lib.Config)
+  return [f for f in fields if names is None or f.name in names]
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser,
+                        own_defaults=None) -> None:
+  _add_config_arguments(parser.add_argument_group("data"),
+                        _config_fields(DATA_FIELDS), own_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The `sngm-optax` argument parser."""
   from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
-  from sngm_optax.harness import optimizers  # pylint: disable=g-import-not-at-top
 
   parser = _ArgumentParser(
       prog="sngm-optax",
@@ -122,63 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
   cmp.add_argument("--no-small-batch", action="store_true",
                    help="skip the small-batch reference")
   cmp.add_argument("--model", choices=sorted(_models()), default=None,
-                   help="model (default cnn)")
-  cmp.add_argument("--seed", type=_non_negative_int, default=0,
-                   help="seed of initialization and batch order")
+                   help="model (default: the preset's)")
+  _add_config_arguments(cmp, _config_fields(("seed",)))
   cmp.add_argument("--out", default="runs/compare",
                    help="output directory (default runs/compare)")
   cmp.add_argument("--quiet", action="store_true", help="print only the table")
-  _add_data_arguments(cmp)
+  _add_data_arguments(cmp, {"num_samples": "the preset's"})
 
   # train ------------------------------------------------------------------
+  # One flag per Config field (its type, check, choices and help come from
+  # Config), plus the command's own options.
   trn = commands.add_parser(
       "train", help="one training run",
       description="Trains one model with one optimizer and writes "
-                  "metrics.json.")
-  trn.add_argument("--optimizer", choices=sorted(optimizers.OPTIMIZERS),
-                   default="sngm", help="optimizer (default sngm)")
-  trn.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="fixed batch size (default 4096)")
-  trn.add_argument("--adaptive-batch", choices=optimizers.ADAPTIVE_TESTS,
-                   default=None,
-                   help="grow the batch with this AdAdaGrad batch-size test "
-                        "in front of the optimizer (default for adadagrad and "
-                        "adadagrad_norm: norm)")
-  trn.add_argument("--max-batch-size", type=_positive_int, default=None,
-                   help="cap of the adaptive batch size (required with "
-                        "--adaptive-batch)")
-  trn.add_argument("--initial-batch-size", type=_positive_int, default=None,
-                   help="first batch size of an adaptive run (default 32)")
-  trn.add_argument("--adaptive-statistics",
-                   choices=("auto", "per_device", "microbatch"),
-                   default="auto",
-                   help="statistics of the test: per-device gradients (only "
-                        "scalars all-reduced) or microbatch moments (default "
-                        "auto: per_device on 2+ devices)")
-  trn.add_argument("--lr", type=_positive_float, default=None,
-                   help="peak learning rate (default: the benchmark's pick "
-                        "for this optimizer at B=4096, or at B=128 for msgd "
-                        "at small batches, scaled by the square root of the "
-                        "batch-size ratio)")
-  trn.add_argument("--epochs", type=_positive_float, default=30.0)
-  trn.add_argument("--model", choices=sorted(_models()), default="cnn")
-  trn.add_argument("--weight-decay", type=float, default=1e-4)
-  trn.add_argument("--warmup-epochs", type=float, default=2.0)
-  trn.add_argument("--num-microbatches", type=_positive_int, default=1,
-                   help="split each batch into this many microbatches")
-  trn.add_argument("--num-devices", type=_non_negative_int, default=0,
-                   help="devices to split the batch over (0: all local)")
-  trn.add_argument("--seed", type=_non_negative_int, default=0)
+                  "metrics.json. Options not given take Config's defaults.")
+  own_defaults = {
+      "learning_rate": "the benchmark's pick for this optimizer at B=4096, "
+                       "or at B=128 for msgd at small batches, scaled by the "
+                       "square root of the batch-size ratio",
+      "adaptive_batch": "none; norm for adadagrad and adadagrad_norm"}
+  run = trn.add_argument_group("run (the fields of Config)")
+  _add_config_arguments(
+      run, [f for f in _config_fields() if f.name not in DATA_FIELDS],
+      own_defaults)
+  batch_size, = _config_fields(("batch_size",))
+  run.add_argument("--initial-batch-size", type=_config_type(batch_size),
+                   default=argparse.SUPPRESS,
+                   help="first batch size of an adaptive run, i.e. "
+                        "batch_size (default "
+                        f"{ADAPTIVE_INITIAL_BATCH_SIZE})")
   trn.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="override any Config field, e.g. --set "
                         "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
-  trn.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="save checkpoints (params, optimizer state, sampler "
-                        "position) here at each epoch end, and on SIGTERM "
-                        "before exiting with status 75")
-  trn.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
-                   metavar="N", help="also checkpoint every N steps")
   trn.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR with its saved "
                         "settings (other options but --out, --quiet and "
@@ -202,7 +247,7 @@ def _run_compare(args, parser) -> int:
   changes = {
       "large_batch": args.batch_size, "small_batch": args.small_batch_size,
       "epochs": args.epochs, "grid_size": args.grid_size,
-      "num_samples": args.num_samples, "model": args.model,
+      "num_samples": getattr(args, "num_samples", None), "model": args.model,
   }
   preset = dataclasses.replace(
       preset, **{k: v for k, v in changes.items() if v is not None})
@@ -210,11 +255,13 @@ def _run_compare(args, parser) -> int:
                      if name.strip())
   if not optimizers:
     parser.error("--optimizers: give at least one optimizer")
+  # The data and seed flags given (absent ones keep compare's defaults).
+  given = {name: getattr(args, name) for name in (*DATA_FIELDS, "seed")
+           if name != "num_samples" and hasattr(args, name)}
   result = compare.compare(
       preset, optimizers=optimizers,
-      include_small_batch=not args.no_small_batch, data_path=args.data,
-      cache_dir=args.cache_dir, seed=args.seed, data_seed=args.data_seed,
-      out_dir=args.out, quiet=args.quiet, extra_seeds=args.extra_seeds)
+      include_small_batch=not args.no_small_batch, out_dir=args.out,
+      quiet=args.quiet, extra_seeds=args.extra_seeds, **given)
   print(result["table"])
   if not args.quiet:
     print(f"wrote {os.path.join(args.out, 'compare.json')} and "
@@ -226,7 +273,6 @@ def _run_compare(args, parser) -> int:
 def _run_train(args, parser) -> int:
   from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
-  from sngm_optax.harness import optimizers  # pylint: disable=g-import-not-at-top
 
   if args.resume is not None:
     from sngm_optax.harness import checkpoint  # pylint: disable=g-import-not-at-top
@@ -239,47 +285,53 @@ def _run_train(args, parser) -> int:
                        ) from None
     return _train_and_report(config_lib.override(config, args.overrides), args,
                              resume=True)
-  adaptive_test = args.adaptive_batch
-  if adaptive_test is None and args.optimizer in optimizers.ADAPTIVE_OPTIMIZERS:
-    adaptive_test = "norm"
-  adaptive = {}
-  if adaptive_test is None:
-    for flag in ("max_batch_size", "initial_batch_size"):
-      if getattr(args, flag) is not None:
-        parser.error(f"--{flag.replace('_', '-')} needs --adaptive-batch")
-    if args.adaptive_statistics != "auto":
-      parser.error("--adaptive-statistics needs --adaptive-batch")
-    batch_size = 4096 if args.batch_size is None else args.batch_size
-  else:
-    if args.batch_size is not None:
-      parser.error("--batch-size is fixed; with --adaptive-batch give "
-                   "--initial-batch-size")
-    if args.max_batch_size is None:
-      parser.error("--adaptive-batch needs --max-batch-size")
-    batch_size = args.initial_batch_size or 32
-    adaptive = dict(adaptive_batch=adaptive_test,
-                    max_batch_size=args.max_batch_size,
-                    adaptive_statistics=args.adaptive_statistics)
-  args.batch_size = batch_size
-  learning_rate = args.lr
-  if learning_rate is None:
-    if not (args.optimizer in compare.LR_GRIDS
-            or args.optimizer in compare.SMALL_BATCH_GRIDS):
-      parser.error(f"--lr is required for {args.optimizer} (no benchmark "
+  given = {f.name: getattr(args, f.name) for f in _config_fields()
+           if hasattr(args, f.name)}
+  _apply_adaptive_flags(given, args, parser)
+  if "learning_rate" not in given:
+    optimizer = given.get("optimizer", _config_default("optimizer"))
+    if not (optimizer in compare.LR_GRIDS
+            or optimizer in compare.SMALL_BATCH_GRIDS):
+      parser.error(f"--lr is required for {optimizer} (no benchmark "
                    "pick to default to)")
-    learning_rate = compare.suggested_learning_rate(args.optimizer,
-                                                    args.batch_size)
-  config = config_lib.Config(
-      data_path=args.data, data_seed=args.data_seed, cache_dir=args.cache_dir,
-      model=args.model, optimizer=args.optimizer, learning_rate=learning_rate,
-      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-      batch_size=args.batch_size, num_microbatches=args.num_microbatches,
-      epochs=args.epochs, seed=args.seed, num_devices=args.num_devices,
-      checkpoint_dir=args.checkpoint_dir,
-      checkpoint_every_steps=args.checkpoint_every,
-      **adaptive, **({} if args.num_samples is None
-         else {"num_samples": args.num_samples}))
+    given["learning_rate"] = compare.suggested_learning_rate(
+        optimizer, given.get("batch_size", _config_default("batch_size")))
+  config = config_lib.Config(**given)
   return _train_and_report(config_lib.override(config, args.overrides), args)
+
+
+def _config_default(name: str):
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  return getattr(config_lib.Config(), name)
+
+
+def _apply_adaptive_flags(given: dict, args, parser) -> None:
+  """The command's rules for a growing batch, applied to `given` (the
+  Config fields from flags): adadagrad(_norm) default to the norm test, and
+  an adaptive run's first batch is `--initial-batch-size`, not
+  `--batch-size`."""
+  from sngm_optax.harness import optimizers  # pylint: disable=g-import-not-at-top
+  initial = getattr(args, "initial_batch_size", None)
+  optimizer = given.get("optimizer", _config_default("optimizer"))
+  if ("adaptive_batch" not in given
+      and optimizer in optimizers.ADAPTIVE_OPTIMIZERS):
+    given["adaptive_batch"] = "norm"
+  if given.get("adaptive_batch") is None:
+    if "max_batch_size" in given and "batch_ramp" not in given:
+      parser.error("--max-batch-size needs --adaptive-batch (or "
+                   "--batch-ramp)")
+    if initial is not None:
+      parser.error("--initial-batch-size needs --adaptive-batch")
+    if "adaptive_statistics" in given:
+      parser.error("--adaptive-statistics needs --adaptive-batch")
+    return
+  if "batch_size" in given:
+    parser.error("--batch-size is fixed; with --adaptive-batch give "
+                 "--initial-batch-size")
+  if "max_batch_size" not in given:
+    parser.error("--adaptive-batch needs --max-batch-size")
+  given["batch_size"] = (ADAPTIVE_INITIAL_BATCH_SIZE if initial is None
+                         else initial)
 
 
 def _train_and_report(config, args, resume: bool = False) -> int:

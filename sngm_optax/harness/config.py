@@ -1,5 +1,10 @@
 """The run configuration: one frozen dataclass, checked when it is made.
 
+`Config` is the one source of the defaults, the help texts and the checks
+of a run's settings: each field's metadata holds its help, its `FieldCheck`
+(a check of `sngm_optax._checks`) and its choices; `Config.__post_init__`
+applies them, and `sngm-optax train` builds its options from them.
+
 The adaptive-batch settings that depend on the number of devices are
 resolved once, by `Config.adaptive_settings`.
 
@@ -14,9 +19,10 @@ Example:
 
 import dataclasses
 import json
-import math
-from typing import Any, NamedTuple
+import typing
+from typing import Any, Callable, NamedTuple
 
+from sngm_optax import _checks
 from sngm_optax.harness import data as data_lib
 from sngm_optax.harness import models
 from sngm_optax.harness.optimizers import ADAPTIVE_OPTIMIZERS
@@ -28,7 +34,7 @@ from sngm_optax.harness.optimizers import SCHEDULES
 class AdaptiveBatch(NamedTuple):
   """A run's adaptive-batch settings, resolved for its number of devices.
 
-  The field order is `build_program`'s `adaptive` key.
+  The field order is that of `train.ProgramSpec.adaptive`.
   """
 
   test: str
@@ -39,108 +45,193 @@ class AdaptiveBatch(NamedTuple):
   statistics: str
 
 
+class FieldCheck(NamedTuple):
+  """How a `Config` field's value is checked, alone.
+
+  Attributes:
+    check: `check(name, value)`, raises ValueError for a bad value (a check
+      of `sngm_optax._checks`).
+    description: what a good value is, e.g. "a positive integer" (the
+      command line's "expected ..." message).
+  """
+
+  check: Callable[[str, Any], Any]
+  description: str
+
+
+def _check_bool(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+  _checks.check_range(name, value, 0.0, 1.0, high_inclusive=False)
+
+
+def _check_keyword_arguments(name: str, value: Any) -> None:
+  if not (isinstance(value, dict) and all(isinstance(key, str)
+                                          for key in value)):
+    raise ValueError(f"{name} must be a dict of keyword arguments, got "
+                     f"{value!r}")
+
+
+POSITIVE_INT = FieldCheck(_checks.check_positive_int, "a positive integer")
+NON_NEGATIVE_INT = FieldCheck(_checks.check_non_negative_int,
+                              "an integer >= 0")
+POSITIVE = FieldCheck(_checks.check_positive, "a positive number")
+NON_NEGATIVE = FieldCheck(_checks.check_non_negative, "a number >= 0")
+FRACTION = FieldCheck(_check_fraction, "a number in [0, 1)")
+BOOL = FieldCheck(_check_bool, "true or false")
+KEYWORD_ARGUMENTS = FieldCheck(_check_keyword_arguments,
+                               "a JSON object of keyword arguments")
+
+
+def _option(default: Any = dataclasses.MISSING, *, doc: str,
+            check: FieldCheck | None = None, choices: Any = None,
+            default_factory: Any = dataclasses.MISSING):
+  """A `Config` field with its help text, its check and its choices (a
+  registry whose keys are the allowed values, or a tuple of them), which
+  `Config.__post_init__` and the command line (`cli`) both read."""
+  return dataclasses.field(
+      default=default, default_factory=default_factory,
+      metadata={"help": doc, "check": check, "choices": choices})
+
+
+def choices_of(field: dataclasses.Field) -> tuple | None:
+  """The allowed values of `field` (sorted registry keys), None if free."""
+  choices = field.metadata.get("choices")
+  if choices is None:
+    return None
+  return tuple(sorted(choices)) if isinstance(choices, dict) else choices
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything that defines a run; override fields with `override`.
 
   Budgets are in epochs (samples seen / training-set size), so runs at
-  different batch sizes see the same number of examples.
+  different batch sizes see the same number of examples. Each field's
+  metadata holds its help text, its check and its choices: the one place
+  where defaults and validation live (`sngm_optax.harness.cli` builds the
+  `train` options from them).
   """
 
-  # Data: a user's .npz (keys x, y, x_test, y_test), or MNIST-1D generated
-  # with `num_samples` examples (80% train, 20% test) and `data_seed`.
-  data_path: str | None = None
-  num_samples: int = data_lib.DEFAULT_NUM_SAMPLES
-  data_seed: int = data_lib.DEFAULT_SEED
-  cache_dir: str | None = None
-  # Fraction of the training set held out for validation (0: none).
-  val_fraction: float = 0.0
-  model: str = "cnn"
-  # Optimizer, looked up in OPTIMIZERS, with its peak learning rate.
-  optimizer: str = "sngm"
-  learning_rate: float = 0.4
-  weight_decay: float = 1e-4
-  # Extra keyword arguments for the optimizer factory (e.g. momentum).
-  optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
-  # "warmup_cosine": linear warmup to the peak, cosine decay to 0; "step":
-  # linear warmup, then x0.1 at 50 % and 75 % of the budget; "constant".
-  schedule: str = "warmup_cosine"
-  warmup_epochs: float = 2.0
-  batch_size: int = 4096
-  # The batch is fed as num_microbatches x (batch_size / num_microbatches).
-  num_microbatches: int = 1
-  epochs: float = 30.0
-  seed: int = 0
-  # Devices to split the batch over; 0 means all local devices.
-  num_devices: int = 0
-  eval_batch_size: int = 4096
-  # Stop after this many consecutive steps with a non-finite loss.
-  max_nonfinite_steps: int = 5
-  # Adaptive batch size: a test name from ADAPTIVE_TESTS puts that
-  # batch-size test in front of the optimizer; `batch_size` is then the
-  # initial batch size and the batch grows up to `max_batch_size`.
-  adaptive_batch: str | None = None
-  max_batch_size: int | None = None
-  # Where the test's statistics come from: "per_device", "microbatch", or
-  # "auto" (per_device on two or more devices, else microbatch).
-  adaptive_statistics: str = "auto"
-  # A batch that grows by a fixed rule instead of a test: "linear" or
-  # "stagewise" (4 stages) from `batch_size` to `max_batch_size` over the
-  # budget (see batching.RampBatch).
-  batch_ramp: str | None = None
-  # Checkpoints (see sngm_optax.harness.checkpoint): saved to
-  # `checkpoint_dir` every `checkpoint_every_steps` steps (0: not by steps)
-  # and/or at epoch ends,
-  # keeping the newest `keep_checkpoints`. `max_steps` > 0 stops the run
-  # (with a checkpoint) after that many steps, as a preemption would.
-  checkpoint_dir: str | None = None
-  checkpoint_every_steps: int = 0
-  checkpoint_at_epoch_end: bool = True
-  keep_checkpoints: int = 3
-  max_steps: int = 0
-  # Fixed-batch steps run per dispatch with `lax.scan` (1: one dispatch a
-  # step; 0: the measured choice, see `train.steps_per_dispatch`).
-  steps_per_dispatch: int = 0
+  # --- Data.
+  data_path: str | None = _option(
+      None, doc="your own dataset: an .npz with x, y, x_test, y_test "
+                "(default: MNIST-1D generated locally and cached)")
+  num_samples: int = _option(
+      data_lib.DEFAULT_NUM_SAMPLES, check=POSITIVE_INT,
+      doc="MNIST-1D size, train + test (80/20 split)")
+  data_seed: int = _option(data_lib.DEFAULT_SEED, check=NON_NEGATIVE_INT,
+                           doc="seed of the generated MNIST-1D (and of the "
+                               "validation split)")
+  cache_dir: str | None = _option(
+      None, doc="MNIST-1D cache directory (default: $SNGM_OPTAX_CACHE, "
+                "else $XDG_CACHE_HOME/sngm_optax or ~/.cache/sngm_optax)")
+  val_fraction: float = _option(
+      0.0, check=FRACTION,
+      doc="fraction of the training set held out for validation (0: none)")
+  # --- Model and optimizer.
+  model: str = _option("cnn", choices=models.MODELS, doc="model")
+  model_kwargs: dict = _option(
+      default_factory=dict, check=KEYWORD_ARGUMENTS,
+      doc='keyword arguments of the model, e.g. \'{"hidden_sizes": [64]}\'')
+  optimizer: str = _option("sngm", choices=OPTIMIZERS, doc="optimizer")
+  learning_rate: float = _option(0.4, check=POSITIVE,
+                                 doc="peak learning rate")
+  weight_decay: float = _option(1e-4, check=NON_NEGATIVE,
+                                doc="weight decay of the kernels")
+  optimizer_kwargs: dict = _option(
+      default_factory=dict, check=KEYWORD_ARGUMENTS,
+      doc='keyword arguments of the optimizer factory, e.g. '
+          '\'{"momentum": 0.95}\'')
+  schedule: str = _option(
+      "warmup_cosine", choices=SCHEDULES,
+      doc="learning-rate schedule: warmup_cosine (linear warmup to the "
+          "peak, cosine decay to 0), step (linear warmup, then x0.1 at 50% "
+          "and 75% of the budget) or constant")
+  warmup_epochs: float = _option(2.0, check=NON_NEGATIVE,
+                                 doc="epochs of linear warmup")
+  # --- Batch and budget.
+  batch_size: int = _option(4096, check=POSITIVE_INT,
+                            doc="fixed batch size")
+  num_microbatches: int = _option(
+      1, check=POSITIVE_INT,
+      doc="feed each batch as this many microbatches of batch_size / "
+          "num_microbatches examples")
+  epochs: float = _option(30.0, check=POSITIVE, doc="training epochs")
+  seed: int = _option(0, check=NON_NEGATIVE_INT,
+                      doc="seed of initialization and batch order")
+  num_devices: int = _option(
+      0, check=NON_NEGATIVE_INT,
+      doc="devices to split the batch over (0: all local devices)")
+  eval_batch_size: int = _option(4096, check=POSITIVE_INT,
+                                 doc="examples per evaluation chunk")
+  max_nonfinite_steps: int = _option(
+      5, check=POSITIVE_INT,
+      doc="stop after this many consecutive steps with a non-finite loss")
+  # --- A batch that grows.
+  adaptive_batch: str | None = _option(
+      None, choices=ADAPTIVE_TESTS,
+      doc="grow the batch with this AdAdaGrad batch-size test in front of "
+          "the optimizer; batch_size is then the initial batch size, grown "
+          "up to max_batch_size")
+  max_batch_size: int | None = _option(
+      None, check=POSITIVE_INT,
+      doc="cap of a growing batch (required with adaptive_batch or "
+          "batch_ramp)")
+  adaptive_statistics: str = _option(
+      "auto", choices=("auto", "per_device", "microbatch"),
+      doc="statistics of the test: per-device gradients (only scalars "
+          "all-reduced) or microbatch moments (auto: per_device on 2+ "
+          "devices)")
+  batch_ramp: str | None = _option(
+      None, choices=("linear", "stagewise"),
+      doc="grow the batch by a fixed rule instead of a test, from "
+          "batch_size to max_batch_size over the budget (stagewise: 4 "
+          "stages; see batching.RampBatch)")
+  # --- Checkpoints (see sngm_optax.harness.checkpoint).
+  checkpoint_dir: str | None = _option(
+      None, doc="save checkpoints (params, optimizer state, sampler "
+                "position) here at each epoch end, and on SIGTERM before "
+                "exiting with status 75")
+  checkpoint_every_steps: int = _option(
+      0, check=NON_NEGATIVE_INT,
+      doc="also checkpoint every this many steps (0: not by steps)")
+  checkpoint_at_epoch_end: bool = _option(
+      True, check=BOOL, doc="checkpoint at each epoch end")
+  keep_checkpoints: int = _option(3, check=POSITIVE_INT,
+                                  doc="checkpoints kept, newest first")
+  max_steps: int = _option(
+      0, check=NON_NEGATIVE_INT,
+      doc="stop (with a checkpoint) after this many steps, as a preemption "
+          "would (0: no limit)")
+  steps_per_dispatch: int = _option(
+      0, check=NON_NEGATIVE_INT,
+      doc="fixed-batch steps run per dispatch with lax.scan (1: one "
+          "dispatch a step; 0: the measured choice, see "
+          "train.steps_per_dispatch)")
 
   def __post_init__(self):
-    _check_positive_int("batch_size", self.batch_size)
-    _check_positive_int("num_microbatches", self.num_microbatches)
-    _check_positive_int("eval_batch_size", self.eval_batch_size)
-    _check_positive_int("max_nonfinite_steps", self.max_nonfinite_steps)
-    _check_positive_int("num_samples", self.num_samples)
-    _check_positive_int("keep_checkpoints", self.keep_checkpoints)
-    for name in ("checkpoint_every_steps", "max_steps",
-                 "steps_per_dispatch"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if not isinstance(self.checkpoint_at_epoch_end, bool):
-      raise ValueError("checkpoint_at_epoch_end must be true or false, got "
-                       f"{self.checkpoint_at_epoch_end!r}")
-    if not (isinstance(self.num_devices, int) and self.num_devices >= 0):
-      raise ValueError(
-          f"num_devices must be an integer >= 0, got {self.num_devices!r}")
-    _check_real("epochs", self.epochs, 0.0, low_inclusive=False)
-    _check_real("learning_rate", self.learning_rate, 0.0, low_inclusive=False)
-    _check_real("weight_decay", self.weight_decay, 0.0)
-    _check_real("warmup_epochs", self.warmup_epochs, 0.0)
-    _check_real("val_fraction", self.val_fraction, 0.0, 1.0)
-    if not isinstance(self.optimizer_kwargs, dict):
-      raise ValueError("optimizer_kwargs must be a dict, got "
-                       f"{self.optimizer_kwargs!r}")
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if value is None and _is_optional(field):
+        continue
+      check, choices = field.metadata["check"], choices_of(field)
+      if check is not None:
+        check.check(field.name, value)
+      if choices is not None and value not in choices:
+        raise ValueError(f"unknown {field.name} {value!r}; choose one of "
+                         f"{', '.join(choices)}")
     if self.batch_size % self.num_microbatches:
       raise ValueError(
           f"batch_size={self.batch_size} is not divisible by "
           f"num_microbatches={self.num_microbatches}")
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
-                       f"{', '.join(sorted(OPTIMIZERS))}")
-    if self.model not in models.MODELS:
-      raise ValueError(f"unknown model {self.model!r}; choose one of "
-                       f"{', '.join(sorted(models.MODELS))}")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
-                       f"{', '.join(sorted(SCHEDULES))}")
+    try:
+      models.make_model(self.model, **self.model_kwargs)
+    except TypeError as error:  # an unknown keyword in model_kwargs
+      raise ValueError(f"model {self.model!r}: {error}") from None
     self._check_adaptive()
 
   @property
@@ -193,15 +284,11 @@ class Config:
       if self.max_batch_size is not None:
         raise ValueError("max_batch_size is only used with adaptive_batch")
       return
-    if test not in ADAPTIVE_TESTS:
-      raise ValueError(f"unknown adaptive_batch {test!r}; choose one of "
-                       f"{', '.join(ADAPTIVE_TESTS)}")
     if test == "coordinate" and self.optimizer != "adadagrad":
       raise ValueError("adaptive_batch='coordinate' is AdaGrad's own test: "
                        "use it with optimizer 'adadagrad'")
     if self.max_batch_size is None:
       raise ValueError("adaptive_batch needs max_batch_size")
-    _check_positive_int("max_batch_size", self.max_batch_size)
     microbatch = self.microbatch_size
     if (self.max_batch_size < self.batch_size
         or self.max_batch_size % microbatch):
@@ -209,9 +296,6 @@ class Config:
           f"max_batch_size={self.max_batch_size} must be at least the initial "
           f"batch_size={self.batch_size} and a multiple of the microbatch "
           f"size {microbatch} (batch_size / num_microbatches)")
-    if self.adaptive_statistics not in ("auto", "per_device", "microbatch"):
-      raise ValueError("adaptive_statistics must be 'auto', 'per_device' or "
-                       f"'microbatch', got {self.adaptive_statistics!r}")
     if (self.adaptive_statistics == "microbatch"
         and test not in _MICROBATCH_TESTS):
       raise ValueError(
@@ -221,14 +305,12 @@ class Config:
 
   def _check_ramp(self):
     """Raises ValueError for an inconsistent batch ramp."""
-    if self.batch_ramp not in ("linear", "stagewise"):
-      raise ValueError("batch_ramp must be 'linear' or 'stagewise', got "
-                       f"{self.batch_ramp!r}")
     if self.adaptive_batch is not None or (
         self.optimizer in ADAPTIVE_OPTIMIZERS):
       raise ValueError("batch_ramp grows the batch by a fixed rule: use it "
                        "without adaptive_batch, with a plain optimizer")
-    _check_positive_int("max_batch_size", self.max_batch_size)
+    if self.max_batch_size is None:
+      raise ValueError("batch_ramp needs max_batch_size")
     if (self.max_batch_size < self.batch_size
         or self.max_batch_size % self.microbatch_size):
       raise ValueError(
@@ -241,19 +323,9 @@ class Config:
 _MICROBATCH_TESTS = ("norm", "coordinate")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_real(name: str, value: Any, low: float, high: float = math.inf,
-                *, low_inclusive: bool = True) -> None:
-  """Raises ValueError unless `value` is a finite number in [low, high)."""
-  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if not (is_number and math.isfinite(value) and value < high
-          and (value >= low if low_inclusive else value > low)):
-    interval = (("[" if low_inclusive else "(") + f"{low:g}, {high:g})")
-    raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+def _is_optional(field: dataclasses.Field) -> bool:
+  """Whether `field` may be None (its type is `X | None`)."""
+  return type(None) in typing.get_args(field.type)
 
 
 def override(config: Config, assignments: list[str]) -> Config:

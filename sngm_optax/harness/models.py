@@ -77,12 +77,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def make_model(name: str, num_classes: int = 10) -> nn.Module:
-  """Returns the linen model registered under `name` (see `MODELS`)."""
+def make_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+  """Returns the linen model registered under `name` (see `MODELS`).
+
+  `kwargs` go to its constructor (e.g. `hidden_sizes=(64,)` for the MLP,
+  `channels=` for the CNN); `Config.model_kwargs` holds them for a run.
+  Lists become tuples (JSON has no tuples, and flax fields hash).
+  """
   if name not in MODELS:
     raise ValueError(
         f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-  return MODELS[name](num_classes=num_classes)
+  kwargs = {key: tuple(value) if isinstance(value, list) else value
+            for key, value in kwargs.items()}
+  return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 class NnxMLP(nnx.Module):

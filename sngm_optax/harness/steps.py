@@ -8,9 +8,12 @@ Batches have the shape `[num_microbatches, microbatch, ...]` plus a weight per
 example: the step loops over the microbatches and accumulates the weighted
 gradient sum, so a controller that grows the batch can feed a variable number
 of fixed-shape microbatches (and pad with weight-0 examples) without
-recompiling for every batch size.
+recompiling for every batch size. Every step (fused, accumulating,
+evaluation) uses the one loss `classification_loss`, and both train steps
+apply the optimizer with `_apply_gradients`.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -26,6 +29,28 @@ AXIS = "data"
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the loss stays NaN/Inf for `max_nonfinite_steps` steps."""
+
+
+def classification_loss(apply_fn: Callable, params, batch: dict):
+  """The harness's one loss: softmax cross-entropy on integer labels.
+
+  Args:
+    apply_fn: the model's `apply`, called as `apply_fn({"params": params},
+      batch["x"])`.
+    params: the model's parameters.
+    batch: `x`, `y` (integer labels) and `weight` (1 for a real example, 0
+      for padding), with a leading axis of examples.
+
+  Returns:
+    `(losses, (loss_sum, correct_sum))`: the per-example losses (unweighted,
+    the form `sngm_optax.gradient_accumulator` takes), their weighted sum,
+    and the weighted number of correct predictions (argmax of the logits).
+  """
+  logits = apply_fn({"params": params}, batch["x"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  correct = jnp.argmax(logits, -1) == batch["y"]
+  weight = batch["weight"]
+  return losses, (jnp.sum(weight * losses), jnp.sum(weight * correct))
 
 
 def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
@@ -93,12 +118,9 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
 
     def weighted_loss(params, microbatch):
-      logits = state.apply_fn({"params": params}, microbatch["x"])
-      losses = optax.softmax_cross_entropy_with_integer_labels(
-          logits, microbatch["y"])
-      correct = jnp.argmax(logits, -1) == microbatch["y"]
-      weight = microbatch["weight"]
-      return jnp.sum(weight * losses), jnp.sum(weight * correct)
+      _, (loss_sum, correct) = classification_loss(state.apply_fn, params,
+                                                   microbatch)
+      return loss_sum, correct
 
     # A Python loop over the (static, bucketed) number of microbatches, i.e.
     # a fully unrolled scan: XLA:CPU runs this model several times slower
@@ -172,39 +194,35 @@ class AccumulatingTrainStep:
     num_devices = mesh.size
     local_size = microbatch_size // num_devices
 
-    def per_example_losses(apply_fn):
-      def losses(params, microbatch):
-        logits = apply_fn({"params": params}, microbatch["x"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(
-            logits, microbatch["y"])
-        right = jnp.argmax(logits, -1) == microbatch["y"]
-        weight = microbatch["weight"]
-        return loss, jnp.stack([jnp.sum(weight * loss),
-                                jnp.sum(weight * right)])
-      return sngm_optax.gradient_accumulator(losses, local_size,
-                                             has_aux=True)
+    def accumulator(apply_fn):
+      # The accumulator weights the per-example losses itself; the weighted
+      # sums ride along as its aux.
+      return sngm_optax.gradient_accumulator(
+          functools.partial(classification_loss, apply_fn), local_size,
+          has_aux=True)
 
     def local_init(rest):
-      accumulator = per_example_losses(rest.apply_fn)
-      zeros = (accumulator.init(rest.params), jnp.zeros(2, jnp.float32))
-      return jax.tree.map(lambda x: x[None], zeros)
+      zeros = jnp.zeros((), jnp.float32)
+      carry = (accumulator(rest.apply_fn).init(rest.params), (zeros, zeros))
+      return jax.tree.map(lambda x: x[None], carry)
 
     def local_add(carry, rest, microbatch):
       accumulation, sums = jax.tree.map(lambda x: x[0], carry)
-      accumulation, aux = per_example_losses(rest.apply_fn).add(
+      accumulation, aux = accumulator(rest.apply_fn).add(
           accumulation, rest.params, microbatch, microbatch["weight"])
-      return jax.tree.map(lambda x: x[None], (accumulation, sums + aux))
+      return jax.tree.map(lambda x: x[None],
+                          (accumulation, optax.tree.add(sums, aux)))
 
     def local_apply(rest, opt_state, carry):
       state = rest.replace(opt_state=opt_state)
-      accumulation, sums = jax.tree.map(lambda x: x[0], carry)
+      accumulation, (loss_sum, correct) = jax.tree.map(lambda x: x[0], carry)
       total_weight = jax.lax.psum(accumulation.weight_sum, AXIS)
       grads = optax.tree.scale(num_devices / total_weight,
                                accumulation.grad_sum)
       moments = (accumulation.moments
                  if adaptive_statistics == "microbatch" else None)
       state, metrics = _apply_gradients(
-          state, grads, total_weight, sums[0], sums[1], moments,
+          state, grads, total_weight, loss_sum, correct, moments,
           adaptive_statistics, per_device)
       return state.replace(opt_state=None), state.opt_state, metrics
 
@@ -242,11 +260,9 @@ def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
   """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`."""
 
   def local_eval(params, x, y, weight):
-    logits = apply_fn({"params": params}, x)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = jnp.argmax(logits, -1) == y
-    return (jax.lax.psum(jnp.sum(weight * losses), AXIS),
-            jax.lax.psum(jnp.sum(weight * correct), AXIS))
+    _, sums = classification_loss(apply_fn, params,
+                                  {"x": x, "y": y, "weight": weight})
+    return jax.lax.psum(sums, AXIS)
 
   return jax.jit(jax.shard_map(
       local_eval, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),

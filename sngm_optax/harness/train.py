@@ -20,6 +20,13 @@ devices' own gradients (`"per_device"`: only scalars are all-reduced) or the
 moments of the microbatch gradients (`"microbatch"`, norm and coordinate
 tests).
 
+What is compiled is keyed by a hashable `ProgramSpec` (model, optimizer,
+schedule, budget, devices, batch settings): `build_program(spec)` caches it.
+The peak learning rate and the weight decay are values in the optimizer
+state, so a grid over them reuses one compiled step. The result reports the
+seconds JAX spent compiling (`compile_time_s`, from `jax.monitoring`'s
+compile events) apart from the rest (`run_time_s`).
+
 Example:
   >>> from sngm_optax.harness import config as config_lib
   >>> from sngm_optax.harness import data, train
@@ -72,10 +79,115 @@ from sngm_optax.harness.steps import make_eval_step
 from sngm_optax.harness.steps import make_train_step
 
 
+# JAX's compile phases (tracing to a jaxpr, lowering to MLIR, the backend's
+# compilation), as named in jax/_src/dispatch.py. Tracing is timed only at
+# the top level, so the phases do not nest and their durations add up.
+COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+})
+
+
+class _CompileClock:
+  """Seconds spent in `COMPILE_EVENTS` since import (all threads)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def __call__(self, event: str, duration_secs: float, **kwargs) -> None:
+    del kwargs  # fun_name etc.
+    if event in COMPILE_EVENTS:
+      self.seconds += duration_secs
+
+
+# One listener for the process, registered at import: listeners cannot be
+# registered per run without piling up.
+compile_clock = _CompileClock()
+jax.monitoring.register_event_duration_secs_listener(compile_clock)
+
+
+def frozen_items(mapping: dict) -> tuple:
+  """`mapping` as a hashable tuple of `(key, value)` pairs sorted by key.
+
+  Lists become tuples and nested dicts frozen items too, so that a spec
+  holding keyword arguments can key a cache; `dict(frozen_items(d))` gives
+  the top level back.
+
+  Example:
+    >>> frozen_items({"momentum": 0.9, "hidden_sizes": [64, 64]})
+    (('hidden_sizes', (64, 64)), ('momentum', 0.9))
+  """
+  return tuple(sorted((key, _frozen(value)) for key, value in mapping.items()))
+
+
+def _frozen(value: Any) -> Any:
+  if isinstance(value, dict):
+    return frozen_items(value)
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(item) for item in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+  """What a compiled `Program` depends on: hashable, the key of
+  `build_program`'s cache.
+
+  The peak learning rate and the weight decay are not in it: they are
+  values in the optimizer state (see `build_program`), so a grid over them
+  compiles once.
+
+  Attributes:
+    model: a name in `models.MODELS`.
+    model_kwargs: the model constructor's keyword arguments (`frozen_items`).
+    num_classes: output logits.
+    optimizer: a name in `optimizers.OPTIMIZERS`.
+    optimizer_kwargs: the factory's keyword arguments (`frozen_items`).
+    schedule: a name in `optimizers.SCHEDULES`.
+    total_samples: the schedule's budget, in samples.
+    warmup_samples: its warmup, in samples.
+    devices: the mesh's devices, in order.
+    adaptive: `Config.adaptive_settings` (or the same fields as a tuple):
+      a batch-size test in front of the optimizer; None for none.
+    growing_microbatch: the microbatch size of a batch that grows, fed one
+      microbatch at a time (`steps.AccumulatingTrainStep`); None for a fixed
+      batch, fed in one fused step.
+  """
+
+  model: str
+  num_classes: int
+  optimizer: str
+  schedule: str
+  total_samples: int
+  warmup_samples: int
+  devices: tuple
+  model_kwargs: tuple = ()
+  optimizer_kwargs: tuple = ()
+  adaptive: AdaptiveBatch | None = None
+  growing_microbatch: int | None = None
+
+  @classmethod
+  def from_config(cls, config: Config, num_train: int, devices,
+                  num_classes: int = data_lib.NUM_CLASSES) -> "ProgramSpec":
+    """The spec of `config`'s run on `num_train` examples over `devices`."""
+    budget, _, warmup_samples = _step_budget(config, num_train)
+    return cls(
+        model=config.model, num_classes=num_classes,
+        optimizer=config.optimizer, schedule=config.schedule,
+        total_samples=budget, warmup_samples=warmup_samples,
+        devices=tuple(devices),
+        model_kwargs=frozen_items(config.model_kwargs),
+        optimizer_kwargs=frozen_items(_optimizer_kwargs(config, num_train)),
+        adaptive=config.adaptive_settings(len(devices)),
+        growing_microbatch=(None if config.fixed_batch
+                            else config.microbatch_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
   """The compiled pieces of a run, shared by runs that differ only in the
-  peak learning rate, the seeds and the data values."""
+  peak learning rate, the weight decay, the seeds and the data values."""
 
   mesh: jax.sharding.Mesh
   apply_fn: Callable
@@ -89,38 +201,37 @@ class Program:
   scan_steps: Callable | None = None
 
 
+# The optimizer-state hyperparameters `initial_state` sets from the config.
+TRACED_HYPERPARAMS = ("learning_rate", "weight_decay")
+
+
 @functools.lru_cache(maxsize=8)
-def build_program(model: str, num_classes: int, optimizer: str,
-                  optimizer_kwargs_json: str, weight_decay: float,
-                  schedule: str, total_samples: int, warmup_samples: int,
-                  devices: tuple,
-                  adaptive: AdaptiveBatch | None = None,
-                  growing_microbatch: int | None = None) -> Program:
+def build_program(spec: ProgramSpec) -> Program:
   """Builds (and caches) model, optimizer and jitted steps for a run.
 
-  The peak learning rate is a hyperparameter in the optimizer state
-  (`optax.inject_hyperparams`, initialized to 1; set it with
-  `optax.tree.set(opt_state, learning_rate=...)`), so a learning-rate grid
-  compiles its steps once. The schedule counts samples, not steps: its
-  `total_samples` and `warmup_samples` are in samples, and it is evaluated
-  at the hyperparameter `samples_seen` (the samples before the step), which
-  the train step advances by each step's batch. `adaptive`
-  (`Config.adaptive_settings`, or the same fields as a plain tuple) puts a
-  batch-size test in front of the optimizer. `growing_microbatch` (the
-  microbatch size of a batch that grows) feeds the batch microbatch by
-  microbatch (`steps.AccumulatingTrainStep`, compiled once for every batch
-  size) instead of in one fused step.
+  The peak learning rate and the weight decay are hyperparameters in the
+  optimizer state (`optax.inject_hyperparams`, initialized to 1 and 0; set
+  them with `optax.tree.set(opt_state, learning_rate=..., weight_decay=...)`,
+  as `initial_state` does), so a grid over them compiles its steps once. The
+  schedule counts samples, not steps: its `total_samples` and
+  `warmup_samples` are in samples, and it is evaluated at the hyperparameter
+  `samples_seen` (the samples before the step), which the train step
+  advances by each step's batch.
   """
+  devices = spec.devices
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  network = models.make_model(model, num_classes)
-  unit_schedule = SCHEDULES[schedule](1.0, total_samples, warmup_samples)
-  kwargs = json.loads(optimizer_kwargs_json)
+  network = models.make_model(spec.model, spec.num_classes,
+                              **dict(spec.model_kwargs))
+  unit_schedule = SCHEDULES[spec.schedule](1.0, spec.total_samples,
+                                           spec.warmup_samples)
+  optimizer, kwargs, adaptive = (spec.optimizer, dict(spec.optimizer_kwargs),
+                                 spec.adaptive)
 
   statistics = None
   if adaptive is not None:
     test, max_batch, initial_batch, microbatch, statistics = adaptive
 
-  def optimizer_with_peak(learning_rate, samples_seen):
+  def optimizer_with_peak(learning_rate, weight_decay, samples_seen):
     # The schedule's value at the samples seen; it keeps its peak, from
     # which TR takes lambda_0 = 0.1 * peak.
     scheduled = PeakTimesSchedule(
@@ -136,11 +247,13 @@ def build_program(model: str, num_classes: int, optimizer: str,
         weight_decay=weight_decay, **kwargs)
 
   tx = optax.inject_hyperparams(optimizer_with_peak)(
-      learning_rate=1.0, samples_seen=jnp.zeros((), jnp.int32))
+      learning_rate=1.0, weight_decay=0.0,
+      samples_seen=jnp.zeros((), jnp.int32))
   per_device = optimizer in PER_DEVICE_STATE
   if per_device:
     tx = sngm_optax.per_device_state(tx)
   apply_fn = network.apply
+  growing_microbatch = spec.growing_microbatch
   if growing_microbatch is None:
     train_step = make_train_step(mesh, per_device, statistics)
   else:
@@ -210,18 +323,19 @@ def _mesh_devices(config: Config) -> list:
 
 def initial_state(program: Program, config: Config,
                   sample_input: np.ndarray) -> train_state.TrainState:
-  """A new `TrainState` with the peak learning rate set, placed on the mesh."""
+  """A new `TrainState` with the peak learning rate and the weight decay of
+  `config` set in the optimizer state, placed on the mesh."""
   params = program.init_fn(jax.random.key(config.seed),
                            sample_input)["params"]
   state = train_state.TrainState.create(apply_fn=program.apply_fn,
                                         params=params, tx=program.tx)
   per_device = config.optimizer in PER_DEVICE_STATE
   # A per-device state has a leading axis of 1 (per_device_state): set the
-  # peak with that shape; _place_state gives every device its own copy.
-  learning_rate = jnp.full((1,) if per_device else (), config.learning_rate,
-                           jnp.float32)
-  state = state.replace(opt_state=optax.tree.set(
-      state.opt_state, learning_rate=learning_rate))
+  # values with that shape; _place_state gives every device its own copy.
+  shape = (1,) if per_device else ()
+  values = {name: jnp.full(shape, getattr(config, name), jnp.float32)
+            for name in TRACED_HYPERPARAMS}
+  state = state.replace(opt_state=optax.tree.set(state.opt_state, **values))
   return _place_state(state, program.mesh, per_device)
 
 
@@ -496,8 +610,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     schedule's value at `samples_seen`), `train_loss`, `test_loss`,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
     `final` (the last entry, None if stopped before the first epoch
-    ended), `steps`, `samples_seen`, `wall_time_s`, `interrupted` (stopped
-    by `max_steps` or `preemption.StopOnSignal` before the end).
+    ended), `steps`, `samples_seen`, `wall_time_s`, `compile_time_s` (the
+    part of it JAX spent tracing, lowering and compiling: 0 when every
+    step was compiled by an earlier run), `run_time_s` (`wall_time_s -
+    compile_time_s`), `interrupted` (stopped by `max_steps` or
+    `preemption.StopOnSignal` before the end).
 
   Raises:
     ValueError: the config does not fit the data or the devices.
@@ -507,6 +624,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       that restores, or one written with a different configuration.
   """
   start_time = time.perf_counter()
+  compile_seconds_before = compile_clock.seconds
 
   # --- Data.
   dataset = load_dataset(config) if dataset is None else dataset
@@ -518,7 +636,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   num_train = dataset.num_train
   _check_fits_data(config, num_train)
   sampler = data_lib.EpochSampler(num_train, seed=config.seed)
-  budget, total_steps, warmup_samples = _step_budget(config, num_train)
+  budget, total_steps, _ = _step_budget(config, num_train)
 
   # --- Devices (a 1-D mesh; the batch is split along it); batch schedule.
   devices = _mesh_devices(config)
@@ -528,13 +646,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       config.batch_ramp, config.max_batch_size)
 
   # --- Model and optimizer, with compiled steps cached across a grid of
-  # peak learning rates (the peak is a value in the optimizer state).
-  program = build_program(
-      config.model, dataset.num_classes, config.optimizer,
-      json.dumps(_optimizer_kwargs(config, num_train), sort_keys=True),
-      config.weight_decay, config.schedule, budget, warmup_samples,
-      tuple(devices), adaptive,
-      None if config.fixed_batch else config.microbatch_size)
+  # peak learning rates and weight decays (values in the optimizer state).
+  program = build_program(ProgramSpec.from_config(
+      config, num_train, devices, dataset.num_classes))
   state = initial_state(program, config, dataset.x[:1])
 
   # --- Train step and evaluation.
@@ -613,6 +727,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   checkpoints.close()
 
   # --- Metrics.
+  wall_time = time.perf_counter() - start_time
+  compile_time = compile_clock.seconds - compile_seconds_before
   result = {
       "config": dataclasses.asdict(config),
       "num_devices": len(devices),
@@ -622,7 +738,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       "steps": step,
       "total_steps": total_steps,
       "samples_seen": sampler.samples_seen,
-      "wall_time_s": time.perf_counter() - start_time,
+      "wall_time_s": wall_time,
+      "compile_time_s": compile_time,
+      "run_time_s": wall_time - compile_time,
       "history": history,
       "final": history[-1] if history else None,
       "interrupted": not done,
