@@ -500,7 +500,7 @@ def convert_legacy(args):
   record = results(bench, command=old["command"], machine=old["machine"],
                    num_test=old["num_test"],
                    load_average_end=old.get("load_average_end"),
-                   converted_from=source, converted_by=sweep.code_version(),
+                   converted_from=source, converted_by=_commit_of(__file__),
                    legacy_runs_not_used=len(rows) - len(used))
   record["code_version"] = LEGACY_CODE_DEFAULT
   record["code_versions"] = {f: LEGACY_CODE.get(f, LEGACY_CODE_DEFAULT)

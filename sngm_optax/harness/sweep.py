@@ -20,7 +20,8 @@ name, base settings, a search space) and leave the rest to this module:
   runs it may train, recorded with the result; a comparison gives every
   contender the same one (`check_same_budget`).
 - `tune`: a contender's search, its pick rerun on more seeds, and the
-  summary of the pick's seeds.
+  summary of the pick's seeds; `rerun`: a given point on the seeds, with no
+  search (another contender's pick on another budget).
 - `summarize` (mean ± sd over seeds) and `verdict`, the one rule for "A beats
   B" that every report uses (`SPREAD_RULE`).
 
