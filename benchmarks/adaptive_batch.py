@@ -43,8 +43,9 @@ are `python benchmarks/report.py`'s.
 
   PYTHONPATH=. python benchmarks/adaptive_batch.py
 
-`--convert-legacy OLD.json` turns the results of the script before the
-engine into the run store and results of this one, training nothing.
+`--convert-legacy results/adaptive_batch.json@84797e0` turned the results of
+the script before the engine into the run store and results of this one,
+training nothing.
 """
 
 import argparse
@@ -124,9 +125,11 @@ def parse_args(argv=None):
   parser.add_argument("--max-extensions", type=int, default=2)
   parser.add_argument("--out",
                       default=str(_common.RESULTS / "adaptive_batch.json"))
-  parser.add_argument("--convert-legacy", default=None, metavar="OLD_JSON",
+  parser.add_argument("--convert-legacy", default=None,
+                      metavar="OLD_JSON[@COMMIT]",
                       help="no training: convert the results of the script "
-                      "before the engine (written to --out and its store)")
+                      "before the engine (the file, or the file as COMMIT "
+                      "wrote it) to --out and its store")
   return parser.parse_args(argv)
 
 
@@ -464,12 +467,17 @@ def convert_legacy(args):
   lr|seed") into the run store and results of this script, by running the
   benchmark's own flow on them: every run the flow asks for is found among
   the old rows, with its status recomputed by the engine's rule."""
-  legacy = pathlib.Path(args.convert_legacy)
-  old = json.loads(legacy.read_text())
-  root = _common.RESULTS.parent.parent
+  path, _, commit = args.convert_legacy.partition("@")
+  legacy, root = pathlib.Path(path), _common.RESULTS.parent.parent
   name = (legacy.resolve().relative_to(root)
           if legacy.resolve().is_relative_to(root) else legacy)
-  source = f"{name}@{_commit_of(legacy)}"
+  if commit:  # the file as that commit wrote it
+    old = json.loads(subprocess.run(
+        ["git", "show", f"{commit}:{name}"], capture_output=True, text=True,
+        check=True, cwd=root).stdout)
+  else:
+    old, commit = json.loads(legacy.read_text()), _commit_of(legacy)
+  source = f"{name}@{commit}"
   for name, value in old["args"].items():
     if name not in ("out", "report"):
       setattr(args, name, value)
