@@ -25,41 +25,50 @@ after the first) get two adaptive contenders, the headline's setting and
 SNGM's best inner-product setting, and the same fixed and ramped baselines
 (sized by their own headline run).
 
-Every contender's peak learning rate is picked on seed 0 from its family's
-grid (`--lrs-*`) by the final validation accuracy, never the test set; a pick
-at an end of the grid extends the grid one value in that direction
-(`compare.grid_search`, at most `--max-extensions` times), and a pick still
-at an end is marked. The pick is rerun on `--seeds` - 1 more seeds; tables
-report the final test accuracy, mean ± sd. "Fixed B for N steps" trains each
-fixed batch for the headline's mean step count N (its schedule, warmup
-included, over that shorter budget): the equal-steps comparison. Partial
-results are written after every run, and a restarted run resumes from them.
-Writes results/adaptive_batch.json and .png.
+The experiment runs on the engine (`sngm_optax.harness.sweep`). Every
+contender's peak learning rate is picked on seed 0 from its family's grid
+(`--lrs-*`) by the final validation accuracy, never the test set, with a
+`sweep.Grid` that extends past an edge pick (at most `--max-extensions`
+times per direction) under one declared trial budget for every contender;
+diverged and collapsed runs are never picked. The pick is rerun on
+`--seeds` - 1 more seeds; summaries are the final test accuracy, mean ± sd.
+"Fixed B for N steps" trains each fixed batch at its pick for the headline's
+mean step count N (its schedule, warmup included, over that shorter budget):
+the equal-steps comparison. Every run goes to the run store
+`results/adaptive_batch_runs.jsonl` as it ends, with its evaluation curve
+and, for a growing batch, its per-step batch sizes and noise scales in
+`extra`; a restarted command resumes from it. Writes
+results/adaptive_batch.json (`sweep.results_record`) and .png; the tables
+are `python benchmarks/report.py`'s.
 
   PYTHONPATH=. python benchmarks/adaptive_batch.py
+
+`--convert-legacy results/adaptive_batch.json@84797e0` turned the results of
+the script before the engine into the run store and results of this one,
+training nothing.
 """
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import pathlib
-import statistics
-import time
+import subprocess
+from typing import Callable
 
 import _common
 
 _common.force_host_devices(4, cpu_only=True)
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sngm_optax.harness import compare  # noqa: E402
 from sngm_optax.harness import config as config_lib  # noqa: E402
 from sngm_optax.harness import data  # noqa: E402
-from sngm_optax.harness import steps as steps_lib  # noqa: E402
-from sngm_optax.harness import train  # noqa: E402
+from sngm_optax.harness import sweep  # noqa: E402
 
+CLAIM = ("an adaptive batch (B0 = 32, capped) reaches the accuracy of a fixed "
+         "B = 32 in far fewer steps, on the same sample budget, and beats "
+         "every fixed batch trained for as many steps")
 # family -> (fixed optimizer, adaptive optimizer)
 FAMILIES = {
     "SNGM": ("sngm", "sngm"),
@@ -70,6 +79,7 @@ FAMILIES = {
 SMALL = "fixed 32"
 # Fixed 32 at its pick on twice the sample budget: the plateau check.
 PLATEAU = f"{SMALL} for 2x the samples"
+NUM_CLASSES = 10  # MNIST-1D
 
 
 def adaptive_contenders(args):
@@ -88,7 +98,7 @@ def adaptive_contenders(args):
   return contenders
 
 
-def parse_args():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--num-samples", type=int, default=60000)
   parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -97,6 +107,7 @@ def parse_args():
   parser.add_argument("--initial-batch-size", type=int, default=32)
   parser.add_argument("--max-batch-size", type=int, default=8192)
   parser.add_argument("--devices", type=int, default=4)
+  parser.add_argument("--model", default="cnn")
   parser.add_argument("--growth", type=float, default=2.0)
   parser.add_argument("--smoothing", type=float, default=0.9)
   parser.add_argument("--interval", type=int, default=10)
@@ -114,10 +125,12 @@ def parse_args():
   parser.add_argument("--max-extensions", type=int, default=2)
   parser.add_argument("--out",
                       default=str(_common.RESULTS / "adaptive_batch.json"))
-  parser.add_argument("--report", action="store_true",
-                      help="no runs: summarize --out (e.g. a stopped run's "
-                      "partial results), rewrite it and its figure, print")
-  return parser.parse_args()
+  parser.add_argument("--convert-legacy", default=None,
+                      metavar="OLD_JSON[@COMMIT]",
+                      help="no training: convert the results of the script "
+                      "before the engine (the file, or the file as COMMIT "
+                      "wrote it) to --out and its store")
+  return parser.parse_args(argv)
 
 
 def family_lrs(args, family):
@@ -125,403 +138,281 @@ def family_lrs(args, family):
   return [float(value) for value in text.split(",")]
 
 
-class Bench:
-  """Runs (or finds in the partial results) one training run per key."""
+def store_path(out: pathlib.Path) -> pathlib.Path:
+  return out.with_name(out.stem + "_runs.jsonl")
 
-  def __init__(self, args, dataset, payload, out):
-    self.args, self.dataset, self.payload, self.out = (
-        args, dataset, payload, out)
-    self.done = {row["key"]: row for row in payload["runs"]}
 
-  def run(self, family, contender, lr, seed, *, optimizer, batch_size,
-          epochs=None, **changes):
-    """One run's row (accuracies None if the loss diverged)."""
-    key = f"{family}|{contender}|{lr:g}|{seed}"
-    if key in self.done:
-      return self.done[key]
+def budget_of(args) -> dict:
+  """The store's budget: what every run shares (the epochs of a run vary:
+  the plateau check and the equal-steps runs)."""
+  return {"benchmark": "adaptive_batch", "num_samples": args.num_samples,
+          "data_seed": data.DEFAULT_SEED, "val_fraction": args.val_fraction,
+          "model": args.model, "schedule": "warmup_cosine",
+          "weight_decay": 0.0, "num_devices": args.devices,
+          "sample_budget_epochs": args.epochs,
+          "warmup_epochs_at_budget": args.warmup_epochs}
+
+
+# A function (config, family, contender, point, seed) -> the function that
+# produces the Run of `config`'s settings (`RunStore.run`'s `train`).
+Producer = Callable[..., Callable[[dict], sweep.Run]]
+
+
+class Benchmark:
+  """The contenders of every family, tuned and seeded on one run store."""
+
+  def __init__(self, args, store: sweep.RunStore, num_train: int,
+               produce: Producer):
+    self.args, self.store, self.produce = args, store, produce
+    self.num_train = num_train  # the examples trained on (validation held out)
+    self.seeds = tuple(range(args.seeds))
+    self.entries: dict[tuple[str, str], dict] = {}
+    self.families: dict[str, dict] = {}
+    self.runs: dict[str, sweep.Run] = {}
+
+  def grid(self, family) -> sweep.Grid:
+    return sweep.Grid({"learning_rate": family_lrs(self.args, family)},
+                      max_extensions=self.args.max_extensions)
+
+  def config(self, epochs=None, **changes) -> config_lib.Config:
     args = self.args
     epochs = epochs or args.epochs
-    config = config_lib.Config(
-        model="cnn", optimizer=optimizer, learning_rate=lr,
-        batch_size=batch_size, epochs=epochs, schedule="warmup_cosine",
+    return config_lib.Config(
+        model=args.model, num_samples=args.num_samples,
+        data_seed=data.DEFAULT_SEED, val_fraction=args.val_fraction,
+        epochs=epochs, schedule="warmup_cosine",
         # The warmup is the same fraction of every budget.
         warmup_epochs=args.warmup_epochs * epochs / args.epochs,
-        weight_decay=0.0, num_devices=args.devices, seed=seed,
-        val_fraction=args.val_fraction, **changes)
-    compiles_before = train.build_program.cache_info().misses
-    start = time.perf_counter()
-    try:
-      result = train.train_and_evaluate(config, dataset=self.dataset,
-                                        quiet=True)
-    except steps_lib.NonFiniteLossError:
-      result = None
-    row = {
-        "key": key, "family": family, "contender": contender,
-        "learning_rate": lr, "seed": seed, "batch_size": batch_size,
-        "epochs": epochs, "wall_time_s": time.perf_counter() - start,
-        # Whether this run built (and compiled) its program; the runs that
-        # reuse one give the comparable wall times.
-        "compiled": train.build_program.cache_info().misses
-        > compiles_before,
-        "diverged": result is None,
-    }
-    if result is not None:
-      row.update({
-          "steps": result["steps"], "samples_seen": result["samples_seen"],
-          "final_val_accuracy": result["final"]["val_accuracy"],
-          "final_test_accuracy": result["final"]["test_accuracy"],
-          "history": result["history"],
-          "batch_sizes": result.get("batch_sizes"),
-          "noise_scales": result.get("noise_scales"),
-          "train_step_compilations": result.get("train_step_compilations"),
-      })
-      final_b = max(row["batch_sizes"] or [batch_size])
-      print(f"{family:12s} {contender:38s} lr={lr:<6g} seed={seed} "
-            f"steps={row['steps']:5d} val={row['final_val_accuracy']:.4f} "
-            f"test={row['final_test_accuracy']:.4f} B_max={final_b} "
-            f"{row['wall_time_s']:.0f}s", flush=True)
-    else:
-      print(f"{family:12s} {contender:38s} lr={lr:<6g} seed={seed} diverged",
-            flush=True)
-    self.payload["runs"].append(row)
-    self.done[key] = row
-    self.payload["load_average_end"] = list(os.getloadavg())
-    _common.write_json(self.out, self.payload)
-    return row
+        weight_decay=0.0, num_devices=args.devices, **changes)
 
-  def tune(self, family, contender, kwargs):
-    """Picks the learning rate on seed 0 by validation accuracy, extending
-    the grid past an edge pick, then reruns the pick on the other seeds."""
+  def trainer(self, family, name, epochs=None, **changes):
+    """`train(point, seed)` for `sweep.tune`, through the store."""
+    base = self.config(epochs, **changes)
+
+    def train(point, seed):
+      config = dataclasses.replace(base, seed=seed, **point)
+      run = self.store.run(sweep.config_settings(config),
+                           self.produce(config, family, name, point, seed))
+      self.runs[run.key] = run
+      return run
+
+    return train
+
+  def _add(self, family, kind, result, changes, epochs=None, base=None):
+    entry = {"family": family, "kind": kind, "base": base,
+             "epochs": epochs or self.args.epochs, "changes": changes,
+             **result}
+    self.entries[(family, result["name"])] = entry
+    mean = entry["summary"] and 100 * entry["summary"]["mean"]
+    print(f"{family:12s} {result['name']:38s} "
+          + ("no ok run" if mean is None else
+             f"lr={entry['pick']['point']['learning_rate']:<7g} test "
+             f"{mean:.2f} % ({entry['summary']['n']} seeds)"), flush=True)
+    return entry
+
+  def tune(self, family, name, kind, **changes):
+    result = sweep.tune(name, self.trainer(family, name, **changes),
+                        self.grid(family), seeds=self.seeds)
+    return self._add(family, kind, result, changes)
+
+  def rerun(self, family, name, kind, base, epochs, **changes):
+    """`base`'s pick on another budget (`epochs`), on every seed."""
+    point = self.entries[(family, base)]["pick"]["point"]
+    result = sweep.rerun(name, self.trainer(family, name, epochs, **changes),
+                         point, seeds=self.seeds)
+    return self._add(family, kind, result, changes, epochs, base)
+
+  def ok_runs(self, entry) -> list[sweep.Run]:
+    """The ok runs of `entry`'s pick, one per seed."""
+    runs = (self.runs[seed["key"]] for seed in entry["seeds"])
+    return [run for run in runs if run.ok]
+
+  def mean_val(self, family, name) -> float:
+    entry = self.entries.get((family, name))
+    summary = entry and sweep.summarize(
+        run.metric("val_accuracy") for run in self.ok_runs(entry))
+    return -1.0 if summary is None else summary.mean
+
+  def best(self, family, names, prefix):
+    """The contender named `prefix...` with the best mean validation
+    accuracy at its pick (the headline: prefix "norm")."""
+    return max((n for n in names if n.startswith(prefix)),
+               key=lambda name: self.mean_val(family, name), default=None)
+
+  def run_family(self, family, chosen=None):
+    """Tunes and seeds every contender of `family`.
+
+    `chosen` None: the full set of adaptive contenders; else only these (the
+    first family's best norm test and best inner-product test). Returns the
+    family's best norm test (the headline) and best inner-product test.
+    """
     args = self.args
-
-    def score(lr):
-      row = self.run(family, contender, lr, 0, **kwargs)
-      return None if row["diverged"] else row["final_val_accuracy"]
-
-    search = compare.grid_search(score, [family_lrs(args, family)],
-                                 max_extensions=args.max_extensions)
-    if search["best"] is None:
-      pick = None
-    else:
-      pick = search["best"][0]
-      for seed in range(1, args.seeds):
-        self.run(family, contender, pick, seed, **kwargs)
-    self.payload["tuning"][f"{family}|{contender}"] = {
-        "family": family, "contender": contender, "pick": pick,
-        "grid": search["axes"][0], "on_edge": search["on_edge"],
-        "extended": [value for _, value in search["extended"]],
-        "val_accuracy": {f"{point[0]:g}": value
-                         for point, value in search["scores"].items()},
-    }
-    _common.write_json(self.out, self.payload)
-    return pick
-
-  def seeds_at_pick(self, family, contender):
-    """The rows of `contender`'s picked learning rate, one per seed."""
-    tuning = self.payload["tuning"].get(f"{family}|{contender}")
-    if tuning is None or tuning["pick"] is None:
-      return []
-    return [self.done[key] for seed in range(self.args.seeds)
-            if (key := f"{family}|{contender}|{tuning['pick']:g}|{seed}")
-            in self.done and not self.done[key]["diverged"]]
-
-
-def fixed_spec(optimizer, batch_size):
-  return dict(optimizer=optimizer, batch_size=batch_size)
-
-
-def adaptive_spec(args, optimizer, test, kwargs):
-  return dict(optimizer=optimizer, batch_size=args.initial_batch_size,
-              adaptive_batch=test, max_batch_size=args.max_batch_size,
-              adaptive_statistics="per_device", optimizer_kwargs=kwargs)
-
-
-def best_by_validation(bench, family, names, prefix):
-  """The contender named `prefix...` with the best mean validation
-  accuracy at its pick (the headline: prefix "norm")."""
-  def mean_val(name):
-    rows = bench.seeds_at_pick(family, name)
-    return statistics.mean(r["final_val_accuracy"] for r in rows) if rows \
-        else -1.0
-  return max((n for n in names if n.startswith(prefix)), key=mean_val,
-             default=None)
-
-
-def final_batch_size(bench, family, contender):
-  """The largest batch of the contender's seed-0 run at its pick."""
-  rows = [r for r in bench.seeds_at_pick(family, contender) if r["seed"] == 0]
-  return max(rows[0]["batch_sizes"]) if rows else None
-
-
-def run_family(bench, family, chosen=None):
-  """Tunes and seeds every contender of `family`.
-
-  `chosen` None: the full set of adaptive contenders; else only these (the
-  first family's best norm test and best inner-product test). Returns the
-  family's best norm test (the headline) and best inner-product test.
-  """
-  args = bench.args
-  fixed, adaptive = FAMILIES[family]
-  b0 = args.initial_batch_size
-  specs = {SMALL: fixed_spec(fixed, b0)}
-  small_pick = bench.tune(family, SMALL, specs[SMALL])
-  if chosen is None and small_pick is not None:
-    # Is the baseline at its plateau? Its pick on twice the samples.
-    for seed in range(args.seeds):
-      bench.run(family, PLATEAU, small_pick, seed, epochs=2 * args.epochs,
-                **specs[SMALL])
-  contenders = adaptive_contenders(args)
-  if chosen is not None:
-    contenders = [c for c in contenders if c[0] in chosen]
-  elif args.contenders:
-    wanted = args.contenders.split(",")
-    contenders = [c for c in contenders if c[0] in wanted]
-  for name, test, kwargs in contenders:
-    specs[name] = adaptive_spec(args, adaptive, test, kwargs)
-    bench.tune(family, name, specs[name])
-  names = [c[0] for c in contenders]
-  headline = best_by_validation(bench, family, names, "norm")
-  inner = best_by_validation(bench, family, names, "inner")
-  bench.payload["headline"][family] = headline
-  final_b = headline and final_batch_size(bench, family, headline)
-  if final_b is None:
+    fixed, adaptive = FAMILIES[family]
+    b0 = args.initial_batch_size
+    small = self.tune(family, SMALL, "fixed", optimizer=fixed, batch_size=b0)
+    if chosen is None and small["pick"] is not None:
+      # Is the baseline at its plateau? Its pick on twice the samples.
+      self.rerun(family, PLATEAU, "plateau", SMALL, 2 * args.epochs,
+                 optimizer=fixed, batch_size=b0)
+    contenders = adaptive_contenders(args)
+    if chosen is not None:
+      contenders = [c for c in contenders if c[0] in chosen]
+    elif args.contenders:
+      wanted = args.contenders.split(",")
+      contenders = [c for c in contenders if c[0] in wanted]
+    for name, test, kwargs in contenders:
+      self.tune(family, name, "adaptive", optimizer=adaptive, batch_size=b0,
+                adaptive_batch=test, max_batch_size=args.max_batch_size,
+                adaptive_statistics="per_device", optimizer_kwargs=kwargs)
+    names = [c[0] for c in contenders]
+    headline = self.best(family, names, "norm")
+    inner = self.best(family, names, "inner")
+    self.families[family] = {"headline": headline, "inner_product": inner,
+                             "final_batch_size": None, "equal_steps": None}
+    final_b = headline and self.final_batch_size(family, headline)
+    if final_b is None:
+      return headline, inner
+    self.families[family]["final_batch_size"] = final_b
+    # Sized by the headline: a fixed batch of its final size and of the
+    # geometric middle of 32 and it, and the ramps from 32 to it.
+    sizes = sorted({final_b, 2 ** round(math.log2(math.sqrt(b0 * final_b)))})
+    for size in sizes:
+      self.tune(family, f"fixed {size}", "fixed", optimizer=fixed,
+                batch_size=size)
+    for ramp in ("linear", "stagewise"):
+      self.tune(family, f"{ramp} ramp 32->{final_b}", "ramp",
+                optimizer=fixed, batch_size=b0, batch_ramp=ramp,
+                max_batch_size=final_b)
+    self.run_equal_steps(family, headline, [SMALL] + [f"fixed {size}"
+                                                      for size in sizes])
     return headline, inner
-  # Sized by the headline: a fixed batch of its final size and of the
-  # geometric middle of 32 and it, and the ramps from 32 to it.
-  sized = {}
-  for size in sorted({final_b, 2 ** round(math.log2(math.sqrt(b0 * final_b)))}):
-    sized[f"fixed {size}"] = fixed_spec(fixed, size)
-  for ramp in ("linear", "stagewise"):
-    sized[f"{ramp} ramp 32->{final_b}"] = dict(
-        optimizer=fixed, batch_size=b0, batch_ramp=ramp,
-        max_batch_size=final_b)
-  for name, kwargs in sized.items():
-    bench.tune(family, name, kwargs)
-  run_equal_steps(bench, family, headline, {**specs, **sized})
-  return headline, inner
+
+  def final_batch_size(self, family, name):
+    """The largest batch of the contender's seed-0 run at its pick."""
+    entry = self.entries[(family, name)]
+    run = entry["pick"] and self.runs[entry["seeds"][0]["key"]]
+    if not run or not run.ok:
+      return None
+    return max(run.extra.get("batch_sizes") or [run.settings["batch_size"]])
+
+  def run_equal_steps(self, family, headline, fixed_names):
+    """Each fixed batch at its pick for the headline's mean step count."""
+    steps = sweep.summarize(run.final["steps"] for run in self.ok_runs(
+        self.entries[(family, headline)]))
+    if steps is None:
+      return
+    steps = round(steps.mean)
+    self.families[family]["equal_steps"] = steps
+    for name in fixed_names:
+      entry = self.entries[(family, name)]
+      if entry["pick"] is None:
+        continue
+      size = entry["changes"]["batch_size"]
+      self.rerun(family, f"{name} for {steps} steps", "equal_steps", name,
+                 steps * size / self.num_train, **entry["changes"])
+
+  def run(self):
+    first, *others = self.args.families.split(",")
+    chosen = self.run_family(first)
+    for family in others:
+      self.run_family(family, chosen)
+
+  def contenders(self) -> list[dict]:
+    """Every entry with its statistics over the pick's ok seeds."""
+    out = []
+    for (family, _), entry in self.entries.items():
+      small = self.entries.get((family, SMALL))
+      target = small and small["summary"] and small["summary"]["mean"]
+      out.append({**entry, "statistics": statistics_of(
+          self.ok_runs(entry), target, self.args.max_batch_size)})
+    return out
 
 
-def run_equal_steps(bench, family, headline, specs):
-  """Each fixed batch at its pick for the headline's mean step count."""
-  rows = bench.seeds_at_pick(family, headline)
-  if not rows:
-    return
-  steps = round(statistics.mean(r["steps"] for r in rows))
-  num_train = bench.dataset.num_train - round(
-      bench.args.val_fraction * bench.dataset.num_train)
-  bench.payload["equal_steps"][family] = steps
-  for name, kwargs in specs.items():
-    pick = bench.payload["tuning"][f"{family}|{name}"]["pick"]
-    if not name.startswith("fixed") or pick is None:
-      continue
-    epochs = steps * kwargs["batch_size"] / num_train
-    for seed in range(bench.args.seeds):
-      bench.run(family, f"{name} for {steps} steps", pick, seed,
-                epochs=epochs, **kwargs)
+def _summary(values):
+  summary = sweep.summarize(values)
+  return None if summary is None else summary.to_json()
 
 
-def main():
-  args = parse_args()
-  out = pathlib.Path(args.out)
-  if args.report:
-    payload = json.loads(out.read_text())
-    finish(payload, out)
-    print_table(payload)
-    return
-  dataset = data.load_mnist1d(args.num_samples, 0)
-  payload = {
-      "benchmark": "adaptive_batch",
-      "command": _common.command_line(args, exclude=("out", "report")),
-      "args": vars(args),
-      "num_train": dataset.num_train,
-      "num_test": dataset.num_test,
-      "jax": jax.__version__,
-      "machine": _common.machine_description(),
-      "load_average_start": list(os.getloadavg()),
-      "runs": [], "tuning": {}, "headline": {}, "equal_steps": {},
+def _first_step(run, reached: Callable[[dict], bool]):
+  return next((record["steps"] for record in run.curve if reached(record)),
+              None)
+
+
+def statistics_of(runs: list[sweep.Run], target: float | None,
+                  cap: int) -> dict:
+  """What the tables show of a pick's ok runs: summaries of the validation
+  accuracy, steps, samples, largest batch and run time; how many seeds
+  reached `target` (the family's fixed-32 mean test accuracy) and the
+  steps to it; for a growing batch, the steps until the batch hit `cap`."""
+  final_b = [max(run.extra.get("batch_sizes") or [run.settings["batch_size"]])
+             for run in runs]
+  to_target = [] if target is None else [
+      _first_step(run, lambda r: r["test_accuracy"] >= target) for run in runs]
+  to_cap = [next((i + 1 for i, b in enumerate(run.extra["batch_sizes"])
+                  if b >= cap), None)
+            for run in runs if run.extra.get("batch_sizes")]
+  # Converted runs that compiled their program have it in their run time.
+  timed = [run.run_time_s for run in runs
+           if not run.extra.get("run_time_includes_compile")]
+  return {
+      "seeds_ok": len(runs),
+      "val_accuracy": _summary(run.metric("val_accuracy") for run in runs),
+      "steps": _summary(run.final["steps"] for run in runs),
+      "samples_seen": _summary(run.final["samples_seen"] for run in runs),
+      "final_batch_size": _summary(final_b),
+      "run_time_s": _summary(timed),
+      "target_accuracy": target,
+      "reached_target": sum(step is not None for step in to_target),
+      "steps_to_target": _summary(to_target),
+      "reached_cap": sum(step is not None for step in to_cap),
+      "steps_to_cap": _summary(to_cap),
   }
-  if out.exists():
-    previous = json.loads(out.read_text())
-    if previous.get("args") == payload["args"]:
-      for key in ("runs", "tuning", "headline", "equal_steps"):
-        payload[key] = previous.get(key, payload[key])  # resume
-  bench = Bench(args, dataset, payload, out)
-  first, *others = args.families.split(",")
-  chosen = run_family(bench, first)
-  finish(payload, out)
-  for family in others:
-    run_family(bench, family, chosen)
-    finish(payload, out)
-  print_table(payload)
 
 
-def finish(payload, out):
-  """Summary, verdict, JSON and figure from the runs so far."""
-  payload["summary"] = summarize(payload)
-  payload["verdict"] = verdict(payload)
-  payload["plateau"] = plateau(payload)
-  _common.write_json(out, payload)
-  plot(payload, out.with_suffix(".png"))
+def results(bench: Benchmark, *, command, machine, **fields) -> dict:
+  contenders = bench.contenders()
+  searches = {f"{c['family']}: {c['name']}": bench.grid(c["family"])
+              for c in contenders if c["search"] is not None}
+  args = bench.args
+  budget = {**bench.store.budget, "initial_batch_size": args.initial_batch_size,
+            "max_batch_size": args.max_batch_size,
+            "num_train": bench.num_train, "seeds": args.seeds,
+            "options": {"max_growth_factor": args.growth,
+                        "smoothing": args.smoothing,
+                        "test_interval": args.interval}}
+  return sweep.results_record(
+      "adaptive_batch", claim=CLAIM, command=command, machine=machine,
+      budget=budget, contenders=contenders,
+      trial_budget=sweep.check_same_budget(searches) if searches else None,
+      families=bench.families, first_family=args.families.split(",")[0],
+      grids={family: family_lrs(args, family)
+             for family in args.families.split(",")},
+      max_extensions=args.max_extensions, **fields)
 
 
-def _reach(row, target):
-  """Steps and wall time when the test accuracy first >= target."""
-  for record in row["history"]:
-    if record["test_accuracy"] >= target:
-      return record["steps"], record["wall_time_s"]
-  return None, None
-
-
-def _mean(values):
-  values = list(values)
-  return statistics.mean(values) if values else None
-
-
-def _group(payload):
-  """(family, contender) -> its rows at the pick (the equal-step runs use
-  their fixed batch's pick), one per seed, in order of first run."""
-  tuning, groups = payload["tuning"], {}
-  for row in payload["runs"]:
-    if row["diverged"]:
-      continue
-    base = row["contender"].split(" for ")[0]
-    pick = tuning.get(f"{row['family']}|{base}", {}).get("pick")
-    if pick is not None and row["learning_rate"] == pick:
-      groups.setdefault((row["family"], row["contender"]), []).append(row)
-  return groups
-
-
-def summarize(payload):
-  """Per (family, contender): the pick, mean ± sd over seeds, the steps and
-  wall time to the fixed-32 accuracy."""
-  groups = _group(payload)
-  summary = []
-  for (family, contender), rows in groups.items():
-    small = groups.get((family, SMALL), [])
-    target = _mean(r["final_test_accuracy"] for r in small)
-    accs = [r["final_test_accuracy"] for r in rows]
-    reach = [_reach(r, target) for r in rows] if target else []
-    reached = [x for x in reach if x[0] is not None]
-    warm = [r for r in rows if not r["compiled"]] or rows
-    warm_reach = [_reach(r, target) for r in warm] if target else []
-    tuning = payload["tuning"].get(
-        f"{family}|{contender.split(' for ')[0]}", {})
-    summary.append({
-        "family": family, "contender": contender,
-        "learning_rate": rows[0]["learning_rate"], "seeds": len(rows),
-        "grid": tuning.get("grid"), "grid_edge": tuning.get("on_edge"),
-        "val_accuracy_mean": _mean(r["final_val_accuracy"] for r in rows),
-        "accuracy_mean": statistics.mean(accs),
-        "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
-        "steps_mean": statistics.mean(r["steps"] for r in rows),
-        # Wall times of the runs that reused a compiled program.
-        "wall_time_s_mean": statistics.mean(r["wall_time_s"] for r in warm),
-        "final_batch_size": statistics.mean(
-            max(r["batch_sizes"] or [r["batch_size"]]) for r in rows),
-        "target_accuracy": target,
-        "reached_target": f"{len(reached)}/{len(rows)}",
-        "steps_to_target_mean": _mean(x[0] for x in reached),
-        "wall_s_to_target_mean": _mean(
-            x[1] for x in warm_reach if x[1] is not None),
-    })
-  return summary
-
-
-def verdict(payload):
-  """The issue's goal, per norm-test contender of the first family: within
-  0.3 points of fixed 32, in at most 20 % of its steps (one peak learning
-  rate and the same sample schedule for the whole run, by construction),
-  and, for the headline, more accurate than every fixed batch trained for
-  as many steps; means over seeds, with the seed sds beside them."""
-  family = payload["args"]["families"].split(",")[0]
-  summary = {s["contender"]: s for s in payload.get("summary", [])
-             if s["family"] == family}
-  small = summary.get(SMALL)
-  if small is None:
-    return []
-  headline = payload["headline"].get(family)
-  equal = {c: s for c, s in summary.items() if c.endswith(" steps")}
-  out = []
-  for contender, s in summary.items():
-    if not contender.startswith("norm"):
-      continue
-    gap = 100 * (small["accuracy_mean"] - s["accuracy_mean"])
-    entry = {
-        "contender": contender, "headline": contender == headline,
-        "gap_to_fixed_32_points": gap,
-        "sd_points": 100 * (s["accuracy_sd"] or 0.0),
-        "fixed_32_sd_points": 100 * (small["accuracy_sd"] or 0.0),
-        "steps_fraction_of_fixed_32": s["steps_mean"] / small["steps_mean"],
-        "within_0.3_points": gap <= 0.3,
-        "at_most_20_percent_steps": s["steps_mean"]
-        <= 0.2 * small["steps_mean"],
-        "one_learning_rate": True,
-    }
-    if contender == headline and equal:
-      entry["equal_step_fixed_accuracies"] = {
-          c: [e["accuracy_mean"], e["accuracy_sd"]] for c, e in equal.items()}
-      entry["beats_every_fixed_at_equal_steps"] = all(
-          s["accuracy_mean"] > e["accuracy_mean"] for e in equal.values())
-    entry["goal_met"] = (entry["within_0.3_points"]
-                         and entry["at_most_20_percent_steps"]
-                         and entry.get("beats_every_fixed_at_equal_steps",
-                                       False))
-    out.append(entry)
-  return out
-
-
-def plateau(payload):
-  """Fixed 32 on twice the budget against fixed 32: the gain, in points, and
-  both seed sds (the baseline is at its plateau if the gain is within them)."""
-  family = payload["args"]["families"].split(",")[0]
-  summary = {s["contender"]: s for s in payload.get("summary", [])
-             if s["family"] == family}
-  if SMALL not in summary or PLATEAU not in summary:
-    return None
-  small, double = summary[SMALL], summary[PLATEAU]
-  gain = 100 * (double["accuracy_mean"] - small["accuracy_mean"])
-  spread = 100 * ((small["accuracy_sd"] or 0.0)
-                  + (double["accuracy_sd"] or 0.0))
-  return {"gain_points": gain, "sum_of_sds_points": spread,
-          "at_plateau": gain <= spread}
-
-
-def verdict_line(payload):
-  """One sentence: the headline against the goal, with the seed spread."""
-  entries = [e for e in payload.get("verdict", []) if e["headline"]]
-  if not entries:
-    return "verdict: not enough runs yet"
-  e = entries[0]
-  equal = e.get("equal_step_fixed_accuracies", {})
-  equal_text = ", ".join(f"{c} {100 * m:.1f} ± {100 * (sd or 0):.1f}"
-                         for c, (m, sd) in equal.items())
-  return (f"goal {'MET' if e['goal_met'] else 'NOT met'}: {e['contender']} "
-          f"is {e['gap_to_fixed_32_points']:.2f} points below fixed 32 "
-          f"(seed sd {e['sd_points']:.2f} vs {e['fixed_32_sd_points']:.2f}) "
-          f"in {100 * e['steps_fraction_of_fixed_32']:.0f} % of its steps; "
-          f"at equal steps: {equal_text or 'not run'}")
-
-
-def plot(payload, path):
+def plot(bench: Benchmark, path):
   plt = _common.pyplot()
   if plt is None:
     return
-  family = payload["args"]["families"].split(",")[0]
+  family = bench.args.families.split(",")[0]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for (row_family, contender), rows in _group(payload).items():
-    row = rows[0]
-    if row_family != family or row["seed"] != 0 or not row.get(
-        "batch_sizes") or " for " in contender:
+  for (row_family, name), entry in bench.entries.items():
+    if row_family != family or entry["kind"] not in ("adaptive", "ramp") or (
+        entry["pick"] is None):
       continue
-    sizes = row["batch_sizes"]
+    run = bench.runs[entry["seeds"][0]["key"]]
+    sizes = run.extra.get("batch_sizes")
+    if not run.ok or not sizes:
+      continue
     if len(sizes) > 1 and sizes[-1] < sizes[-2]:
       sizes = sizes[:-1]  # the budget's remainder, not a size the test chose
     seen = np.cumsum(sizes)
-    label = f"{contender} lr={row['learning_rate']:g}"
-    style = "--" if "ramp" in contender else "-"
+    label = f"{name} lr={entry['pick']['point']['learning_rate']:g}"
+    style = "--" if entry["kind"] == "ramp" else "-"
     axes[0].step(seen, sizes, style, where="post", label=label)
-    if row.get("noise_scales"):
-      axes[1].plot(seen, row["noise_scales"][:len(sizes)], style, label=label)
+    if run.extra.get("noise_scales"):
+      axes[1].plot(seen, run.extra["noise_scales"][:len(sizes)], style,
+                   label=label)
   axes[0].set(xlabel="samples seen", ylabel="batch size", yscale="log",
               title=f"{family}: batch size (seed 0, picked lr)")
   axes[1].set(xlabel="samples seen", ylabel="B_simple = tr(Σ)/|G|² (EMA)",
@@ -531,72 +422,120 @@ def plot(payload, path):
   _common.save_figure(fig, path, dpi=100)
 
 
-def print_table(payload):
-  rows = []
-  for s in payload.get("summary", []):
-    sd = "-" if s["accuracy_sd"] is None else f"{100 * s['accuracy_sd']:.2f}"
-    rows.append([
-        s["family"], s["contender"], f"{s['learning_rate']:g}"
-        + (" (edge)" if s["grid_edge"] else ""),
-        f"{s['steps_mean']:.0f}", f"{s['final_batch_size']:.0f}",
-        f"{100 * s['val_accuracy_mean']:.2f}",
-        f"{100 * s['accuracy_mean']:.2f} ± {sd} ({s['seeds']})",
-        s["reached_target"],
-        "-" if s["steps_to_target_mean"] is None
-        else f"{s['steps_to_target_mean']:.0f}",
-        "-" if s["wall_s_to_target_mean"] is None
-        else f"{s['wall_s_to_target_mean']:.0f}",
-        f"{s['wall_time_s_mean']:.0f}"])
-  print(_common.markdown_table(
-      ["family", "contender", "lr", "steps", "max B", "val acc %",
-       "test acc % (mean ± sd, seeds)", "reached fixed-32 acc", "steps to it",
-       "wall s to it", "wall s"], rows))
-  print_tuning(payload)
-  print_verdict(payload)
-  print(_common.machine_line(payload["machine"]))
-  print(verdict_line(payload))
-  check = payload.get("plateau")
-  if check:
-    print(f"plateau check: fixed 32 on twice the samples gains "
-          f"{check['gain_points']:+.2f} points (sum of the seed sds "
-          f"{check['sum_of_sds_points']:.2f}): "
-          + ("at" if check["at_plateau"] else "NOT at") + " its plateau")
+def main(argv=None):
+  args = parse_args(argv)
+  if args.convert_legacy:
+    convert_legacy(args)
+    return
+  out = pathlib.Path(args.out)
+  machine = _common.machine_description()
+  dataset = data.load_mnist1d(args.num_samples, data.DEFAULT_SEED)
+  num_train = dataset.num_train - round(args.val_fraction * dataset.num_train)
+  store = sweep.RunStore(store_path(out), budget_of(args))
+
+  def produce(config, *_):
+    return lambda _: sweep.train_config(config, dataset)
+
+  bench = Benchmark(args, store, num_train, produce)
+  bench.run()
+  record = results(bench, machine=machine, command=_common.command_line(
+      args, exclude=("out", "convert_legacy")), num_test=dataset.num_test)
+  _common.write_json(out, record)
+  plot(bench, out.with_suffix(".png"))
+  print(f"wrote {out} ({len(store)} runs in {store.path})")
 
 
-def print_tuning(payload):
-  """Seed 0's validation accuracy at every learning rate each contender
-  tried, the pick in bold, an unresolved edge marked."""
-  rows = []
-  for tuning in payload["tuning"].values():
-    cells = []
-    for lr in tuning["grid"]:
-      value = tuning["val_accuracy"].get(f"{lr:g}")
-      text = "diverged" if value is None else f"{100 * value:.1f}"
-      bold = tuning["pick"] is not None and lr == tuning["pick"]
-      cells.append(f"{lr:g}: " + (f"**{text}**" if bold else text))
-    rows.append([tuning["family"], tuning["contender"], ", ".join(cells),
-                 ", ".join(f"{v:g}" for v in tuning["extended"]) or "-",
-                 "yes" if tuning["on_edge"] else "no"])
-  print(_common.markdown_table(
-      ["family", "contender", "lr: seed-0 val acc %", "added past an edge",
-       "pick still on an edge"], rows))
+# ----------------------------------------------------------------------------
+# The results of the script before the engine.
 
 
-def print_verdict(payload):
-  """The goal's parts per norm-test contender of the first family."""
-  rows = []
-  for e in payload.get("verdict", []):
-    rows.append([
-        e["contender"] + (" (headline)" if e["headline"] else ""),
-        f"{e['gap_to_fixed_32_points']:.2f}",
-        f"{e['sd_points']:.2f} / {e['fixed_32_sd_points']:.2f}",
-        f"{e['steps_fraction_of_fixed_32']:.2f}", e["within_0.3_points"],
-        e["at_most_20_percent_steps"],
-        e.get("beats_every_fixed_at_equal_steps", "-")])
-  print(_common.markdown_table(
-      ["contender", "gap to fixed 32 (points)", "seed sd (points): it / "
-       "fixed 32", "steps / fixed-32 steps", "≤ 0.3 points", "≤ 20 % steps",
-       "beats every fixed B at equal steps"], rows))
+def _commit_of(path) -> str:
+  path = pathlib.Path(path).resolve()
+  return subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)],
+                        capture_output=True, text=True, check=True,
+                        cwd=path.parent).stdout.strip()
+
+
+# The commits whose code ran the legacy runs (benchmarks/README.md: the runs
+# at 5a2a828, AdaGrad-Norm at ba0ff77, the change of its grid).
+LEGACY_CODE = {"AdaGrad-Norm": "ba0ff77"}
+LEGACY_CODE_DEFAULT = "5a2a828"
+
+
+def convert_legacy(args):
+  """Converts the old results (one row per run, keyed "family|contender|
+  lr|seed") into the run store and results of this script, by running the
+  benchmark's own flow on them: every run the flow asks for is found among
+  the old rows, with its status recomputed by the engine's rule."""
+  path, _, commit = args.convert_legacy.partition("@")
+  legacy, root = pathlib.Path(path), _common.RESULTS.parent.parent
+  name = (legacy.resolve().relative_to(root)
+          if legacy.resolve().is_relative_to(root) else legacy)
+  if commit:  # the file as that commit wrote it
+    old = json.loads(subprocess.run(
+        ["git", "show", f"{commit}:{name}"], capture_output=True, text=True,
+        check=True, cwd=root).stdout)
+  else:
+    old, commit = json.loads(legacy.read_text()), _commit_of(legacy)
+  source = f"{name}@{commit}"
+  for name, value in old["args"].items():
+    if name not in ("out", "report"):
+      setattr(args, name, value)
+  rows = {(r["family"], r["contender"], f"{r['learning_rate']:g}", r["seed"]):
+          r for r in old["runs"]}
+  used = set()
+
+  def produce(config, family, name, point, seed):
+    def convert(settings):
+      key = (family, name, f"{point['learning_rate']:g}", seed)
+      row = rows[key]
+      used.add(key)
+      if row["batch_size"] != config.batch_size or not math.isclose(
+          row["epochs"], config.epochs):
+        raise ValueError(f"{key}: the old run's settings differ")
+      return legacy_run(row, settings, LEGACY_CODE.get(
+          family, LEGACY_CODE_DEFAULT), source)
+    return convert
+
+  out = pathlib.Path(args.out)
+  path = store_path(out)
+  if path.exists():
+    path.unlink()  # converted anew
+  store = sweep.RunStore(path, budget_of(args))
+  num_train = old["num_train"] - round(args.val_fraction * old["num_train"])
+  bench = Benchmark(args, store, num_train, produce)
+  bench.run()
+  record = results(bench, command=old["command"], machine=old["machine"],
+                   num_test=old["num_test"],
+                   load_average_end=old.get("load_average_end"),
+                   converted_from=source, converted_by=_commit_of(__file__),
+                   legacy_runs_not_used=len(rows) - len(used))
+  record["code_version"] = LEGACY_CODE_DEFAULT
+  record["code_versions"] = {f: LEGACY_CODE.get(f, LEGACY_CODE_DEFAULT)
+                             for f in args.families.split(",")}
+  _common.write_json(out, record)
+  print(f"wrote {out} ({len(store)} runs in {path}; "
+        f"{len(rows) - len(used)} old runs not used)")
+
+
+def legacy_run(row, settings, code_version, source) -> sweep.Run:
+  extra = {"converted_from": source,
+           # The old wall time: with the compilation when the run built its
+           # program, else the run alone.
+           "run_time_includes_compile": row["compiled"]}
+  if row["diverged"]:
+    return sweep.Run.diverged(settings, "non-finite loss (old record)",
+                              code_version=code_version, extra=extra,
+                              run_time_s=row["wall_time_s"])
+  final = dict(row["history"][-1], steps=row["steps"],
+               samples_seen=row["samples_seen"])
+  for name in ("batch_sizes", "noise_scales", "train_step_compilations"):
+    if row.get(name) is not None:
+      extra[name] = row[name]
+  extra.update(steps=row["steps"], samples_seen=row["samples_seen"])
+  return sweep.Run.finished(settings, final, NUM_CLASSES, curve=row["history"],
+                            run_time_s=row["wall_time_s"], compile_time_s=0.0,
+                            code_version=code_version, extra=extra)
 
 
 if __name__ == "__main__":

@@ -305,3 +305,20 @@ def test_harness_trainer_trains_a_point_once_through_the_store(tmp_path):
   assert len(reopened) == 1
   assert sweep.harness_trainer(reopened, base, dataset)(
       {"learning_rate": 0.1, "weight_decay": 1e-4}, 3) == first
+
+
+def test_rerun_trains_the_point_on_every_seed_and_counts_collapses():
+  def train(point, seed):
+    accuracy = 0.1 if seed == 2 else 0.9 + seed / 100  # seed 2 at chance
+    return sweep.Run.finished(dict(point, seed=seed),
+                              {"val_accuracy": accuracy,
+                               "test_accuracy": accuracy}, num_classes=10)
+
+  result = sweep.rerun("x", train, {"learning_rate": 0.1}, seeds=(0, 1, 2))
+  assert result["search"] is None
+  assert result["pick"]["point"] == {"learning_rate": 0.1}
+  assert [s["status"] for s in result["seeds"]] == [
+      sweep.OK, sweep.OK, sweep.COLLAPSED]
+  assert result["collapsed"] == 1
+  assert result["summary"]["n"] == 2
+  assert json.loads(json.dumps(result)) == result

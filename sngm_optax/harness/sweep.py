@@ -20,7 +20,8 @@ name, base settings, a search space) and leave the rest to this module:
   runs it may train, recorded with the result; a comparison gives every
   contender the same one (`check_same_budget`).
 - `tune`: a contender's search, its pick rerun on more seeds, and the
-  summary of the pick's seeds.
+  summary of the pick's seeds; `rerun`: a given point on the seeds, with no
+  search (another contender's pick on another budget).
 - `summarize` (mean ± sd over seeds) and `verdict`, the one rule for "A beats
   B" that every report uses (`SPREAD_RULE`).
 
@@ -631,6 +632,29 @@ def tune(name: str, train: Callable[[dict, int], Run], search: Search, *,
   summary = summarize(run.metric(report) for _, run in seed_runs)
   result["summary"] = None if summary is None else summary.to_json()
   return result
+
+
+def rerun(name: str, train: Callable[[dict, int], Run], point: Mapping[str,
+                                                                     Any], *,
+          seeds: Sequence[int] = (0,), report: str = "test_accuracy") -> dict:
+  """`point` trained on every seed, with no search: a pick taken from
+  another contender (the same rate on a longer or shorter budget).
+
+  Returns:
+    `tune`'s result without a search: `name`, `pick` (the point, and the
+    key of its first seed's run), `seeds`, `collapsed` (seeds that diverged
+    or collapsed) and `summary` (of `report` over the ok seeds).
+  """
+  seed_runs = [(seed, train(dict(point), seed)) for seed in seeds]
+  summary = summarize(run.metric(report) for _, run in seed_runs)
+  return {
+      "name": name, "search": None,
+      "pick": {"point": dict(point), "key": seed_runs[0][1].key},
+      "seeds": [{"seed": seed, "key": run.key, "status": run.status,
+                 report: run.metric(report)} for seed, run in seed_runs],
+      "collapsed": count_collapsed(run for _, run in seed_runs),
+      "summary": None if summary is None else summary.to_json(),
+  }
 
 
 # ----------------------------------------------------------------------------
