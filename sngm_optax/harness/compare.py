@@ -349,7 +349,7 @@ def compare(
     result = sweep.tune(name, trainer, search, seeds=seeds,
                         objective="val_accuracy" if preset.val_fraction > 0
                         else "test_accuracy")
-    contenders.append(_with_pick_run(result, store, name, registry_name,
+    contenders.append(with_pick_run(result, store, name, registry_name,
                                      kwargs, batch_size))
   result = sweep.results_record(
       "compare",
@@ -392,7 +392,7 @@ def _printing(trainer, name: str, batch_size: int):
   return train_and_print
 
 
-def _with_pick_run(result: dict, store: sweep.RunStore, name: str,
+def with_pick_run(result: dict, store: sweep.RunStore, name: str,
                    registry_name: str, kwargs: dict, batch_size: int) -> dict:
   """A `sweep.tune` result with the contender's identity, the picked
   run's final metrics, times and curve, and the time of all its trials."""
