@@ -1,46 +1,51 @@
 """SNGM at large batch: a fair comparison, B = 4096, 8192 and 16384.
 
 MNIST-1D CNN (100k examples: 72k train, 8k validation, 20k test), linear
-warmup + cosine decay, the same number of epochs for every run. Every
-large-batch contender (SNGM as in the paper, SNGM with decoupled weight
-decay, momentum SGD, LARS, LAMB) follows the same procedure:
+warmup + cosine decay, the same number of epochs for every run. The
+experiment runs on the engine (`sngm_optax.harness.sweep`); every
+contender at a batch size follows the same procedure, with the same trial
+budget (`sweep.check_same_budget`, recorded in the JSON):
 
-1. at `--tune-batch` (4096) the 2-D grid of `compare.LR_GRIDS` (3 peak
-   learning rates x 3 weight decays; the grids and the rule that set them
-   are in `sngm_optax/harness/compare.py`), searched one axis at a time to
-   fit the CPU budget: the learning rates at the middle weight decay, then
-   the weight decays at the best learning rate;
-2. at every other batch size a local grid: the 4096 pick's learning rate
-   scaled by sqrt(B / 4096), times 1/2, 1, 2, at the 4096 pick's weight
-   decay;
+1. at `--tune-batch` (4096), every large-batch contender (SNGM as in the
+   paper, with decoupled weight decay, with Nesterov momentum, with
+   per-layer normalization; momentum SGD, LARS, LAMB) searches its 2-D grid
+   of `compare.LR_GRIDS` (3 peak learning rates x 3 weight decays; the
+   grids and the rule that set them are in `sngm_optax/harness/compare.py`)
+   one axis at a time (`sweep.AxisByAxis`): the learning rates at the
+   middle weight decay, then the weight decays at the best learning rate;
+2. at every other batch size a local grid (`sweep.Grid`): the 4096 pick's
+   learning rate scaled by sqrt(B / 4096), times 1/2, 1, 2, at the 4096
+   pick's weight decay;
 3. a pick at an edge of its grid extends the grid by one value in that
-   direction (`compare.grid_search`, at most `--max-extensions` times per
-   axis and direction);
-4. picks on the validation split, each pick retrained with `--extra-seeds`
-   more seeds (initialization and batch order): mean ± sd over seeds.
+   direction, at most `--max-extensions` times per axis and direction;
+4. picks on the validation split (`sweep.tune`: never a run that diverged
+   or collapsed), each pick retrained with `--extra-seeds` more seeds
+   (initialization and batch order), summarized by `sweep.summarize`.
 
-The SNGM variants Nesterov and per-layer normalization get a learning-rate
-grid (3 values, factor 2) centred on the paper SNGM's 4096 pick, at its
-weight decay. Momentum SGD at `--small-batch` is the reference (learning
-rate grid of `compare.SMALL_BATCH_GRIDS`, weight decay 1e-4).
+Momentum SGD at `--small-batch` is the reference (learning-rate grid of
+`compare.SMALL_BATCH_GRIDS`, weight decay 1e-4). Whether the budget
+(`--epochs`) is long enough: the plateau check trains the reference's pick
+and the second batch size's picks of SNGM, LARS and LAMB again on twice the
+epochs (all seeds); `sweep.verdict` says whether the longer run beats the
+shorter one against the seed spread.
 
-Whether the budget (`--epochs`) is long enough: the plateau check trains
-the reference's pick, and the 8192 picks of SNGM, LARS and LAMB, again on
-twice the epochs (all seeds) and reports the gain against the seed spread.
-
-Work is done in order of priority (4096; the reference; 8192; variants;
-16384, without momentum SGD; the plateau check; each pick's seeds right
-after its grid), every
-run is saved to `large_batch_runs.json` as it ends,
-and a restarted benchmark reuses them. `--stop-after HH:MM` (UTC) starts no
-new run after that time and reports what was skipped (so a restart after
-the deadline only rebuilds the tables and the figure from the saved runs).
+Work is done in order of priority (4096; the reference; 8192; the SNGM
+variants; 16384, without momentum SGD; the plateau check; each pick's seeds
+right after its grid). Every run goes to a `sweep.RunStore`,
+`large_batch_runs.jsonl` (the plateau check's, of another budget, to
+`large_batch_plateau_runs.jsonl`), as it ends, and a restarted benchmark
+reuses them. `--stop-after HH:MM` (UTC) starts no new run after that time;
+the contenders it skips are listed in the JSON (a restart after the
+deadline only rebuilds the JSON and the figure from the stored runs).
+`benchmarks/report.py` writes the tables and verdicts of the READMEs from
+the JSON.
 
 Usage:
   python benchmarks/large_batch.py                     # the benchmark
   python benchmarks/large_batch.py --batch-sizes 256 --tune-batch 256 \\
       --num-samples 2000 --epochs 1 --small-batch 64 --extra-seeds 1 \\
       --model mlp --out /tmp/lb                          # a smoke test
+  python benchmarks/large_batch.py --convert-legacy    # the old JSON, once
 Writes benchmarks/results/large_batch.json and large_batch.png.
 """
 
@@ -48,50 +53,36 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import _common
 
 from sngm_optax.harness import compare
 from sngm_optax.harness import config as config_lib
-from sngm_optax.harness import train
+from sngm_optax.harness import sweep
 
-MAIN = ("sngm_paper", "sngm_decoupled", "msgd", "lars", "lamb")
-SNGM_ONLY = ("sngm_nesterov", "sngm_per_layer")
 SNGM = ("sngm_paper", "sngm_decoupled", "sngm_nesterov", "sngm_per_layer")
 OTHERS = ("msgd", "lars", "lamb")
-# The work in order of priority: the tune batch's grids, the small-batch
-# reference, the second batch size, the SNGM variants, the other batch sizes.
+# The tune batch's contenders, in order of priority: the issue's goal's
+# first, the SNGM variants last (the "variants" stage).
+MAIN = ("sngm_paper", "lars", "lamb", "sngm_decoupled", "msgd")
+SNGM_ONLY = ("sngm_nesterov", "sngm_per_layer")
+# The work in order of priority.
 STAGES = ("tune", "reference", "second", "variants", "rest", "plateau")
 # The plateau check: these picks again on twice the epochs (the reference,
 # then the goal's contenders at the second batch size).
 PLATEAU = ("msgd", "sngm_paper", "lars", "lamb")
-# After the tune batch: the contenders of the issue's goal first.
-BY_PRIORITY = ("sngm_paper", "lars", "lamb", "sngm_decoupled", "msgd")
+# Momentum SGD is left out beyond the second batch size.
+REST = ("sngm_paper", "lars", "lamb", "sngm_decoupled")
+RUNS, PLATEAU_RUNS = "large_batch_runs.jsonl", "large_batch_plateau_runs.jsonl"
+CLAIM = ("SNGM at a large batch reaches the accuracy of small-batch momentum "
+         "SGD and is level with LARS and LAMB")
 
 
-class Deadline(Exception):
-  """Raised before a run that would start after `--stop-after`."""
-
-
-class _SavedRuns(dict):
-  """The saved runs by `compare.run_key`; asking for a missing one after
-  the deadline (i.e. before training it) raises `Deadline`, so that a run
-  restarted late still reports every saved run."""
-
-  stop = None
-
-  def __contains__(self, key):
-    found = super().__contains__(key)
-    if (not found and self.stop is not None
-        and datetime.datetime.now(datetime.timezone.utc) > self.stop):
-      raise Deadline
-    return found
-
-
-def _parse_args():
+def _parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch-sizes", type=int, nargs="+",
                       default=[4096, 8192, 16384])
@@ -119,7 +110,10 @@ def _parse_args():
                            "(default all), to split the work over processes")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
-  return parser.parse_args()
+  parser.add_argument("--convert-legacy", action="store_true",
+                      help="convert the pre-engine large_batch.json and "
+                           "large_batch_runs.json in --out, train nothing")
+  return parser.parse_args(argv)
 
 
 def _deadline(text):
@@ -137,288 +131,466 @@ def _around(value, factor=1.0):
   return tuple(float(f"{value * factor * f:.3g}") for f in (0.5, 1.0, 2.0))
 
 
-# The settings a saved run's key does not name: a restart must share them.
-BUDGET = ("epochs", "warmup_epochs", "num_samples", "model")
+def _base(args, epochs_factor=1) -> config_lib.Config:
+  return config_lib.Config(
+      num_samples=args.num_samples, val_fraction=0.1, model=args.model,
+      warmup_epochs=epochs_factor * args.warmup_epochs,
+      epochs=epochs_factor * args.epochs, seed=0)
 
 
-def _check_same_budget(args):
-  """Saved runs are reused by optimizer, batch, learning rate, weight decay
-  and seed: refuse to mix them with runs of another budget."""
-  summary = args.out / "large_batch.json"
-  if not summary.exists():
-    return
-  saved = json.loads(summary.read_text())["settings"]
-  changed = [f"{key} {saved[key]} -> {getattr(args, key)}" for key in BUDGET
-             if saved.get(key) != getattr(args, key)]
-  if changed:
-    raise SystemExit(f"{summary} holds runs of another budget "
-                     f"({', '.join(changed)}): pass another --out")
+def budget_of(base: config_lib.Config) -> dict:
+  """The settings every run of a store shares."""
+  return {key: getattr(base, key) for key in (
+      "num_samples", "data_seed", "val_fraction", "model", "epochs",
+      "warmup_epochs")}
+
+
+def contender_config(base: config_lib.Config, name: str,
+                     batch_size: int) -> config_lib.Config:
+  registry_name, kwargs = compare.VARIANTS.get(name, (name, {}))
+  return dataclasses.replace(base, optimizer=registry_name,
+                             batch_size=batch_size, optimizer_kwargs=kwargs)
 
 
 class Benchmark:
-  """The runs done so far, saved after each run; the contenders by stage."""
+  """The stores, the dataset and the contenders' `sweep.tune` results."""
 
   def __init__(self, args):
+    from sngm_optax.harness import train  # pylint: disable=g-import-not-at-top
     self.args = args
-    self.stop = _deadline(args.stop_after)
-    self.runs_path = args.out / "large_batch_runs.json"
-    _check_same_budget(args)
-    self.done = _SavedRuns(json.loads(self.runs_path.read_text())
-                           if self.runs_path.exists() else {})
-    self.done.stop = self.stop
-    self.base = config_lib.Config(
-        num_samples=args.num_samples, val_fraction=0.1, model=args.model,
-        warmup_epochs=args.warmup_epochs, epochs=args.epochs, seed=0)
+    stop = _deadline(args.stop_after)
+    self.base = _base(args)
+    self.doubled = _base(args, epochs_factor=2)
+    self.store = sweep.RunStore(args.out / RUNS, budget_of(self.base), stop)
+    self.plateau_store = sweep.RunStore(args.out / PLATEAU_RUNS,
+                                        budget_of(self.doubled), stop)
     self.dataset = train.load_dataset(self.base)
-    self.contenders = {}  # (name, batch_size) -> contender
+    self.seeds = tuple(range(args.extra_seeds + 1))
+    self.results = {}  # (name, batch_size) -> contender
     self.plateau = {}  # (name, batch_size) -> its pick on twice the epochs
-    self.learning_rate_stages = {}  # name -> the 1st axis of `full`
+    self.searches = {}  # batch_size -> {name: search}
     self.skipped = []
 
-  def save_run(self, key, run):
-    self.done[key] = run
-    _common.write_json(self.runs_path, self.done)
-
-  def tune(self, name, batch_size, learning_rates, decays, seeds=0):
-    """`compare.run_contender` with the saved runs; None if it would need a
-    run after the deadline (the contender is then listed as skipped)."""
+  def tune(self, name, batch_size, search, plateau=False):
+    """`sweep.tune` of `name` at `batch_size` over `search`; None (listed
+    as skipped) when the store's deadline stops it."""
+    store = self.plateau_store if plateau else self.store
+    base = contender_config(self.doubled if plateau else self.base, name,
+                            batch_size)
+    label = f"{name} B={batch_size}" + (
+        f" on {self.doubled.epochs:g} epochs" if plateau else "")
     try:
-      contender = compare.run_contender(
-          self.base, name, batch_size, learning_rates, self.dataset,
-          self.args.quiet, seeds, weight_decays=decays,
-          max_extensions=self.args.max_extensions,
-          done=self.done, on_run=self.save_run)
-    except Deadline:
-      self.skipped.append(f"{name} B={batch_size}")
+      result = sweep.tune(label, sweep.harness_trainer(store, base,
+                                                       self.dataset),
+                          search, seeds=self.seeds)
+    except sweep.DeadlineReached:
+      self.skipped.append(label)
       return None
-    self.contenders[(name, batch_size)] = contender
-    return contender
-
-  def twice_the_epochs(self, name, batch_size, seeds):
-    """The pick of `name` at `batch_size` on twice the budget, or None."""
-    if (name, batch_size) not in self.contenders:
-      return None
-    learning_rate, decay = self.pick(name, batch_size)
-    base = dataclasses.replace(self.base, epochs=2 * self.base.epochs,
-                               warmup_epochs=2 * self.base.warmup_epochs)
-    try:
-      return compare.run_contender(
-          base, name, batch_size, (learning_rate,), self.dataset,
-          self.args.quiet, seeds, weight_decays=(decay,),
-          name=f"{name} on {base.epochs:g} epochs", done=self.done,
-          on_run=self.save_run)
-    except Deadline:
-      self.skipped.append(f"{name} B={batch_size} on twice the epochs")
-      return None
+    result = compare.with_pick_run(result, store, name, base.optimizer,
+                                   base.optimizer_kwargs, batch_size)
+    if not self.args.quiet:
+      print(f"{label}: {_pick_line(result)}", flush=True)
+    if not plateau:
+      self.searches.setdefault(batch_size, {})[name] = search
+      self.results[(name, batch_size)] = result
+    return result
 
   def pick(self, name, batch_size=None):
-    best = self.contenders[(name, batch_size or self.args.tune_batch)]["best"]
-    return best["learning_rate"], best["weight_decay"]
+    found = self.results.get((name, batch_size or self.args.tune_batch))
+    return None if found is None or found["pick"] is None else found[
+        "pick"]["point"]
 
-  def local(self, name, batch_size, seeds=0, center=None):
+  def full_search(self, name) -> sweep.AxisByAxis:
+    """The 2-D grid of `name` at the tune batch, one axis at a time."""
+    grid = compare.LR_GRIDS[name]
+    return sweep.AxisByAxis(
+        {"learning_rate": grid.at(self.args.tune_batch),
+         "weight_decay": grid.weight_decays},
+        max_extensions=self.args.max_extensions)
+
+  def local(self, name, batch_size):
     """The local grid at `batch_size` around the tune-batch pick."""
-    if (center or name, self.args.tune_batch) not in self.contenders:
+    if (name, batch_size) in self.results:
+      return
+    point = self.pick(name)
+    if point is None:
       self.skipped.append(f"{name} B={batch_size} (no pick at the tune "
                           "batch)")
-      return None
-    learning_rate, decay = self.pick(center or name)
+      return
     factor = (batch_size / self.args.tune_batch) ** 0.5
-    return self.tune(name, batch_size, _around(learning_rate, factor),
-                     (decay,), seeds)
+    self.tune(name, batch_size, sweep.Grid(
+        {"learning_rate": _around(point["learning_rate"], factor),
+         "weight_decay": (point["weight_decay"],)},
+        max_extensions=self.args.max_extensions))
 
-  def full(self, name, seeds=0):
-    """The 2-D grid, one axis at a time: learning rates at the middle weight
-    decay, then weight decays at the best learning rate."""
-    grid = compare.LR_GRIDS[name]
-    batch = self.args.tune_batch
-    middle = grid.weight_decays[len(grid.weight_decays) // 2]
-    stage = self.tune(name, batch, grid.at(batch), (middle,))
-    if stage is None:
-      return None
-    self.learning_rate_stages[name] = stage
-    learning_rate = stage["best"]["learning_rate"]
-    return self.tune(name, batch, (learning_rate,), grid.weight_decays,
-                     seeds)
+
+def _pick_line(result) -> str:
+  if result["pick"] is None:
+    return f"every trial collapsed ({result['collapsed']})"
+  summary = result["summary"]
+  spread = ("" if summary is None else
+            f", test {100 * summary['mean']:.2f} ± {100 * summary['sd']:.2f}"
+            f" over {summary['n']} seeds")
+  return (f"pick {result['pick']['point']} of {result['search']['trials_used']}"
+          f" trials ({result['collapsed']} collapsed){spread}")
 
 
 def run_all(bench: Benchmark) -> None:
   """The stages in order of priority; the seeds of a pick right after its
-  grid, while its compiled step is still cached."""
+  search, while its compiled step is still cached."""
   args = bench.args
   stages = args.stages.split(",")
   chosen = args.contenders.split(",") if args.contenders else None
   keep = lambda names: [n for n in names if chosen is None or n in chosen]
   others = [b for b in args.batch_sizes if b != args.tune_batch]
-  seeds = args.extra_seeds
+  searches = {name: bench.full_search(name) for name in MAIN + SNGM_ONLY}
+  sweep.check_same_budget(searches)
+
+  def tuned(name):  # the tune batch's pick (its stored runs, if any)
+    if (name, args.tune_batch) not in bench.results:
+      bench.tune(name, args.tune_batch, searches[name])
+
   if "tune" in stages:
     for name in keep(MAIN):
-      bench.full(name, seeds)
+      tuned(name)
   if "reference" in stages:
-    small = compare.SMALL_BATCH_GRIDS["msgd"].at(args.small_batch,
-                                                 args.reference_size)
-    bench.tune("msgd", args.small_batch, small, (1e-4,), seeds)
+    bench.tune("msgd", args.small_batch, sweep.Grid(
+        {"learning_rate": compare.SMALL_BATCH_GRIDS["msgd"].at(
+            args.small_batch, args.reference_size),
+         "weight_decay": (1e-4,)}, max_extensions=args.max_extensions))
   if "second" in stages:
     for batch_size in others[:1]:
-      for name in keep(BY_PRIORITY):
-        if (name, args.tune_batch) not in bench.contenders:
-          bench.full(name, seeds)  # the pick (saved runs, if any)
-        bench.local(name, batch_size, seeds)
+      for name in keep(MAIN):
+        tuned(name)
+        bench.local(name, batch_size)
   if "variants" in stages:
-    if ("sngm_paper", args.tune_batch) not in bench.contenders:
-      bench.full("sngm_paper", seeds)  # the pick (saved runs, if any)
     for name in keep(SNGM_ONLY):
-      if ("sngm_paper", args.tune_batch) in bench.contenders:
-        learning_rate, decay = bench.pick("sngm_paper")
-        bench.tune(name, args.tune_batch, _around(learning_rate), (decay,),
-                   seeds)
+      tuned(name)
   if "rest" in stages:
     for batch_size in others[1:]:
-      for name in keep(BY_PRIORITY[:-1]):
-        if (name, args.tune_batch) not in bench.contenders:
-          bench.full(name, seeds)  # the pick (saved runs, if any)
-        bench.local(name, batch_size, seeds)
+      for name in keep(REST):
+        tuned(name)
+        bench.local(name, batch_size)
   if "plateau" in stages:
     for name, batch_size in zip(PLATEAU, [args.small_batch]
                                 + others[:1] * (len(PLATEAU) - 1)):
-      doubled = bench.twice_the_epochs(name, batch_size, seeds)
+      point = bench.pick(name, batch_size)
+      if point is None:
+        continue
+      doubled = bench.tune(name, batch_size, sweep.Grid(
+          {k: (v,) for k, v in point.items()}), plateau=True)
       if doubled is not None:
         bench.plateau[(name, batch_size)] = doubled
+  for batch_size, at_batch in bench.searches.items():
+    sweep.check_same_budget(at_batch)
 
 
-def plateau_lines(bench: Benchmark) -> list[str]:
-  """Each plateau-check pick: the gain of twice the epochs, against the
-  sum of the two seed sds."""
-  lines = []
-  for key, doubled in bench.plateau.items():
-    (mean, sd, _), (mean2, sd2, _) = (_mean_sd(bench.contenders[key]),
-                                      _mean_sd(doubled))
-    gain = mean2 - mean
-    lines.append(
-        f"{key[0]} B={key[1]}: {bench.args.epochs:g} epochs {mean:.2f} ± "
-        f"{sd:.2f}, {2 * bench.args.epochs:g} epochs {mean2:.2f} ± "
-        f"{sd2:.2f}: {gain:+.2f} points, "
-        + ("within" if abs(gain) <= sd + sd2 else "beyond")
-        + f" the seed spread ({sd + sd2:.2f})")
-  return lines
+def comparisons(contenders) -> list[dict]:
+  """Per batch size: each contender's trial budget and trials used."""
+  by_batch = {}
+  for contender in contenders:
+    by_batch.setdefault(contender["batch_size"], []).append(contender)
+  return [{"batch_size": batch_size,
+           "budgets": {c["optimizer"]: c["search"]["trial_budget"]
+                       for c in found},
+           "trials_used": {c["optimizer"]: c["search"]["trials_used"]
+                           for c in found}}
+          for batch_size, found in sorted(by_batch.items())]
 
 
-def _mean_sd(contender):
-  if contender is None or contender.get("best") is None:
-    return None
-  if "test_accuracy_mean" in contender:
-    return (100 * contender["test_accuracy_mean"],
-            100 * contender["test_accuracy_std"], contender["num_seeds"])
-  return 100 * contender["best"]["test_accuracy"], 0.0, 1
-
-
-def verdicts(bench: Benchmark) -> list[str]:
-  """SNGM against the best other optimizer, against the seed spread."""
-  lines = []
-  reference = _mean_sd(bench.contenders.get(("msgd", bench.args.small_batch)))
-  for batch_size in bench.args.batch_sizes:
-    stats = {name: _mean_sd(bench.contenders.get((name, batch_size)))
-             for name in SNGM + OTHERS}
-    stats = {name: value for name, value in stats.items()
-             if value is not None and value[2] > 1}
-    sngm = [name for name in SNGM if name in stats]
-    others = [name for name in OTHERS if name in stats]
-    if not sngm or not others:
-      continue
-    best_other = max(others, key=lambda name: stats[name][0])
-    for name in sngm:
-      mean, sd, _ = stats[name]
-      other_mean, other_sd, _ = stats[best_other]
-      gap = mean - other_mean
-      spread = sd + other_sd
-      side = "larger" if abs(gap) > spread else "not larger"
-      line = (f"B={batch_size}: {name} {mean:.2f} ± {sd:.2f} vs "
-              f"{best_other} {other_mean:.2f} ± {other_sd:.2f}: gap "
-              f"{gap:+.2f} points, {side} than the seed spread "
-              f"(sum of the sds, {spread:.2f})")
-      if reference is not None:
-        line += (f"; {mean - reference[0]:+.2f} points from momentum SGD at "
-                 f"B={bench.args.small_batch} ({reference[0]:.2f} ± "
-                 f"{reference[1]:.2f})")
-      lines.append(line)
-  return lines
-
-
-def plot(bench: Benchmark, path: pathlib.Path) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
   """Test accuracy (mean ± sd over seeds) against batch size."""
   plt = _common.pyplot()
   if plt is None:
     return
   figure, axes = plt.subplots(figsize=(7, 4.5))
-  for name in MAIN + SNGM_ONLY:
-    points = [(b, _mean_sd(bench.contenders.get((name, b))))
-              for b in bench.args.batch_sizes]
-    points = [(b, s) for b, s in points if s is not None]
+  contenders = [c for c in results["contenders"]
+                if c["batch_size"] != results["small_batch"]]
+  for name in dict.fromkeys(c["optimizer"] for c in contenders):
+    points = sorted((c["batch_size"], c["summary"]) for c in contenders
+                    if c["optimizer"] == name and c["summary"])
     if points:
-      axes.errorbar([b for b, _ in points], [s[0] for _, s in points],
-                    yerr=[s[1] for _, s in points], marker="o", capsize=3,
-                    label=name)
-  reference = _mean_sd(bench.contenders.get(("msgd", bench.args.small_batch)))
-  if reference is not None:
-    axes.axhline(reference[0], color="black", linestyle="--",
-                 label=f"msgd B={bench.args.small_batch}")
-    axes.axhspan(reference[0] - reference[1], reference[0] + reference[1],
-                 color="black", alpha=0.1)
+      axes.errorbar([b for b, _ in points],
+                    [100 * s["mean"] for _, s in points],
+                    yerr=[100 * s["sd"] for _, s in points], marker="o",
+                    capsize=3, label=name)
+  reference = [c["summary"] for c in results["contenders"]
+               if c["batch_size"] == results["small_batch"] and c["summary"]]
+  if reference:
+    mean, sd = 100 * reference[0]["mean"], 100 * reference[0]["sd"]
+    axes.axhline(mean, color="black", linestyle="--",
+                 label=f"msgd B={results['small_batch']}")
+    axes.axhspan(mean - sd, mean + sd, color="black", alpha=0.1)
   axes.set_xscale("log", base=2)
   axes.set_xlabel("batch size")
   axes.set_ylabel("test accuracy (%), mean ± sd over seeds")
-  axes.set_title(f"MNIST-1D {bench.args.model.upper()}, "
-                 f"{bench.args.epochs:g} epochs, {bench.args.num_samples} "
+  budget = results["budget"]
+  axes.set_title(f"MNIST-1D {budget['model'].upper()}, "
+                 f"{budget['epochs']:g} epochs, {budget['num_samples']} "
                  "examples")
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8)
   _common.save_figure(figure, path, dpi=110)
 
 
-def main() -> None:
-  args = _parse_args()
+def main(argv=None) -> None:
+  args = _parse_args(argv)
+  if args.convert_legacy:
+    convert_legacy(args.out)
+    return
   start = time.perf_counter()
-  load_start = os.getloadavg()[0]
   bench = Benchmark(args)
   run_all(bench)
-  tables = {}
-  for batch_size in sorted({b for _, b in bench.contenders}):
-    contenders = [c for (_, b), c in bench.contenders.items()
-                  if b == batch_size]
-    tables[str(batch_size)] = compare.format_table(
-        {"contenders": contenders})
-    print(f"\nB = {batch_size}:\n{tables[str(batch_size)]}", flush=True)
-  summary = {
-      "claim": "SNGM at a large batch reaches the accuracy of small-batch "
-               "momentum SGD and is level with LARS and LAMB",
-      "command": _common.command_line(),
-      "machine": _common.machine_description(),
-      "wall_time_s": time.perf_counter() - start,
-      "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
-      "settings": {key: str(value) if isinstance(value, pathlib.Path)
-                   else value for key, value in vars(args).items()},
-      "grids": {name: dataclasses.asdict(compare.LR_GRIDS[name])
-                for name in MAIN + SNGM_ONLY},
-      "small_batch_grid": dataclasses.asdict(
-          compare.SMALL_BATCH_GRIDS["msgd"]),
-      "skipped": bench.skipped,
-      "learning_rate_stages": [
-          compare.without_histories({"contenders": [c]})["contenders"][0]
-          for c in bench.learning_rate_stages.values()],
-      "tables": tables,
-      "verdicts": verdicts(bench),
-      "plateau": plateau_lines(bench),
-      "contenders": [compare.without_histories({"contenders": [c]})
-                     ["contenders"][0] for c in bench.contenders.values()],
-  }
-  _common.write_json(args.out / "large_batch.json", summary)
-  plot(bench, args.out / "large_batch.png")
-  print("\n" + "\n".join(summary["verdicts"] + summary["plateau"]))
+  contenders = list(bench.results.values())
+  tune_budgets = {s.budget for s in bench.searches.get(args.tune_batch,
+                                                       {}).values()}
+  results = sweep.results_record(
+      "large_batch", claim=CLAIM, command=_common.command_line(),
+      machine=_common.machine_description(), budget=bench.store.budget,
+      contenders=contenders,
+      trial_budget=tune_budgets.pop() if len(tune_budgets) == 1 else None,
+      budgets_equal=True, comparisons=comparisons(contenders),
+      batch_sizes=args.batch_sizes, tune_batch=args.tune_batch,
+      small_batch=args.small_batch, seeds=list(bench.seeds),
+      settings={key: str(value) if isinstance(value, pathlib.Path)
+                else value for key, value in vars(args).items()},
+      grids={name: dataclasses.asdict(compare.LR_GRIDS[name])
+             for name in MAIN + SNGM_ONLY},
+      small_batch_grid=dataclasses.asdict(compare.SMALL_BATCH_GRIDS["msgd"]),
+      plateau={"budget": bench.plateau_store.budget,
+               "contenders": list(bench.plateau.values())},
+      superseded=[], skipped=bench.skipped, runs=len(bench.store)
+      + len(bench.plateau_store),
+      collapsed=sweep.count_collapsed(bench.store)
+      + sweep.count_collapsed(bench.plateau_store),
+      wall_time_s=time.perf_counter() - start)
+  _common.write_json(args.out / "large_batch.json", results)
+  plot(results, args.out / "large_batch.png")
+  for batch_size in sorted({c["batch_size"] for c in contenders}):
+    table = compare.format_table({"contenders": [
+        c for c in contenders if c["batch_size"] == batch_size]})
+    print(f"\nB = {batch_size}:\n{table}", flush=True)
   if bench.skipped:
     print(f"skipped (deadline): {', '.join(bench.skipped)}")
-  print(f"\nmachine: {_common.machine_line(summary['machine'])}; total "
-        f"{summary['wall_time_s'] / 60:.1f} min; wrote "
+  print(f"\nmachine: {_common.machine_line(results['machine'])}; total "
+        f"{results['wall_time_s'] / 60:.1f} min; wrote "
         f"{args.out / 'large_batch.json'} and {args.out / 'large_batch.png'}")
 
 
+# ----------------------------------------------------------------------------
+# The pre-engine results (large_batch.json, large_batch_runs.json of
+# 9108ed2), converted once to the engine's records.
+
+LEGACY_NOTE = (
+    "converted from the pre-engine results: the run had no declared trial "
+    "budget, and its contenders did not get the same number of trials")
+
+
+def _git_commit(path: pathlib.Path) -> str:
+  described = subprocess.run(
+      ["git", "log", "--format=%h", "-1", "--", path.name], cwd=path.parent,
+      capture_output=True, text=True, check=True)
+  return described.stdout.strip()
+
+
+def _legacy_run(old: dict, config: config_lib.Config, commit: str,
+                source: str) -> sweep.Run:
+  """One old run as a `sweep.Run`, its status by the engine's rule."""
+  settings = sweep.config_settings(config)
+  fields = {"code_version": commit,
+            "extra": {"converted_from": source,
+                      # the old wall time includes compiling
+                      "wall_time_includes_compile": True}}
+  if old.get("diverged"):
+    return sweep.Run.diverged(settings, old.get("error", "non-finite"),
+                              **fields)
+  final = {key: old[key] for key in (
+      "val_accuracy", "test_accuracy", "test_loss", "steps") if key in old}
+  final["samples_seen"] = old["steps"] * config.batch_size
+  return sweep.Run.finished(settings, final, num_classes=10,
+                            curve=old.get("history", []),
+                            run_time_s=old.get("wall_time_s", 0.0), **fields)
+
+
+def _legacy_contender(name, batch_size, stages, runs, base, store,
+                      max_extensions, seeds=(0, 1, 2)) -> dict:
+  """A `sweep.tune`-shaped result from the old contender entries of one
+  search (`stages`: the learning-rate stage, then the weight-decay stage,
+  or one grid), its runs taken from `store`."""
+  config = contender_config(base, name, batch_size)
+
+  def run_of(learning_rate, weight_decay, seed):
+    return store.get(sweep.config_settings(dataclasses.replace(
+        config, learning_rate=learning_rate, weight_decay=weight_decay,
+        seed=seed)))
+
+  trials, extended, seen = [], [], set()
+  for stage in stages:
+    for old in stage["runs"]:
+      point = {"learning_rate": old["learning_rate"],
+               "weight_decay": old["weight_decay"]}
+      if tuple(point.values()) in seen:
+        continue
+      seen.add(tuple(point.values()))
+      run = run_of(*point.values(), 0)
+      trials.append({"point": point, "key": run.key, "status": run.status,
+                     "score": run.metric("val_accuracy")})
+    extended += [{("learning_rate", "weight_decay")[axis]: value}
+                 for axis, value in stage["extended"]]
+  last = stages[-1]
+  on_edge = []
+  if last["on_edge"]:  # the axis of more than one value in the last grid
+    on_edge = ["weight_decay" if len(last["weight_decays"]) > 1
+               else "learning_rate"]
+  scored = [t for t in trials if t["score"] is not None]
+  best = max(scored, key=lambda t: t["score"])["point"] if scored else None
+  old_best = last["best"]
+  if best is not None and old_best is not None:
+    assert best == {"learning_rate": old_best["learning_rate"],
+                    "weight_decay": old_best["weight_decay"]}, (name, best)
+  axes = {"learning_rate": sorted({t["point"]["learning_rate"]
+                                   for t in trials}),
+          "weight_decay": sorted({t["point"]["weight_decay"]
+                                  for t in trials})}
+  result = {
+      "name": f"{name} B={batch_size}",
+      "search": {"kind": "axis_by_axis" if len(stages) > 1 else "grid",
+                 "axes": axes, "max_extensions": max_extensions,
+                 "trial_budget": None, "trials_used": len(trials),
+                 "extended": extended, "on_edge": on_edge},
+      "objective": "val_accuracy", "trials": trials,
+      "collapsed": sum(t["status"] != sweep.OK for t in trials),
+      "pick": None, "seeds": [], "summary": None}
+  if best is not None:
+    seed_runs = [(seed, run_of(*best.values(), seed)) for seed in seeds]
+    seed_runs = [(seed, run) for seed, run in seed_runs if run is not None]
+    result["pick"] = {"point": best, "key": seed_runs[0][1].key}
+    result["seeds"] = [{"seed": seed, "key": run.key, "status": run.status,
+                        "test_accuracy": run.metric("test_accuracy")}
+                       for seed, run in seed_runs]
+    summary = sweep.summarize(run.metric("test_accuracy")
+                              for _, run in seed_runs)
+    result["summary"] = None if summary is None else summary.to_json()
+  return compare.with_pick_run(result, store, name, config.optimizer,
+                               config.optimizer_kwargs, batch_size)
+
+
+def convert_legacy(out: pathlib.Path) -> None:
+  """Writes the engine's `large_batch.json`, `large_batch_runs.jsonl` and
+  `large_batch_plateau_runs.jsonl` from the pre-engine files in `out`
+  (their old names are left for git to remove)."""
+  old_json, old_runs = out / "large_batch.json", out / "large_batch_runs.json"
+  commit = _git_commit(old_runs)
+  legacy = json.loads(old_json.read_text())
+  runs = json.loads(old_runs.read_text())
+  settings = legacy["settings"]
+  args = argparse.Namespace(**{k: settings[k] for k in (
+      "num_samples", "model", "epochs", "warmup_epochs")})
+  base, doubled = _base(args), _base(args, epochs_factor=2)
+  for path in (out / RUNS, out / PLATEAU_RUNS):
+    path.unlink(missing_ok=True)
+  store = sweep.RunStore(out / RUNS, budget_of(base))
+  plateau_store = sweep.RunStore(out / PLATEAU_RUNS, budget_of(doubled))
+  source = f"{old_runs.name}@{commit}"
+  for key, old in runs.items():  # "name[ on N epochs] B=.. lr=.. wd=.. seed=.."
+    head, batch, learning_rate, decay, seed = key.rsplit(" ", 4)
+    name, _, epochs = head.partition(" on ")
+    plateau = bool(epochs)
+    config = dataclasses.replace(
+        contender_config(doubled if plateau else base, name,
+                         int(batch.removeprefix("B="))),
+        learning_rate=float(learning_rate.removeprefix("lr=")),
+        weight_decay=float(decay.removeprefix("wd=")),
+        seed=int(seed.removeprefix("seed=")))
+    (plateau_store if plateau else store).put(
+        _legacy_run(old, config, commit, source))
+
+  stages = {c["optimizer"]: c for c in legacy["learning_rate_stages"]}
+  tune_batch = settings["tune_batch"]
+  contenders, used = [], set()
+  for old in legacy["contenders"]:
+    name, batch_size = old["optimizer"], old["batch_size"]
+    found = ([stages[name], old] if batch_size == tune_batch
+             and name in stages else [old])
+    contender = _legacy_contender(name, batch_size, found, runs, base, store,
+                                  settings["max_extensions"])
+    contenders.append(contender)
+    used |= {t["key"] for t in contender["trials"]}
+    used |= {s["key"] for s in contender["seeds"]}
+  # Runs of no reported contender: LARS's first local grids at 8192 and
+  # 16384, at the weight decay its 4096 pick had before that axis was
+  # extended past 1e-6.
+  superseded = []
+  for batch_size in sorted({run.settings["batch_size"] for run in store
+                            if run.key not in used}):
+    left = [run for run in store if run.key not in used
+            and run.settings["batch_size"] == batch_size]
+    names = {run.settings["optimizer"] for run in left}
+    decays = {run.settings["weight_decay"] for run in left}
+    assert names == {"lars"} and len(decays) == 1, (names, decays)
+    grid = [{"learning_rate": run.settings["learning_rate"],
+             "weight_decay": run.settings["weight_decay"],
+             "val_accuracy": run.final["val_accuracy"]}
+            for run in left if run.settings["seed"] == 0]
+    if not grid:  # only the other seeds of a trial that is reported
+      (point,) = {(run.settings["learning_rate"], run.settings["weight_decay"])
+                  for run in left}
+      pick = _legacy_contender("lars", batch_size, [{
+          "runs": [{"learning_rate": point[0], "weight_decay": point[1]}],
+          "extended": [], "on_edge": False, "best": None,
+          "weight_decays": [point[1]]}], runs, base, store,
+                               settings["max_extensions"])
+      superseded.append(dict(
+          pick, note=f"the seeds of LARS's earlier pick at B = {batch_size} "
+          f"(weight decay {point[1]:g}), before its weight-decay axis was "
+          "extended further"))
+      continue
+    stage = {"runs": sorted(grid, key=lambda r: r["learning_rate"]),
+             "extended": [], "on_edge": False, "best": None,
+             "weight_decays": sorted(decays)}
+    superseded.append(dict(_legacy_contender(
+        "lars", batch_size, [stage], runs, base, store,
+        settings["max_extensions"]),
+        note=f"LARS's first local grid at B = {batch_size}, at weight decay "
+             f"{decays.pop():g} (the 4096 pick before its weight-decay axis "
+             "was extended further); replaced by the grid at the final pick"))
+  plateau = []
+  reference = next(c for c in contenders
+                   if c["batch_size"] == settings["small_batch"])
+  point = reference["pick"]["point"]
+  plateau_runs = [plateau_store.get(sweep.config_settings(dataclasses.replace(
+      contender_config(doubled, "msgd", settings["small_batch"]), seed=seed,
+      **point))) for seed in (0, 1, 2)]
+  if all(plateau_runs):
+    stage = {"runs": [dict(point, val_accuracy=plateau_runs[0].final[
+        "val_accuracy"])], "extended": [], "on_edge": False, "best": None,
+             "weight_decays": [point["weight_decay"]]}
+    plateau.append(_legacy_contender("msgd", settings["small_batch"], [stage],
+                                     runs, doubled, plateau_store,
+                                     settings["max_extensions"]))
+  record = sweep.results_record(
+      "large_batch", claim=legacy["claim"], command=legacy["command"],
+      machine=legacy["machine"], budget=store.budget, contenders=contenders,
+      trial_budget=None, budgets_equal=False, note=LEGACY_NOTE,
+      converted_from=f"{old_json.name}@{_git_commit(old_json)}",
+      comparisons=comparisons(contenders),
+      batch_sizes=settings["batch_sizes"], tune_batch=tune_batch,
+      small_batch=settings["small_batch"], seeds=[0, 1, 2],
+      settings=settings, grids=legacy["grids"],
+      small_batch_grid=legacy["small_batch_grid"],
+      plateau={"budget": plateau_store.budget, "contenders": plateau},
+      superseded=superseded, skipped=legacy["skipped"],
+      runs=len(store) + len(plateau_store),
+      collapsed=sweep.count_collapsed(store)
+      + sweep.count_collapsed(plateau_store),
+      wall_time_s=legacy["wall_time_s"],
+      load_average_1min=legacy["load_average_1min"])
+  record["converted_by"], record["code_version"] = record["code_version"], commit
+  _common.write_json(old_json, record)
+  print(f"wrote {old_json}, {out / RUNS} ({len(store)} runs) and "
+        f"{out / PLATEAU_RUNS} ({len(plateau_store)} runs) from the files "
+        f"of {commit}; {record['collapsed']} collapsed")
+
+
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -165,8 +165,12 @@ def test_compare_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
                                                          "msgd"]
   assert [row.split("|")[2].strip() for row in rows] == ["64", "64", "16"]
   result = json.loads((out / "compare.json").read_text())
+  assert result["benchmark"] == "compare" and result["trial_budget"] == 1
   assert [c["batch_size"] for c in result["contenders"]] == [64, 64, 16]
-  assert all(len(c["runs"]) == 1 for c in result["contenders"])
+  assert all(len(c["trials"]) == 1 for c in result["contenders"])
+  assert all(c["trials"][0]["status"] in ("ok", "collapsed")
+             for c in result["contenders"])
+  assert len((out / "compare_runs.jsonl").read_text().splitlines()) == 4
   assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,10 +1,14 @@
 """Tests of the comparison's grids, learning-rate picking and table."""
 
+import json
 import math
 
 import pytest
 
 from sngm_optax.harness import compare
+from sngm_optax.harness import steps
+from sngm_optax.harness import sweep
+from sngm_optax.harness import train
 
 
 def test_grids_have_the_same_size_and_shape_for_every_optimizer():
@@ -40,151 +44,152 @@ def test_suggested_learning_rate_uses_the_nearest_reference_batch():
     compare.suggested_learning_rate("tr_sgd", 128)
 
 
-def _run(lr, val, test, diverged=False):
-  if diverged:
-    return {"learning_rate": lr, "diverged": True, "error": "nan"}
-  return {"learning_rate": lr, "diverged": False, "val_accuracy": val,
-          "test_accuracy": test, "test_loss": 0.1, "steps": 10,
-          "weight_decay": 1e-4,
-          "wall_time_s": 2.0, "history": [{"epoch": 1.0,
-                                           "test_accuracy": test}]}
+class _FakeData:
+  num_train, num_test, num_classes = 10_000, 1000, 10
 
 
-def test_table_lists_picked_runs_and_all_diverged():
-  result = {"contenders": [
-      {"optimizer": "sngm", "batch_size": 4096, "grid_wall_time_s": 9.0,
-       "best": _run(0.4, 0.97, 0.965), "runs": [_run(0.4, 0.97, 0.965)]},
-      {"optimizer": "msgd", "batch_size": 4096, "grid_wall_time_s": 3.0,
-       "best": None, "runs": [_run(1.0, 0, 0, diverged=True)]},
-  ]}
-  lines = compare.format_table(result).splitlines()
-  assert lines[2] == ("| sngm | 4096 | 0.4 | 0.0001 | 96.50 | 97.00 | 10 | 2 "
-                      "| 9 |")
-  assert lines[3].startswith("| msgd | 4096 | all diverged |")
-  compact = compare.without_histories(result)
-  assert "history" not in compact["contenders"][0]["runs"][0]
-  assert "history" in compact["contenders"][0]["best"]  # the picked run's
-
-
-def test_run_contender_picks_by_validation_and_survives_divergence(
-    monkeypatch):
-  outcomes = {0.1: (0.90, 0.95), 0.2: (0.93, 0.91), 0.4: None}
+def _fake_training(monkeypatch, outcome):
+  """Replaces the training loop: `outcome(config)` gives (val, test)
+  accuracy, or None for a run whose loss goes non-finite."""
+  calls = []
 
   def fake_train(config, dataset, quiet, log_epochs):
     del dataset, quiet, log_epochs
-    outcome = outcomes[config.learning_rate]
-    if outcome is None:
-      raise compare.train.NonFiniteLossError("non-finite")
-    val, test = outcome
-    test += 0.01 * config.seed
+    calls.append((config.optimizer, config.learning_rate,
+                  config.weight_decay, config.seed))
+    accuracies = outcome(config)
+    if accuracies is None:
+      raise steps.NonFiniteLossError("non-finite loss")
+    val, test = accuracies
     record = {"epoch": 1.0, "val_accuracy": val, "test_accuracy": test,
               "test_loss": 0.3}
     return {"final": record, "history": [record], "steps": 5,
-            "wall_time_s": 1.0}
+            "samples_seen": 500, "wall_time_s": 1.0}
 
-  monkeypatch.setattr(compare.train, "train_and_evaluate", fake_train)
-  base = compare.train.Config(val_fraction=0.1)
-  result = compare.run_contender(base, "sngm", 4096, (0.1, 0.2, 0.4), None,
-                                 quiet=True, extra_seeds=2)
-  # Picked on validation accuracy (0.2), not on test accuracy (0.1).
-  assert result["best"]["learning_rate"] == 0.2
-  assert [run["diverged"] for run in result["runs"]] == [False, False, True]
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(train, "load_dataset", lambda config: _FakeData)
+  return calls
+
+
+def test_compare_picks_by_validation_and_survives_divergence(
+    monkeypatch, tmp_path):
+  outcomes = {0.2: (0.90, 0.95), 0.4: (0.93, 0.91), 0.8: None,
+              # the extension past 0.8 collapses to chance
+              1.6: (0.1, 0.1)}
+
+  def outcome(config):
+    found = outcomes[config.learning_rate]
+    return None if found is None else (found[0], found[1]
+                                       + 0.01 * config.seed)
+
+  _fake_training(monkeypatch, outcome)
+  result = compare.compare(compare.PRESETS["quick"], optimizers=("sngm",),
+                           include_small_batch=False, quiet=True,
+                           extra_seeds=2, out_dir=tmp_path)
+  (sngm,) = result["contenders"]
+  # Picked on validation accuracy (0.4), not on test accuracy (0.2).
+  assert sngm["pick"]["point"] == {"learning_rate": 0.4,
+                                   "weight_decay": 1e-4}
+  assert [t["status"] for t in sngm["trials"]] == [
+      sweep.OK, sweep.OK, sweep.DIVERGED]
+  assert sngm["collapsed"] == 1 and result["collapsed"] == 1
   # The pick retrained with seeds 1 and 2: test accuracy 0.91, 0.92, 0.93.
-  assert [(r["learning_rate"], r["seed"]) for r in result["seed_runs"]] == [
-      (0.2, 1), (0.2, 2)]
-  assert result["num_seeds"] == 3
-  assert result["test_accuracy_mean"] == pytest.approx(0.92)
-  assert result["test_accuracy_std"] == pytest.approx(0.01)
-  table = compare.format_table({"contenders": [result]}).splitlines()
+  assert [s["seed"] for s in sngm["seeds"]] == [0, 1, 2]
+  assert sngm["summary"]["n"] == 3
+  assert sngm["summary"]["mean"] == pytest.approx(0.92)
+  assert sngm["summary"]["sd"] == pytest.approx(0.01)
+  table = compare.format_table(result).splitlines()
   assert "test acc, 3 seeds (%)" in table[0]
-  assert "| 92.00 ± 1.00 |" in table[2]
+  assert "| 92.00 ± 1.00 |" in table[2]  # one contender: no bold
+  # The engine's schema, with the trial budget every contender shared.
+  written = json.loads((tmp_path / "compare.json").read_text())
+  assert written["schema"] == sweep.SCHEMA_VERSION
+  assert written["benchmark"] == "compare"
+  assert written["trial_budget"] == sngm["search"]["trial_budget"] == 7
+  assert written["spread_rule"] == sweep.SPREAD_RULE
+  store = sweep.RunStore(tmp_path / "compare_runs.jsonl", written["budget"])
+  assert len(store) == written["runs"] == 5
 
 
-def _fake_score(best, calls):
-  """A score peaked at `best` (log distance), recording each call."""
-
-  def score(learning_rate, weight_decay):
-    calls.append((learning_rate, weight_decay))
-    if learning_rate > 100:
-      return None  # diverged
-    return -abs(math.log(learning_rate / best[0])) - abs(
-        math.log(weight_decay / best[1]))
-
-  return score
-
-
-def test_grid_search_extends_an_edge_pick_until_it_is_inside():
-  calls = []
-  result = compare.grid_search(_fake_score((1.6, 1e-3), calls),
-                               [(0.2, 0.4, 0.8), (1e-5, 1e-4, 1e-3)],
-                               max_extensions=3)
-  # 0.8 and 1e-3 are edges: one more value each, a full row and column,
-  # then 1.6 is an edge again: 3.2 (and the new corner) show it is inside.
-  assert result["axes"] == [[0.2, 0.4, 0.8, 1.6, 3.2], [1e-5, 1e-4, 1e-3,
-                                                        1e-2]]
-  assert result["extended"] == [(0, 1.6), (1, 1e-2), (0, 3.2)]
-  assert result["best"] == (1.6, 1e-3) and not result["on_edge"]
-  assert len(calls) == len(set(calls)) == 5 * 4  # every point once
-
-
-def test_grid_search_edge_pick_at_the_limit_is_flagged():
-  calls = []
-  result = compare.grid_search(_fake_score((0.01, 1e-4), calls),
-                               [(0.2, 0.4, 0.8), (1e-4,)], max_extensions=1)
-  assert result["axes"] == [[0.1, 0.2, 0.4, 0.8], [1e-4]]
-  assert result["best"] == (0.1, 1e-4) and result["on_edge"]
-  # A single-value axis is not tuned, so never extended.
-  assert compare.grid_search(_fake_score((0.4, 1.0), []),
-                             [(0.2, 0.4, 0.8), (1e-4,)], 2)["extended"] == []
-
-
-def test_grid_search_counts_a_diverged_neighbour_as_the_edge_checked():
-  calls = []
-  result = compare.grid_search(_fake_score((1e4, 1e-4), calls),
-                               [(25.0, 50.0, 100.0), (1e-4,)],
-                               max_extensions=2)
-  # 100 is best; 200 diverges, so 100 is inside the grid of tried values.
-  assert result["axes"][0] == [25.0, 50.0, 100.0, 200.0]
-  assert result["best"] == (100.0, 1e-4) and not result["on_edge"]
-  assert result["scores"][(200.0, 1e-4)] is None
+def test_compare_resumes_from_its_run_store(monkeypatch, tmp_path):
+  calls = _fake_training(monkeypatch, lambda config: (
+      0.9 - abs(math.log(config.learning_rate / 0.4)) / 10, 0.9))
+  first = compare.compare(compare.PRESETS["quick"], optimizers=("sngm",),
+                          quiet=True, out_dir=tmp_path)
+  trained = len(calls)
+  again = compare.compare(compare.PRESETS["quick"], optimizers=("sngm",),
+                          quiet=True, out_dir=tmp_path)
+  assert len(calls) == trained  # every run came from compare_runs.jsonl
+  assert again["contenders"] == first["contenders"]
 
 
 def test_compare_never_reports_an_edge_pick_without_extending(monkeypatch):
   """The whole `compare`, with training faked: every optimizer's best
   learning rate lies above its quick grid, so each pick is extended."""
   peaks = {"sngm": 1.6, "lamb": 0.3, "msgd": 2.0}
-  calls = []
 
-  def fake_train(config, dataset, quiet, log_epochs):
-    del dataset, quiet, log_epochs
-    calls.append((config.optimizer, config.learning_rate))
+  def outcome(config):
     accuracy = 0.9 - 0.01 * abs(math.log(config.learning_rate /
                                          peaks[config.optimizer]))
-    record = {"epoch": 1.0, "val_accuracy": accuracy,
-              "test_accuracy": accuracy, "test_loss": 0.3}
-    return {"final": record, "history": [record], "steps": 5,
-            "wall_time_s": 1.0}
+    return accuracy, accuracy
 
-  class FakeData:
-    num_train, num_test = 10_000, 1000
-
-  monkeypatch.setattr(compare.train, "train_and_evaluate", fake_train)
-  monkeypatch.setattr(compare.train, "load_dataset", lambda config: FakeData)
+  calls = _fake_training(monkeypatch, outcome)
   result = compare.compare(compare.PRESETS["quick"],
                            optimizers=("sngm", "lamb"), quiet=True)
   by_name = {c["optimizer"]: c for c in result["contenders"]}
+  # Every contender had the same trial budget: 3 values + 2 extensions
+  # each way.
+  assert {c["search"]["trial_budget"] for c in result["contenders"]} == {7}
+  assert result["trial_budget"] == 7
   # sngm: 0.2, 0.4, 0.8 -> 1.6 (interior once 3.2 is tried).
-  assert by_name["sngm"]["learning_rates"] == [0.2, 0.4, 0.8, 1.6, 3.2]
-  assert by_name["sngm"]["best"]["learning_rate"] == 1.6
+  sngm = by_name["sngm"]
+  assert [t["point"]["learning_rate"] for t in sngm["trials"]] == [
+      0.2, 0.4, 0.8, 1.6, 3.2]
+  assert sngm["pick"]["point"]["learning_rate"] == 1.6
+  assert sngm["search"]["on_edge"] == []
   # lamb's peak is beyond the two extensions allowed: flagged, not "best".
-  assert by_name["lamb"]["learning_rates"] == [0.02, 0.04, 0.08, 0.16, 0.32]
-  assert by_name["lamb"]["on_edge"]
+  lamb = by_name["lamb"]
+  assert [t["point"]["learning_rate"] for t in lamb["trials"]] == [
+      0.02, 0.04, 0.08, 0.16, 0.32]
+  assert lamb["search"]["on_edge"] == ["learning_rate"]
   for contender in result["contenders"]:
-    best = contender["best"]["learning_rate"]
-    inside = min(contender["learning_rates"]) < best < max(
-        contender["learning_rates"])
-    assert inside or contender["on_edge"]
+    tried = [t["point"]["learning_rate"] for t in contender["trials"]]
+    best = contender["pick"]["point"]["learning_rate"]
+    assert (min(tried) < best < max(tried)) or contender["search"]["on_edge"]
   rows = {row.split("|")[1].strip(): row
           for row in result["table"].splitlines()[2:]}
   assert "(grid edge)" in rows["lamb"] and "(grid edge)" not in rows["sngm"]
   assert len(calls) == len(set(calls))
+
+
+def test_compare_refuses_contenders_of_different_trial_budgets(monkeypatch):
+  _fake_training(monkeypatch, lambda config: (0.9, 0.9))
+  monkeypatch.setitem(compare.QUICK_GRIDS, "lamb", compare.LearningRateGrid(
+      (0.02, 0.04), 1024))
+  with pytest.raises(ValueError, match="same trial budget"):
+    compare.compare(compare.PRESETS["quick"], optimizers=("sngm", "lamb"),
+                    quiet=True)
+
+
+def test_the_table_bolds_only_the_leader_and_counts_collapsed_runs():
+  def contender(name, mean, sd, collapsed=0, pick=True):
+    final = {"val_accuracy": mean, "test_accuracy": mean, "steps": 10}
+    return {
+        "optimizer": name, "batch_size": 1024, "collapsed": collapsed,
+        "search": {"trials_used": 3, "on_edge": []}, "search_time_s": 9.0,
+        "summary": {"mean": mean, "sd": sd, "n": 3} if pick else None,
+        "pick": {"point": {"learning_rate": 0.4, "weight_decay": 1e-4},
+                 "final": final, "run_time_s": 2.0, "compile_time_s": 1.0}
+                if pick else None}
+
+  lead = {"contenders": [contender("sngm", 0.97, 0.001),
+                         contender("msgd", 0.90, 0.01, collapsed=1),
+                         contender("lamb", 0, 0, collapsed=3, pick=False)]}
+  lines = compare.format_table(lead).splitlines()
+  assert lines[2] == ("| sngm | 1024 | 0.4 | 0.0001 | 97.00 | 97.00 | "
+                      "**97.00 ± 0.10** | 10 | 3 | 0 | 3 | 9 |")
+  assert lines[3].endswith("| 90.00 ± 1.00 | 10 | 3 | 1 | 3 | 9 |")
+  assert lines[4].startswith("| lamb | 1024 | all collapsed |")
+  level = {"contenders": [contender("sngm", 0.97, 0.05),
+                          contender("msgd", 0.90, 0.05)]}
+  assert "**" not in compare.format_table(level, times=False)

@@ -4,13 +4,19 @@ Every contender trains the same model for the same number of epochs with a
 linear-warmup + cosine learning-rate schedule. Its peak learning rate and
 weight decay are picked from a grid of the same size for every optimizer
 (`LR_GRIDS`: 3 learning rates x 3 weight decays), by the final accuracy on a
-validation split held out from the training set (`grid_search`). A pick on
-an edge of the grid extends the grid by one value in that direction and the
-search goes on (`Preset.max_extensions` times per axis and direction); a
-pick still on an edge after that is marked "(grid edge)" in the table, never
-shown as a plain best. The table reports the test accuracy of the picked run.
-Momentum SGD at a small batch (128) is the reference that large-batch
-training tries to match.
+validation split held out from the training set. The experiment runs on the
+engine (`sngm_optax.harness.sweep`): each contender's grid is a
+`sweep.Grid`, searched by `sweep.tune`, whose pick is never a run that
+diverged or collapsed. A pick on an edge of the grid extends the grid by one
+value in that direction and the search goes on (`Preset.max_extensions`
+times per axis and direction); a pick still on an edge after that is marked
+"(grid edge)" in the table, never shown as a plain best. Every contender of
+one comparison has the same trial budget (`sweep.check_same_budget`),
+recorded in `compare.json`. The table reports the test accuracy of the
+picked run, and with extra seeds the mean ± sd of the pick over its seeds.
+Every run is kept in `compare_runs.jsonl` beside `compare.json`, so that a
+stopped comparison resumes. Momentum SGD at a small batch (128) is the
+reference that large-batch training tries to match.
 
 The grids are written down once, below, with the rule that set them. For
 another batch size a learning-rate grid is scaled by
@@ -36,19 +42,16 @@ biases; every run uses the same initialization and batch order.
 """
 
 import dataclasses
-import itertools
 import math
 import os
 import pathlib
+import platform
+import shlex
+import sys
 import time
-from typing import Callable, Sequence
-
-import numpy as np
 
 from sngm_optax.harness import data as data_lib
-from sngm_optax.harness import train
-from sngm_optax.harness import config as config_lib
-from sngm_optax.harness import steps as steps_lib
+from sngm_optax.harness import sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,7 @@ class LearningRateGrid:
 # decay's kind: 1e-4 for L2 decay coupled into the gradient (momentum SGD,
 # LARS, the paper's SNGM), 1e-2 for decoupled decay (LAMB, as in its paper;
 # SNGM with `decoupled_weight_decay`). A pick on an edge extends the grid by
-# one value in that direction (`grid_search`).
+# one value in that direction (`sweep.Grid`).
 _COUPLED_DECAYS = (1e-5, 1e-4, 1e-3)
 _DECOUPLED_DECAYS = (1e-3, 1e-2, 1e-1)
 LR_GRIDS: dict[str, LearningRateGrid] = {
@@ -175,7 +178,7 @@ class Preset:
   weight_decay: float = 1e-4
   # Which grids ("default": LR_GRIDS, "quick": QUICK_GRIDS); whether the
   # weight decay is tuned too (else each grid's suggested_weight_decay);
-  # how often a grid may grow per axis and direction (`grid_search`).
+  # how often a grid may grow per axis and direction (`sweep.Grid`).
   grids: str = "default"
   tune_weight_decay: bool = True
   max_extensions: int = 1
@@ -215,197 +218,33 @@ def _grid(optimizer: str, batch_size: int, small: bool, preset: Preset):
   return grid.at(batch_size, preset.grid_size), decays
 
 
-def _one_run(config: config_lib.Config, dataset, quiet: bool) -> dict:
-  """Trains `config`; a summary dict, with `diverged` for non-finite loss."""
-  try:
-    result = train.train_and_evaluate(config, dataset=dataset, quiet=quiet,
-                                      log_epochs=False)
-  except steps_lib.NonFiniteLossError as error:
-    run = {"learning_rate": config.learning_rate, "seed": config.seed,
-           "diverged": True, "error": str(error)}
-  else:
-    final = result["final"]
-    run = {
-        "learning_rate": config.learning_rate, "seed": config.seed,
-        "diverged": False, "val_accuracy": final.get("val_accuracy"),
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"], "steps": result["steps"],
-        "wall_time_s": result["wall_time_s"], "history": result["history"],
-    }
-  if not quiet:
-    outcome = ("diverged" if run["diverged"] else
-               f"val acc {run['val_accuracy'] or float('nan'):.4f}  test acc "
-               f"{run['test_accuracy']:.4f}  ({run['wall_time_s']:.0f} s)")
-    print(f"  {config.optimizer:>5s} B={config.batch_size:<5d} "
-          f"lr={config.learning_rate:<8g} wd={config.weight_decay:<7g} "
-          f"seed {config.seed}  {outcome}", flush=True)
-  return run
+
+def contender_search(optimizer: str, batch_size: int, small: bool,
+                     preset: Preset) -> sweep.Grid:
+  """The `sweep.Grid` of `optimizer` at `batch_size`: its learning rates x
+  weight decays for `preset`, extended `preset.max_extensions` times at
+  most per axis and direction."""
+  learning_rates, decays = _grid(optimizer, batch_size, small, preset)
+  return sweep.Grid({"learning_rate": learning_rates,
+                     "weight_decay": decays},
+                    max_extensions=preset.max_extensions)
 
 
-def _sig3(value: float) -> float:
-  return float(f"{value:.3g}")
+def _machine() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(),
+          "device_kind": devices[0].device_kind,
+          "device_count": len(devices)}
 
 
-def _edges(best: tuple, axes: list[list[float]]) -> list[tuple[int, int]]:
-  """(axis, direction) for each axis of 2+ values whose end `best` is on;
-  direction -1 is the smallest value, +1 the largest."""
-  edges = []
-  for axis, values in enumerate(axes):
-    if len(values) < 2:
-      continue
-    if best[axis] == min(values):
-      edges.append((axis, -1))
-    elif best[axis] == max(values):
-      edges.append((axis, +1))
-  return edges
-
-
-def grid_search(score: Callable[..., float | None],
-                axes: Sequence[Sequence[float]], max_extensions: int = 0
-                ) -> dict:
-  """Maximizes `score` over a grid, extending it where the pick is an edge.
-
-  Every point of the grid (the product of `axes`, each a sorted sequence of
-  positive values) is scored; `score(*point)` returns None for a run that
-  diverged. When the best point lies at the smallest or largest value of
-  an axis with 2 or more values, that axis gets one more value in that
-  direction (the ratio of its two outermost values again, 3 significant
-  digits), every new point is scored, and the search repeats, at most
-  `max_extensions` times per axis and direction. Ties go to the point
-  scored first.
-
-  Returns:
-    A dict: `best` (a point, None if every run diverged), `scores` (point ->
-    score, in the order scored), `axes` (the final grid), `extended` (the
-    values added, as (axis, value) pairs) and `on_edge` (True if the pick is
-    still at an end of an axis: the extension limit was reached).
-  """
-  axes = [sorted(float(v) for v in values) for values in axes]
-  if any(not values or min(values) <= 0 for values in axes):
-    raise ValueError(f"axes must be non-empty and positive, got {axes!r}")
-  scores, extended, used = {}, [], {}
-  while True:
-    for point in itertools.product(*axes):
-      if point not in scores:
-        scores[point] = score(*point)
-    finished = [point for point, value in scores.items() if value is not None]
-    if not finished:
-      return {"best": None, "scores": scores, "axes": axes,
-              "extended": extended, "on_edge": False}
-    best = max(finished, key=lambda point: scores[point])
-    edges = _edges(best, axes)
-    todo = [edge for edge in edges if used.get(edge, 0) < max_extensions]
-    if not todo:
-      return {"best": best, "scores": scores, "axes": axes,
-              "extended": extended, "on_edge": bool(edges)}
-    for axis, direction in todo:
-      used[(axis, direction)] = used.get((axis, direction), 0) + 1
-      values = axes[axis]
-      if direction > 0:
-        value = _sig3(values[-1] * values[-1] / values[-2])
-        axes[axis] = values + [value]
-      else:
-        value = _sig3(values[0] * values[0] / values[1])
-        axes[axis] = [value] + values
-      extended.append((axis, value))
-
-
-def run_contender(base: config_lib.Config, optimizer: str, batch_size: int,
-                  learning_rates, dataset, quiet: bool,
-                  extra_seeds: int = 0, *, weight_decays=None,
-                  name: str | None = None, max_extensions: int = 0,
-                  done: dict | None = None,
-                  on_run: Callable[[str, dict], None] | None = None) -> dict:
-  """Tunes one optimizer over learning rate x weight decay; picks the best.
-
-  The pick is the run with the best final validation accuracy (test
-  accuracy without a validation split), found by `grid_search` (with
-  `max_extensions`, a pick at an edge of the grid extends it). With
-  `extra_seeds`, the pick is trained again with that many more seeds
-  (initialization and batch order), and `test_accuracy_mean` /
-  `test_accuracy_std` summarize all its seeds.
-
-  Args:
-    base: the run configuration the grid changes.
-    optimizer: a registry name, or a name in `VARIANTS` (a registry name
-      with optimizer kwargs).
-    batch_size: the batch size of every run.
-    learning_rates: the peak learning rates of the grid.
-    dataset: the data (`train.load_dataset`).
-    quiet: no progress output.
-    extra_seeds: retrain the pick with this many more seeds.
-    weight_decays: the weight decays of the grid (default: `base`'s).
-    name: the contender's name in the result (default `optimizer`).
-    max_extensions: see `grid_search`.
-    done: finished runs by `run_key` (a resumed benchmark's), reused.
-    on_run: called as `on_run(key, run)` after every new run.
-  """
-  start = time.perf_counter()
-  registry_name, kwargs = VARIANTS.get(optimizer, (optimizer, {}))
-  base = dataclasses.replace(
-      base, optimizer=registry_name, batch_size=batch_size,
-      optimizer_kwargs={**base.optimizer_kwargs, **kwargs})
-  name = name or optimizer
-  key_metric = "val_accuracy" if base.val_fraction > 0 else "test_accuracy"
-  runs = {}
-
-  def train_once(learning_rate, weight_decay, seed=base.seed):
-    key = run_key(name, batch_size, learning_rate, weight_decay, seed)
-    if done is not None and key in done:
-      run = done[key]
-    else:
-      run = _one_run(dataclasses.replace(
-          base, learning_rate=learning_rate, weight_decay=weight_decay,
-          seed=seed), dataset, quiet)
-      run["weight_decay"] = weight_decay
-      if on_run is not None:
-        on_run(key, run)
-    runs[(learning_rate, weight_decay, seed)] = run
-    return run
-
-  def score(learning_rate, weight_decay):
-    run = train_once(learning_rate, weight_decay)
-    return None if run["diverged"] else run[key_metric]
-
-  search = grid_search(score, [learning_rates, weight_decays or
-                               (base.weight_decay,)], max_extensions)
-  grid_time = time.perf_counter() - start
-  best = None if search["best"] is None else runs[(*search["best"],
-                                                   base.seed)]
-  contender = {
-      "optimizer": name,
-      "registry_optimizer": registry_name,
-      "optimizer_kwargs": kwargs,
-      "batch_size": batch_size,
-      "learning_rates": search["axes"][0],
-      "weight_decays": search["axes"][1],
-      "extended": search["extended"],
-      "on_edge": search["on_edge"],
-      "selected_by": key_metric,
-      "best": best,
-      "runs": [runs[(*point, base.seed)] for point in search["scores"]],
-      "grid_wall_time_s": grid_time,
-  }
-  if best is not None and extra_seeds:
-    seed_runs = [dict(train_once(*search["best"], base.seed + offset))
-                 for offset in range(1, extra_seeds + 1)]
-    for run in seed_runs:
-      run.pop("history", None)
-    accuracies = [run["test_accuracy"] for run in [best, *seed_runs]
-                  if not run["diverged"]]
-    contender.update(
-        seed_runs=seed_runs, num_seeds=len(accuracies),
-        test_accuracy_mean=float(np.mean(accuracies)),
-        test_accuracy_std=float(np.std(accuracies, ddof=1))
-        if len(accuracies) > 1 else 0.0)
-  return contender
-
-
-def run_key(name: str, batch_size: int, learning_rate: float,
-            weight_decay: float, seed: int) -> str:
-  """The name of one run in a benchmark's saved results."""
-  return (f"{name} B={batch_size} lr={learning_rate:g} "
-          f"wd={weight_decay:g} seed={seed}")
+def _command_line() -> str:
+  """The `sngm-optax compare ...` command that runs this process, if any."""
+  if sys.argv[1:2] == ["compare"]:
+    return shlex.join(["sngm-optax", *sys.argv[1:]])
+  return "sngm_optax.harness.compare.compare(...)"
 
 
 def compare(
@@ -413,7 +252,6 @@ def compare(
     *,
     optimizers=LARGE_BATCH_OPTIMIZERS,
     include_small_batch: bool = True,
-    reference: dict | None = None,
     data_path: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -421,27 +259,42 @@ def compare(
     out_dir: str | os.PathLike | None = None,
     quiet: bool = False,
     extra_seeds: int = 0,
+    command: str | None = None,
 ) -> dict:
-  """Runs the comparison; writes `compare.json` and `compare.png` to out_dir.
+  """Runs the comparison on the engine; writes its results to `out_dir`.
+
+  Every contender (each large-batch optimizer, then momentum SGD at the
+  small batch) is a `sweep.tune` of its `contender_search` grid; all share
+  one trial budget (`sweep.check_same_budget`). Its runs go through a
+  `sweep.RunStore` at `out_dir/compare_runs.jsonl` (in memory without
+  `out_dir`), so a second call with the same `out_dir` and settings reuses
+  them instead of training again.
 
   Args:
     preset: sizes (see `PRESETS`).
     optimizers: the large-batch contenders (names in `LR_GRIDS`).
     include_small_batch: also train momentum SGD at `preset.small_batch`.
-    reference: a small-batch contender result from an earlier call, reused
-      instead of training it again (same data and epochs).
     data_path: a user's `.npz` instead of generated MNIST-1D.
     cache_dir: MNIST-1D cache directory.
-    seed: seed of initialization and batch order.
+    seed: seed of initialization and batch order of the search.
     data_seed: seed of the generated dataset and the validation split.
-    out_dir: where to write the JSON and the plot (nothing written if None).
+    out_dir: where to write `compare.json`, `compare_runs.jsonl` and
+      `compare.png` (nothing written if None).
     quiet: no progress output.
-    extra_seeds: retrain each picked learning rate with this many more seeds
-      and report the mean and standard deviation of the test accuracy.
+    extra_seeds: retrain each pick with this many more seeds (`seed + 1`,
+      ...) and summarize the test accuracy over all its seeds.
+    command: the command recorded in the JSON (default: this process's
+      `sngm-optax compare ...` line).
 
   Returns:
-    A JSON-serializable dict with `preset`, `contenders` and `wall_time_s`.
+    `sweep.results_record("compare", ...)`: the engine's results schema,
+    whose `contenders` are `sweep.tune` results with the contender's
+    `optimizer`, `batch_size` and the picked run's `final` metrics; plus
+    `preset`, `seeds`, the data sizes, `table` and `wall_time_s`.
   """
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import train  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   for name in optimizers:
     if name not in LR_GRIDS:
@@ -466,96 +319,169 @@ def compare(
           f"{dataset.num_test} test examples; {preset.epochs:g} epochs, "
           f"model {preset.model}", flush=True)
 
+  entries = [(name, preset.large_batch, False) for name in optimizers]
+  if include_small_batch:
+    entries.append((SMALL_BATCH_OPTIMIZER, preset.small_batch, True))
+  searches = {(name, batch_size): contender_search(name, batch_size, small,
+                                                   preset)
+              for name, batch_size, small in entries}
+  trial_budget = sweep.check_same_budget(
+      {f"{name} B={batch_size}": search
+       for (name, batch_size), search in searches.items()})
+  budget = {"data_path": data_path, "num_samples": preset.num_samples,
+            "data_seed": data_seed, "val_fraction": preset.val_fraction,
+            "model": preset.model, "epochs": preset.epochs,
+            "warmup_epochs": preset.warmup_epochs}
+  out_dir = None if out_dir is None else pathlib.Path(out_dir)
+  store = sweep.RunStore(
+      None if out_dir is None else out_dir / "compare_runs.jsonl", budget)
+  seeds = tuple(seed + offset for offset in range(extra_seeds + 1))
+
   contenders = []
-  runs = [(name, preset.large_batch, False) for name in optimizers]
-  if include_small_batch and reference is None:
-    runs.append((SMALL_BATCH_OPTIMIZER, preset.small_batch, True))
-  for name, batch_size, small in runs:
-    learning_rates, decays = _grid(name, batch_size, small, preset)
-    contenders.append(run_contender(
-        base, name, batch_size, learning_rates, dataset, quiet, extra_seeds,
-        weight_decays=decays, max_extensions=preset.max_extensions))
-  if reference is not None:
-    contenders.append(reference)
-  result = {
-      "preset": dataclasses.asdict(preset),
-      "seed": seed,
-      "data": data_path or f"mnist1d(num_samples={preset.num_samples}, "
-                           f"seed={data_seed})",
-      "num_train": dataset.num_train,
-      "num_test": dataset.num_test,
-      "contenders": contenders,
-      "wall_time_s": time.perf_counter() - start,
-  }
+  for (name, batch_size), search in searches.items():
+    registry_name, kwargs = VARIANTS.get(name, (name, {}))
+    contender_base = dataclasses.replace(
+        base, optimizer=registry_name, batch_size=batch_size,
+        optimizer_kwargs={**base.optimizer_kwargs, **kwargs})
+    trainer = sweep.harness_trainer(store, contender_base, dataset)
+    if not quiet:
+      trainer = _printing(trainer, name, batch_size)
+    result = sweep.tune(name, trainer, search, seeds=seeds,
+                        objective="val_accuracy" if preset.val_fraction > 0
+                        else "test_accuracy")
+    contenders.append(with_pick_run(result, store, name, registry_name,
+                                     kwargs, batch_size))
+  result = sweep.results_record(
+      "compare",
+      claim="SNGM at a large batch against momentum SGD, LARS and LAMB at "
+            "the same batch and momentum SGD at a small batch, each on its "
+            "best grid point picked on validation",
+      command=command or _command_line(), machine=_machine(), budget=budget,
+      contenders=contenders, trial_budget=trial_budget,
+      preset=dataclasses.asdict(preset), seeds=list(seeds),
+      data=data_path or f"mnist1d(num_samples={preset.num_samples}, "
+                        f"seed={data_seed})",
+      num_train=dataset.num_train, num_val=dataset.num_train - usable,
+      num_test=dataset.num_test, runs=len(store),
+      collapsed=sweep.count_collapsed(store),
+      wall_time_s=time.perf_counter() - start)
   result["table"] = format_table(result)
   if out_dir is not None:
-    out_dir = pathlib.Path(out_dir)
     train.write_json(out_dir / "compare.json", result)
     plot(result, out_dir / "compare.png")
   return result
 
 
-def format_table(result: dict) -> str:
-  """A Markdown table: optimizer, batch, best LR, accuracies, steps, times.
+def _printing(trainer, name: str, batch_size: int):
+  """`trainer`, printing one line per run it returns."""
 
-  "run" is the picked run's wall time; "grid" the time of all the
-  optimizer's grid runs, which includes compiling its step once (the first
-  run of a grid compiles, the others reuse the program). With extra seeds,
-  a column gives the test accuracy's mean ± standard deviation over seeds.
-  A pick still at an edge of its grid after the allowed extensions is
-  marked "(grid edge)": the grid did not bracket the best value.
-  """
-  seeds = max((c.get("num_seeds", 1) for c in result["contenders"]),
-              default=1)
-  header = ("| optimizer | batch | best LR | weight decay | test acc (%) "
-            "| val acc (%) ")
-  rule = "| --- | ---: | ---: | ---: | ---: | ---: "
-  if seeds > 1:
-    header += f"| test acc, {seeds} seeds (%) "
-    rule += "| ---: "
-  lines = [header + "| steps | run (s) | grid (s) |",
-           rule + "| ---: | ---: | ---: |"]
-  for contender in result["contenders"]:
-    best = contender["best"]
-    cells = [contender["optimizer"], str(contender["batch_size"])]
-    if best is None:
-      cells += ["all diverged", "-", "-", "-"] + ["-"] * (seeds > 1) + [
-          "-", "-"]
+  def train_and_print(point: dict, seed: int) -> sweep.Run:
+    run = trainer(point, seed)
+    if run.ok:
+      val = run.final.get("val_accuracy")
+      outcome = (f"val acc {float('nan') if val is None else val:.4f}  test "
+                 f"acc {run.final['test_accuracy']:.4f}  "
+                 f"({run.run_time_s + run.compile_time_s:.0f} s)")
     else:
-      val = best.get("val_accuracy")
-      edge = " (grid edge)" if contender.get("on_edge") else ""
-      decay = best.get("weight_decay")
-      cells += [f"{best['learning_rate']:g}{edge}",
-                "-" if decay is None else f"{decay:g}",
-                f"{100 * best['test_accuracy']:.2f}",
-                "-" if val is None else f"{100 * val:.2f}"]
+      outcome = run.status
+    print(f"  {name:>5s} B={batch_size:<5d} lr={point['learning_rate']:<8g} "
+          f"wd={point['weight_decay']:<7g} seed {seed}  {outcome}",
+          flush=True)
+    return run
+
+  return train_and_print
+
+
+def with_pick_run(result: dict, store: sweep.RunStore, name: str,
+                   registry_name: str, kwargs: dict, batch_size: int) -> dict:
+  """A `sweep.tune` result with the contender's identity, the picked
+  run's final metrics, times and curve, and the time of all its trials."""
+  by_key = {run.key: run for run in store}
+  trial_runs = [by_key[trial["key"]] for trial in result["trials"]]
+  result = {"optimizer": name, "registry_optimizer": registry_name,
+            "optimizer_kwargs": kwargs, "batch_size": batch_size, **result,
+            "search_time_s": sum(run.run_time_s + run.compile_time_s
+                                 for run in trial_runs)}
+  if result["pick"] is not None:
+    run = by_key[result["pick"]["key"]]
+    result["pick"] = dict(result["pick"], final=run.final,
+                          run_time_s=run.run_time_s,
+                          compile_time_s=run.compile_time_s, curve=run.curve)
+  return result
+
+
+def format_table(result: dict, times: bool = True) -> str:
+  """A Markdown table of a `compare` result: one row per contender.
+
+  The pick's learning rate and weight decay, its test and validation
+  accuracy (the search's seed), with more seeds the mean ± sd of its test
+  accuracy over them (bold only for `sweep.leader`), its steps, the trials
+  the search used and how many of them diverged or collapsed, and with
+  `times` the pick's run time and the time of all the trials ("grid"; it
+  includes compiling). A pick still at an edge of its grid after the
+  allowed extensions is marked "(grid edge)": the grid did not bracket it.
+  """
+  contenders = result["contenders"]
+  seeds = max((c["summary"]["n"] for c in contenders if c["summary"]),
+              default=1)
+  summaries = {index: None if c["summary"] is None
+               else sweep.Summary(**c["summary"])
+               for index, c in enumerate(contenders)}
+  best = sweep.leader(summaries) if seeds > 1 else None
+  header = ["optimizer", "batch", "best LR", "weight decay", "test acc (%)",
+            "val acc (%)"]
+  if seeds > 1:
+    header.append(f"test acc, {seeds} seeds (%)")
+  header += ["steps", "trials", "collapsed"]
+  if times:
+    header += ["run (s)", "grid (s)"]
+  lines = ["| " + " | ".join(header) + " |",
+           "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |"]
+  for index, contender in enumerate(contenders):
+    pick = contender["pick"]
+    cells = [contender["optimizer"], str(contender["batch_size"])]
+    if pick is None:
+      cells += ["all collapsed", "–", "–", "–"] + ["–"] * (seeds > 1) + ["–"]
+    else:
+      final = pick["final"]
+      edge = " (grid edge)" if contender["search"]["on_edge"] else ""
+      val = final.get("val_accuracy")
+      cells += [f"{pick['point']['learning_rate']:g}{edge}",
+                f"{pick['point']['weight_decay']:g}",
+                f"{100 * final['test_accuracy']:.2f}",
+                "–" if val is None else f"{100 * val:.2f}"]
       if seeds > 1:
-        cells.append(
-            f"{100 * contender['test_accuracy_mean']:.2f} ± "
-            f"{100 * contender['test_accuracy_std']:.2f}"
-            if "test_accuracy_mean" in contender else "-")
-      cells += [str(best["steps"]), f"{best['wall_time_s']:.0f}"]
-    cells.append(f"{contender['grid_wall_time_s']:.0f}")
+        summary = contender["summary"]
+        text = ("–" if summary is None else
+                f"{100 * summary['mean']:.2f} ± {100 * summary['sd']:.2f}")
+        cells.append(f"**{text}**" if index == best else text)
+      cells.append(str(final["steps"]))
+    cells += [str(contender["search"]["trials_used"]),
+              str(contender["collapsed"])]
+    if times:
+      cells += ["–" if pick is None else
+                f"{pick['run_time_s'] + pick['compile_time_s']:.0f}",
+                f"{contender['search_time_s']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def plot_curves(result: dict, axes) -> None:
   """Draws test accuracy against epoch of every contender's picked run."""
+  accuracies = []
   for contender in result["contenders"]:
-    best = contender["best"]
-    if best is None:
+    pick = contender["pick"]
+    if pick is None or not pick.get("curve"):
       continue
-    epochs = [record["epoch"] for record in best["history"]]
-    accuracy = [100 * record["test_accuracy"] for record in best["history"]]
-    axes.plot(epochs, accuracy, marker=".",
+    curve = pick["curve"]
+    axes.plot([record["epoch"] for record in curve],
+              [100 * record["test_accuracy"] for record in curve],
+              marker=".",
               label=f"{contender['optimizer']} B={contender['batch_size']} "
-                    f"lr={best['learning_rate']:g}")
-  accuracies = [100 * c["best"]["test_accuracy"]
-                for c in result["contenders"] if c["best"] is not None]
+                    f"lr={pick['point']['learning_rate']:g}")
+    accuracies.append(100 * pick["final"]["test_accuracy"])
   if accuracies:
-    low = min(accuracies)
-    axes.set_ylim(max(0.0, math.floor(low / 5) * 5 - 10), 100)
+    axes.set_ylim(max(0.0, math.floor(min(accuracies) / 5) * 5 - 10), 100)
   axes.set_xlabel("epoch")
   axes.set_ylabel("test accuracy (%)")
   axes.grid(alpha=0.3)
@@ -576,13 +502,3 @@ def plot(result: dict, path: str | os.PathLike) -> None:
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path, dpi=120)
   plt.close(figure)
-
-
-def without_histories(result: dict) -> dict:
-  """A copy of a `compare` result keeping only the picked runs' histories."""
-  contenders = []
-  for contender in result["contenders"]:
-    runs = [{k: v for k, v in run.items() if k != "history"}
-            for run in contender["runs"]]
-    contenders.append(dict(contender, runs=runs))
-  return dict(result, contenders=contenders)
