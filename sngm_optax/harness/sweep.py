@@ -738,6 +738,22 @@ def harness_trainer(store: RunStore, base, dataset, *,
   return train
 
 
+def stored_trainer(store: RunStore, base) -> Callable[[dict, int], Run]:
+  """`harness_trainer` that never trains: the run of `base` with the point
+  and seed from `store`, KeyError if it lacks it (to replay converted
+  results through `tune`, with a `Recorded` search)."""
+
+  def train(point: dict, seed: int) -> Run:
+    config = dataclasses.replace(base, seed=seed, **point)
+    found = store.get(config_settings(config))
+    if found is None:
+      raise KeyError(f"{store.path or 'the store'} has no run of {point}, "
+                     f"seed {seed}")
+    return found
+
+  return train
+
+
 # ----------------------------------------------------------------------------
 # A benchmark's results file.
 
