@@ -437,6 +437,298 @@ def _small_batch_summary() -> str:
                 f"{', '.join(map(str, sorted(set(tr_wins))))} only."))
 
 
+# --- Sparse communication.
+
+
+def sparse_cell(result: dict) -> str:
+  """A contender's pick and test accuracy, for the script's progress."""
+  if result["summary"] is None:
+    return f"all {len(result['trials'])} trials failed"
+  lr = result["pick"]["point"]["learning_rate"]
+  return (f"lr {lr:g}: test {mean_sd(result['summary'], 4, 1.0)} "
+          f"({result['summary']['n']} seeds)")
+
+
+def _sparse_summaries(record: dict) -> dict:
+  return {r["name"]: r["summary"] and sweep.Summary(**r["summary"])
+          for r in record["contenders"]}
+
+
+def sparse_table(record: dict) -> str:
+  """One row per contender: pick, accuracy, verdict against dense, bytes."""
+  dense_bytes = record["dense_bytes"]
+  dense = next((r for r in record["contenders"] if r["optimizer"] == "msgd"),
+               None)
+  leader = sweep.leader(_sparse_summaries(record))
+  times = {r["name"]: r["ms_per_step"] for r in record["contenders"]}
+  rows = []
+  for r in sorted(record["contenders"], key=lambda r: (
+      r["density"] is not None, -(r["density"] or 0), r["warm_up"],
+      r["optimizer"] != "gmc")):
+    final = r["bytes_sent_per_step"] or dense_bytes
+    mean = r["bytes_sent_mean_per_step"] or dense_bytes
+    edge = " (edge)" if r["search"]["on_edge"] else ""
+    lr = (f"{r['pick']['point']['learning_rate']:g}{edge}" if r["pick"]
+          else "–")
+    against = ("–" if r is dense or dense is None else verdict_phrase(
+        verdict_of(r["summary"], dense["summary"])))
+    rows.append([
+        f"{r['name']} (dense)" if r["optimizer"] == "msgd" else r["name"],
+        lr, f"{len(r['trials'])} / {r['collapsed']}",
+        bold(mean_sd(r["summary"], 4, 1.0), leader == r["name"]), against,
+        f"{number(final)} ({dense_bytes / final:.0f}×)",
+        f"{number(mean)} ({dense_bytes / mean:.0f}×)",
+        "—" if r["density"] is None else number(final * 6 / 8),
+        "–" if r["ms_per_step"] is None else f"{r['ms_per_step']:.1f}",
+        "–" if not dense or not dense["ms_per_step"] or not r["ms_per_step"]
+        else f"{r['ms_per_step'] / times[dense['name']]:.2f}"])
+  seeds = len(record["seeds"])
+  return table(
+      ["method", "peak LR", "trials / collapsed",
+       f"test acc. (mean ± sd, {seeds} seeds)", "vs dense (points)",
+       "bytes/step/worker, final (less)", "mean over run (less)",
+       "16-bit values", "ms/step", "time vs dense"], rows,
+      align="llrrrrrrrr")
+
+
+def _sparse_find(record, optimizer, density, warm_up) -> dict | None:
+  return next((r for r in record["contenders"] if r["optimizer"] == optimizer
+               and r["density"] == density and r["warm_up"] == warm_up), None)
+
+
+def _sparse_settings(record) -> list[tuple[float, bool]]:
+  return sorted({(r["density"], r["warm_up"]) for r in record["contenders"]
+                 if r["density"] is not None}, key=lambda s: (-s[0], s[1]))
+
+
+def _setting_name(density: float, warm_up: bool) -> str:
+  return f"{density:.1%}" + (" with warm-up" if warm_up else "")
+
+
+def _counted(verdicts: dict) -> str:
+  """"behind in 3 of 6 settings, level in 3" from {setting: Verdict}."""
+  words = [v.word for v in verdicts.values() if v is not None]
+  counts = {w: words.count(w) for w in dict.fromkeys(
+      ("beats", "level", "behind", "no verdict")) if words.count(w)}
+  first, *rest = counts.items() if counts else [("no data", 0)]
+  return (f"{first[0]} in {first[1]} of {len(verdicts)} settings"
+          + "".join(f", {word} in {count}" for word, count in rest))
+
+
+def _sparse_setup(record: dict, name: str) -> str:
+  data, budget = record["data"], record["budget"]
+  steps = sorted({s for r in record["contenders"] for s in r["steps"]})
+  ok_runs = record["num_runs"] - record["collapsed_runs"]
+  batch = budget["batch_size"]
+  warm = record["density_warmup_epochs"]
+  validation = (f"a validation split of {number(data['num_val'])}, picks on "
+                "validation" if data["num_val"] else
+                "no validation split: the learning rate was picked on the "
+                "final test accuracy")
+  plateau = record["plateau"]
+  return (
+      f"MNIST-1D MLP (d = {number(record['num_params'])} parameters), "
+      f"{budget['num_devices']} simulated XLA CPU devices "
+      f"({batch // budget['num_devices']} examples each, global batch "
+      f"{batch}), {number(data['num_train'])} training examples (test "
+      f"{number(data['num_test'])}) and {validation}; {budget['epochs']:g} "
+      f"epochs = {' or '.join(number(s) for s in steps)} steps "
+      f"({number(ok_runs)} finished runs of {number(record['num_runs'])}; "
+      f"{record['collapsed_runs']} diverged or collapsed), 1-epoch LR "
+      f"warm-up then cosine, momentum 0.9, weight decay 1e-4 on kernels "
+      f"(GMC: in the message; DGC: dense, after the exchange)"
+      + (f"; density warm-up over the first {warm:g} epochs" if warm else "")
+      + f". Every contender: LR grid {', '.join(f'{x:g}' for x in record['lrs'])}"
+      f" on seed {record['seeds'][0]}, extended past a winning edge, the "
+      f"same trial budget of {record['trial_budget']} runs; "
+      f"{sum(bool(r['search']['on_edge']) for r in record['contenders'])} "
+      f"final picks on an edge of what was tried; the pick rerun on seeds "
+      f"{', '.join(map(str, record['seeds'][1:]))}: test accuracy mean ± sd "
+      f"over {len(record['seeds'])} seeds."
+      + ("" if not plateau else
+         f" Dense momentum SGD's test accuracy (mean over its "
+         f"{plateau['runs']} seeds) is {plateau['at_75_percent']:.4f} at 75 % "
+         f"of the run and {plateau['final']:.4f} at the end.")
+      + f" Run time of all runs: {record['run_time_s'] / 60:.0f} minutes; "
+      f"results at {record['code_version']} in `results/{name}.json` and "
+      f"its run store `results/{record['runs']}`.")
+
+
+def _sparse_findings(record: dict) -> str:
+  dense = _sparse_find(record, "msgd", None, False)
+  settings = _sparse_settings(record)
+  lines = []
+  densities = sorted({d for d, _ in settings}, reverse=True)
+  for density in densities:
+    best = max((r for r in record["contenders"] if r["density"] == density
+                and r["summary"]), key=lambda r: r["summary"]["mean"],
+               default=None)
+    if best is None or dense is None:
+      continue
+    found = verdict_of(best["summary"], dense["summary"])
+    final = best["bytes_sent_per_step"]
+    lines.append(
+        f"- At {density:.1%} ({record['dense_bytes'] / final:.0f}× fewer "
+        f"bytes after the warm-up, "
+        f"{record['dense_bytes'] / best['bytes_sent_mean_per_step']:.0f}× "
+        f"over the run) the best contender, {best['name']} "
+        f"({mean_sd(best['summary'], 4, 1.0)}), against dense "
+        f"({mean_sd(dense['summary'], 4, 1.0)}): {verdict_phrase(found, 2)}.")
+  warm = {}
+  for optimizer in ("gmc", "dgc"):
+    for density in densities:
+      on = _sparse_find(record, optimizer, density, True)
+      off = _sparse_find(record, optimizer, density, False)
+      if on and off:
+        warm[f"{optimizer} {density:.1%}"] = verdict_of(on["summary"],
+                                                        off["summary"])
+  if warm:
+    gaps = [v.gap for v in warm.values() if v]
+    lines.append(
+        f"- Density warm-up against none: {_counted(warm)} (differences "
+        f"{points(min(gaps))} to {points(max(gaps))} points).")
+  against = {}
+  for density, warm_up in settings:
+    gmc = _sparse_find(record, "gmc", density, warm_up)
+    dgc = _sparse_find(record, "dgc", density, warm_up)
+    if gmc and dgc:
+      against[_setting_name(density, warm_up)] = verdict_of(gmc["summary"],
+                                                            dgc["summary"])
+  if against:
+    lines.append(
+        f"- **GMC against DGC: {_counted(against)}** ("
+        + "; ".join(f"{name} {verdict_phrase(v, 2)}"
+                    for name, v in against.items()) + ").")
+  steps = max(s for r in record["contenders"] for s in r["steps"])
+  lowest = min(densities)
+  lines.append(
+      f"- At {lowest:.1%} a worker's memory needs about "
+      f"{number(1 / lowest)} steps to send every coordinate once; each run "
+      f"has {number(steps)}.")
+  ratios = [r["ms_per_step"] / dense["ms_per_step"]
+            for r in record["contenders"] if r is not dense and dense
+            and r["ms_per_step"] and dense["ms_per_step"]]
+  if ratios:
+    lines.append(
+        f"- Time per step (run time / steps; the simulated workers share one "
+        f"host, so it measures compute, not the network the bytes would "
+        f"save): compression costs {min(ratios):.1f}–{max(ratios):.1f}× "
+        f"dense's.")
+  return "\n".join(lines)
+
+
+def _sparse_claim(record: dict) -> str:
+  """The paper's claim ("~100× fewer bytes, no accuracy lost") at the
+  density nearest 100×, by the spread rule."""
+  dense = _sparse_find(record, "msgd", None, False)
+  near = min((r for r in record["contenders"] if r["density"]),
+             key=lambda r: abs(record["dense_bytes"] / r[
+                 "bytes_sent_per_step"] - 100))
+  at = [r for r in record["contenders"] if r["density"] == near["density"]
+        and r["summary"]]
+  kept = [r["name"] for r in at
+          if verdict_of(r["summary"], dense["summary"]).word != "behind"]
+  return (f"**Against the paper's claim** (~100× less communication, no "
+          f"accuracy lost), at {near['density']:.1%} density: "
+          + (f"**holds** for {', '.join(kept)} (not behind dense by the "
+             "spread rule)." if kept else
+             f"**not reproduced**: all {len(at)} contenders at "
+             f"{near['density']:.1%} are behind dense by the spread rule."))
+
+
+@block("sparse-communication-b256-setup")
+def _sparse_b256_setup() -> str:
+  return _sparse_setup(load("sparse_communication_b256"),
+                       "sparse_communication_b256")
+
+
+@block("sparse-communication-b256-table")
+def _sparse_b256_table() -> str:
+  return sparse_table(load("sparse_communication_b256"))
+
+
+@block("sparse-communication-b256-findings")
+def _sparse_b256_findings() -> str:
+  record = load("sparse_communication_b256")
+  return _sparse_claim(record) + "\n\n" + _sparse_findings(record)
+
+
+@block("sparse-communication-b1024-setup")
+def _sparse_b1024_setup() -> str:
+  return _sparse_setup(load("sparse_communication"), "sparse_communication")
+
+
+@block("sparse-communication-b1024-table")
+def _sparse_b1024_table() -> str:
+  return sparse_table(load("sparse_communication"))
+
+
+@block("sparse-communication-b1024-findings")
+def _sparse_b1024_findings() -> str:
+  record = load("sparse_communication")
+  compression = load("compression")
+  dense = _sparse_find(compression, "msgd", None, False)
+  gmc = _sparse_find(compression, "gmc", 0.01, False)
+  steps = sorted({s for r in compression["contenders"] for s in r["steps"]})
+  return (
+      _sparse_claim(record) + "\n\n" + _sparse_findings(record) + "\n\n"
+      f"The first run of this script (`results/compression.json`, at "
+      f"{compression['code_version']}: a "
+      f"{number(compression['num_params'])}-parameter MLP, "
+      f"{' or '.join(map(number, steps))} steps, no warm-up, picked on the "
+      f"test accuracy of seed {compression['seeds'][0]}): GMC at 1.0% "
+      f"{mean_sd(gmc['summary'], 4, 1.0)} against dense "
+      f"{mean_sd(dense['summary'], 4, 1.0)}, "
+      f"{verdict_phrase(verdict_of(gmc['summary'], dense['summary']))}.")
+
+
+@block("sparse-communication-summary")
+def _sparse_summary() -> str:
+  """README.md's paragraph on the batch-256 run."""
+  record = load("sparse_communication_b256")
+  dense = _sparse_find(record, "msgd", None, False)
+  steps = sorted({s for r in record["contenders"] for s in r["steps"]})
+  against = {}
+  for density, warm_up in _sparse_settings(record):
+    gmc = _sparse_find(record, "gmc", density, warm_up)
+    dgc = _sparse_find(record, "dgc", density, warm_up)
+    if gmc and dgc:
+      against[_setting_name(density, warm_up)] = verdict_of(gmc["summary"],
+                                                            dgc["summary"])
+  best = {}
+  for density in sorted({d for d, _ in _sparse_settings(record)},
+                        reverse=True):
+    at = [r for r in record["contenders"] if r["density"] == density
+          and r["summary"]]
+    best[density] = max(at, key=lambda r: r["summary"]["mean"])
+  return (
+      f"Measured (`benchmarks/sparse_communication.py --batch-size "
+      f"{record['budget']['batch_size']} --epochs "
+      f"{record['budget']['epochs']:g}`, "
+      f"{number(record['num_params'])}-parameter MLP, "
+      f"{record['budget']['num_devices']} simulated workers, "
+      f"{' or '.join(map(number, steps))} steps "
+      f"({number(record['data']['num_train'])} training examples per "
+      f"epoch), picks on validation, {len(record['seeds'])} seeds; "
+      f"[table](benchmarks/README.md#sparse-communication-gmc-and-dgc-vs-"
+      f"dense-momentum-sgd-sparse_communicationpy)): dense momentum SGD "
+      f"{mean_sd(dense['summary'], 4, 1.0)}; "
+      + "; ".join(
+          f"at {density:.1%} density "
+          f"({record['dense_bytes'] / r['bytes_sent_per_step']:.0f}× fewer "
+          f"bytes) the best is {r['name']}, "
+          f"{mean_sd(r['summary'], 4, 1.0)}, "
+          f"{verdict_of(r['summary'], dense['summary']).word} dense"
+          for density, r in best.items())
+      + f". GMC against DGC: {_counted(against)}. "
+      + _sparse_claim(record).replace("**", "")
+      + (" The most accurate compressed contender at every density is DGC "
+         "with warm-up: use `dgc` with `density_warmup_steps` unless your "
+         "own runs say otherwise." if all(
+             r["optimizer"] == "dgc" and r["warm_up"] for r in best.values())
+         else ""))
+
+
 # ----------------------------------------------------------------------------
 # Timing: update cost, top-k selection, step and harness throughput, the
 # batch-size test's cost, the accelerator check.
