@@ -359,9 +359,9 @@ def main(argv=None) -> None:
       write()
     config = long_config(base, tuned, args.curve_epochs)
     if batch_size == CURVE_BATCH_SIZE and config is not None:
-      long_key = long_store.run(sweep.config_settings(config),
-                                lambda _: sweep.train_config(config,
-                                                             dataset)).key
+      long_key = long_store.run(
+          sweep.config_settings(config),
+          lambda _, config=config: sweep.train_config(config, dataset)).key
     if batch_size in args.controls:
       for label, optimizer, kwargs, lr in control_points(tuned, batch_size):
         controls.append({**contender(base, trainer, label, optimizer, kwargs,
