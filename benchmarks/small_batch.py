@@ -3,21 +3,22 @@
 The authors' setting (ResNet-18 on CIFAR, B = 8, 200 epochs, LR x0.1 at 50 %
 and 75 % of training, coupled lambda = lambda_0 / eta_t with lambda_0 =
 0.1 eta_0, S = 10, the inner window restarted each epoch, weight decay 1e-4)
-scaled to a CPU: every run trains the harness CNN (`train.train_and_evaluate`,
-one CPU device) on MNIST-1D with at least 10k training examples, for the same
-sample budget at every batch size (`--epochs` passes, so B = 2 takes 8x the
-steps of B = 16), with the "step" schedule (peak LR x0.1 at 50 % and x0.01
-at 75 % of the budget, no warm-up) and coupled weight decay 1e-4 on the
-kernels. TR uses the harness defaults, which are the authors'.
+scaled to a CPU: every run trains the harness CNN (one CPU device) on
+MNIST-1D, for the same sample budget at every batch size (`--epochs`
+passes, so B = 2 takes 8x the steps of B = 16), with the "step" schedule
+(peak LR x0.1 at 50 % and x0.01 at 75 % of the budget, no warm-up) and
+coupled weight decay 1e-4 on the kernels. TR uses the harness defaults,
+which are the authors'.
 
-For each batch size and method the peak learning rate is picked from a grid
-of `GRID_SIZE` values, spaced by 3, by the final accuracy on a validation
-split (10 % of the training set, `compare`'s rule); a pick on an edge of the
-grid extends it by one value on that side, at most `MAX_EXTENSIONS` times
-(every method gets the same rule). The picked learning rate is trained with
-`--extra-seeds` more seeds (initialization and batch order), and the table
-reports the test accuracy's mean ± sample standard deviation over all its
-seeds.
+On the experiment engine (`sngm_optax.harness.sweep`): for each batch size
+and method the peak learning rate is a `sweep.Grid` of `GRID_SIZE` values
+spaced by 3, extended by one value past an edge pick on each side
+(`MAX_EXTENSIONS`), the same trial budget for every contender; `sweep.tune`
+picks on a validation split (10 % of the training set; a diverged or
+collapsed run is never picked) and reruns the pick on `--extra-seeds` more
+seeds (initialization and batch order). Every run is kept in the run store
+`small_batch_runs.jsonl` (the longer curve run in `small_batch_long_runs.jsonl`)
+beside the results, so a stopped benchmark resumes where it stopped.
 
 Methods (`p` = `SGD_LR * sqrt(B / 8)`, `a` = `ADAM_LR * sqrt(B / 8)`):
 
@@ -29,45 +30,42 @@ Methods (`p` = `SGD_LR * sqrt(B / 8)`, `a` = `ADAM_LR * sqrt(B / 8)`):
 | decay only | TR-SGD with strength 0 (only the 1/(k+1) decay) | p, 3p, 9p |
 | tr_adam | TR-Adam, authors' defaults | a, 3a, 9a |
 
-TR's 1/(k+1) decay makes its average step 0.293x that of SGD at the same
-learning rate, so the SGD grid sits 3x lower than TR's: it contains SGD at
-TR-SGD's average step (0.29p to 2.6p), and the edge rule extends either.
-"decay only" isolates the proximal term: TR-SGD against it is the proximal
-term's effect at the same schedule and step sizes; "decay only" against SGD
-is the inner decay's. For TR-Adam
-two untuned controls at `--controls` batch sizes do the same (3 seeds each):
-Adam at its grid value nearest TR-Adam's average step, and TR-Adam with
-strength 0 at TR-Adam's picked LR.
+TR's 1/(k+1) decay makes its average step `TR_STEP_FACTOR` that of SGD at
+the same learning rate, so the SGD grid sits 3x lower than TR's: it contains
+SGD at TR-SGD's average step, and the edge rule extends either. "decay
+only" isolates the proximal term. For TR-Adam two untuned controls at
+`--controls` batch sizes do the same: Adam at the value of its grid nearest
+TR-Adam's average step, and TR-Adam with strength 0 at TR-Adam's pick.
 
 Usage:
   python benchmarks/small_batch.py                 # the benchmark
-  # or in parallel, then merged (table and figures from all three):
+  # or in parallel, then merged (the merge trains what is missing):
   python benchmarks/small_batch.py --batch-sizes 8 16
   python benchmarks/small_batch.py --batch-sizes 2 --out DIR2 --curve-epochs 0
   python benchmarks/small_batch.py --merge DIR2/small_batch.json
-  python benchmarks/small_batch.py --batch-sizes 16 --epochs 1 --extra-seeds 0
-Writes benchmarks/results/small_batch.json (after every method, and resumes
-from it), small_batch.png (test accuracy against B) and
-small_batch_curve.png (SGD's test accuracy per epoch at B = 8: every seed
-of the benchmark's budget, and one `--curve-epochs` run at the same peak
-LR), prints a Markdown table.
+  python benchmarks/small_batch.py --convert-legacy  # the pre-engine JSON
+Writes small_batch.json (`sweep.results_record`; after every contender),
+small_batch.png (test accuracy against B) and small_batch_curve.png (SGD's
+test accuracy per epoch at B = 8: every seed, and one `--curve-epochs` run
+at its pick) under `--out`, and prints the table.
 """
 
 import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import time
+import re
+import subprocess
 
 import numpy as np
 
 import _common
+import report
 
-from sngm_optax.harness import compare
-from sngm_optax.harness import train
 from sngm_optax.harness import config as config_lib
+from sngm_optax.harness import sweep
+from sngm_optax.harness import train
 
 SGD_LR = 0.01    # p at B = 8 (0.03 was unstable in a pilot)
 ADAM_LR = 0.003  # a at B = 8
@@ -76,6 +74,13 @@ MAX_EXTENSIONS = 1  # per side
 CURVE_METHOD, CURVE_BATCH_SIZE = "sgd", 8
 # Average step of TR's 1/(k+1) decay relative to its learning rate, S = 10.
 TR_STEP_FACTOR = sum(1 / (k + 1) for k in range(10)) / 10
+RUNS, LONG_RUNS = "small_batch_runs.jsonl", "small_batch_long_runs.jsonl"
+# The settings every run of a store shares (its declared budget).
+BUDGET_FIELDS = ("num_samples", "data_seed", "val_fraction", "model",
+                 "schedule", "warmup_epochs", "weight_decay", "epochs",
+                 "num_devices")
+CLAIM = ("TR-SGD / TR-Adam beat SGD (with a grid containing TR's average "
+         "step) and Adam at batch sizes 2-16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,208 +99,140 @@ METHODS = (
     Method("decay only", "tr_sgd", "sgd", 1.0, (("strength", 0.0),)),
     Method("tr_adam", "tr_adam", "adam", 1.0),
 )
+# The matched-step controls of TR-Adam: (label, optimizer, kwargs).
+ADAM_AT_TR_STEP = ("control: adam at tr_adam's mean step", "adam", {})
+TR_ADAM_DECAY_ONLY = ("control: tr_adam decay only", "tr_adam",
+                      {"strength": 0.0})
 
 
-def learning_rate(method: Method, batch_size: int, index: int) -> float:
-  """The grid's `index`-th value (negative or past the end: an extension)."""
+def grid(method: Method, batch_size: int) -> sweep.Grid:
+  """The method's learning-rate grid at `batch_size`."""
   peak = (SGD_LR if method.base == "sgd" else ADAM_LR) * math.sqrt(
       batch_size / 8)
-  return float(f"{peak * method.lowest * 3.0 ** index:.3g}")
+  values = [float(f"{peak * method.lowest * 3.0 ** index:.3g}")
+            for index in range(GRID_SIZE)]
+  return sweep.Grid({"learning_rate": values}, max_extensions=MAX_EXTENSIONS)
 
 
-def strip(run: dict, keep_history: bool) -> dict:
-  return {k: v for k, v in run.items() if keep_history or k != "history"}
+def base_config(num_samples: int, epochs: float,
+                seed: int) -> config_lib.Config:
+  return config_lib.Config(num_samples=num_samples, val_fraction=0.1,
+                           model="cnn", weight_decay=1e-4, warmup_epochs=0.0,
+                           schedule="step", epochs=epochs, num_devices=1,
+                           seed=seed)
 
 
-def one_run(config: config_lib.Config, dataset, quiet: bool,
-            keep_history: bool = False) -> dict:
-  """Trains `config` once: `compare`'s run summary (`diverged` included)."""
-  contender = compare.run_contender(config, config.optimizer,
-                                    config.batch_size, [config.learning_rate],
-                                    dataset, quiet)
-  return strip(contender["runs"][0], keep_history)
+def budget(base: config_lib.Config) -> dict:
+  return {"benchmark": "small_batch",
+          **{name: getattr(base, name) for name in BUDGET_FIELDS}}
 
 
-def _pick(runs: dict) -> dict | None:
-  finished = [run for run in runs.values() if not run["diverged"]]
-  return max(finished, key=lambda run: run["val_accuracy"]) if finished else None
+def method_config(base, optimizer, batch_size, kwargs) -> config_lib.Config:
+  return dataclasses.replace(base, optimizer=optimizer, batch_size=batch_size,
+                             optimizer_kwargs=dict(kwargs))
 
 
-def run_method(method: Method, base: config_lib.Config, dataset,
-               extra_seeds: int, quiet: bool) -> dict:
-  """Grid (extended past an edge pick), pick on validation, more seeds."""
-  start = time.perf_counter()
-  config = dataclasses.replace(base, optimizer=method.optimizer,
-                               optimizer_kwargs=dict(method.kwargs))
-  curve = (method.label == CURVE_METHOD
-           and base.batch_size == CURVE_BATCH_SIZE)
-  runs = {}  # grid index -> run
-  low, high = 0, GRID_SIZE - 1
-  extensions = 0
-  while True:
-    for index in range(low, high + 1):
-      if index not in runs:
-        runs[index] = one_run(dataclasses.replace(
-            config, learning_rate=learning_rate(method, base.batch_size,
-                                                index)), dataset, quiet, curve)
-    best = _pick(runs)
-    if best is None or extensions >= 2 * MAX_EXTENSIONS:
-      break
-    best_index = next(i for i, run in runs.items() if run is best)
-    if best_index == low and low > -MAX_EXTENSIONS:
-      low -= 1
-    elif best_index == high and high < GRID_SIZE - 1 + MAX_EXTENSIONS:
-      high += 1
-    else:
-      break
-    extensions += 1
-  ordered = [runs[i] for i in sorted(runs)]
-  learning_rates = [run["learning_rate"] for run in ordered]
-  result = {"method": method.label, "optimizer": method.optimizer,
-            "optimizer_kwargs": dict(method.kwargs),
-            "batch_size": base.batch_size, "learning_rates": learning_rates,
-            "grid_extensions": extensions,
-            "runs": [strip(run, curve and run is best) for run in ordered],
-            "best": best and strip(best, False)}
-  if best is None:
-    result["wall_time_s"] = time.perf_counter() - start
-    return result
-  result["picked_at_grid_edge"] = best["learning_rate"] in (
-      learning_rates[0], learning_rates[-1])
-  seed_runs = [one_run(
-      dataclasses.replace(config, learning_rate=best["learning_rate"],
-                          seed=base.seed + offset), dataset, quiet, curve)
-               for offset in range(1, extra_seeds + 1)]
-  accuracies = [run["test_accuracy"] for run in [best, *seed_runs]
-                if not run["diverged"]]
-  if curve:
-    result["curves"] = [[h["test_accuracy"] for h in run["history"]]
-                        for run in [runs[next(i for i, r in runs.items()
-                                              if r is best)], *seed_runs]
-                        if not run["diverged"]]
-  result.update(
-      seed_runs=[strip(run, False) for run in seed_runs],
-      num_seeds=len(accuracies),
-      num_diverged_seeds=1 + len(seed_runs) - len(accuracies),
-      test_accuracies=accuracies,
-      test_accuracy_mean=float(np.mean(accuracies)),
-      test_accuracy_std=float(np.std(accuracies, ddof=1))
-      if len(accuracies) > 1 else 0.0,
-      steps=best["steps"], step_time_ms=1e3 * best["wall_time_s"] /
-      best["steps"], wall_time_s=time.perf_counter() - start)
-  return result
+def contender(base, trainer, label, optimizer, kwargs, batch_size, search,
+              seeds) -> dict:
+  """`sweep.tune` of one method at one batch size, labelled; `trainer(config)`
+  gives its `train(point, seed)`."""
+  config = method_config(base, optimizer, batch_size, kwargs)
+  result = sweep.tune(label, trainer(config), search, seeds=seeds)
+  return {**result, "batch_size": batch_size, "optimizer": optimizer,
+          "optimizer_kwargs": dict(kwargs)}
 
 
-def long_curve(base: config_lib.Config, dataset, results: list[dict],
-               epochs: float, quiet: bool) -> None:
-  """Appends one `epochs`-long SGD run at B = 8 and its picked LR (seed 0)
-  to `results`, as method "sgd long", with its test accuracy per epoch."""
-  label = f"{CURVE_METHOD} long"
-  picked = [r for r in results if r["method"] == CURVE_METHOD
-            and r["batch_size"] == CURVE_BATCH_SIZE and r["best"]]
-  if not picked or any(r["method"] == label for r in results):
-    return
-  method = next(m for m in METHODS if m.label == CURVE_METHOD)
-  config = dataclasses.replace(
-      base, optimizer=method.optimizer, batch_size=CURVE_BATCH_SIZE,
-      epochs=epochs, learning_rate=picked[0]["best"]["learning_rate"])
-  run = one_run(config, dataset, quiet, keep_history=True)
-  results.append({"method": label, "batch_size": CURVE_BATCH_SIZE,
-                  "epochs": epochs, "best": None, "run": strip(run, False),
-                  "curve": [h["test_accuracy"] for h in run["history"]]})
-
-
-def matched_step_controls(base: config_lib.Config, dataset,
-                          results: list[dict], batch_size: int,
-                          num_seeds: int, quiet: bool) -> None:
-  """Two untuned controls for TR-Adam at `batch_size`, `num_seeds` seeds
-  each, appended to `results` (label "control: ..."):
-
-  - Adam at the value of its grid nearest TR-Adam's average step (0.293 x
-    TR-Adam's picked LR): the step size without the proximal term;
-  - TR-Adam with strength 0 at its picked LR: the 1/(k+1) decay alone.
-  """
-  picked = {r["method"]: r for r in results if r["batch_size"] == batch_size
-            and r.get("best")}
+def control_points(tuned: list[dict], batch_size: int) -> list[tuple]:
+  """The two controls' (label, optimizer, kwargs, learning rate) at
+  `batch_size`, [] without both TR-Adam's and Adam's picks there."""
+  picked = {r["name"]: r for r in tuned
+            if r["batch_size"] == batch_size and r["pick"]}
   if "tr_adam" not in picked or "adam" not in picked:
-    return
-  tr_lr = picked["tr_adam"]["best"]["learning_rate"]
-  adam_grid = [run["learning_rate"] for run in picked["adam"]["runs"]]
-  adam_lr = min(adam_grid, key=lambda lr: abs(math.log(lr / (
-      TR_STEP_FACTOR * tr_lr))))
-  for label, optimizer, lr, kwargs in (
-      ("control: adam at tr_adam's mean step", "adam", adam_lr, {}),
-      ("control: tr_adam decay only", "tr_adam", tr_lr, {"strength": 0.0})):
-    if any(r["method"] == label and r["batch_size"] == batch_size
-           for r in results):
-      continue
-    config = dataclasses.replace(base, optimizer=optimizer,
-                                 batch_size=batch_size, learning_rate=lr,
-                                 optimizer_kwargs=kwargs)
-    runs = [one_run(dataclasses.replace(config, seed=base.seed + offset),
-                    dataset, quiet) for offset in range(num_seeds)]
-    accuracies = [run["test_accuracy"] for run in runs if not run["diverged"]]
-    results.append({
-        "method": label, "batch_size": batch_size, "best": None,
-        "learning_rate": lr, "optimizer_kwargs": kwargs, "runs": runs,
-        "test_accuracies": accuracies,
-        "test_accuracy_mean": float(np.mean(accuracies)),
-        "test_accuracy_std": float(np.std(accuracies, ddof=1))})
-    print(f"B={batch_size:<3d} {label}: lr {lr:g}  test "
-          f"{100 * np.mean(accuracies):.2f} ± "
-          f"{100 * results[-1]['test_accuracy_std']:.2f}", flush=True)
+    return []
+  tr_lr = picked["tr_adam"]["pick"]["point"]["learning_rate"]
+  adam_grid = [t["point"]["learning_rate"] for t in picked["adam"]["trials"]]
+  adam_lr = min(adam_grid, key=lambda lr: abs(math.log(
+      lr / (TR_STEP_FACTOR * tr_lr))))
+  return [(*ADAM_AT_TR_STEP, adam_lr), (*TR_ADAM_DECAY_ONLY, tr_lr)]
 
 
-def format_table(results: list[dict]) -> str:
-  batch_sizes = sorted({r["batch_size"] for r in results})
-  rows = []
-  for method in METHODS:
-    cells = [method.label]
-    for batch_size in batch_sizes:
-      match = [r for r in results
-               if r["method"] == method.label and r["batch_size"] == batch_size]
-      if not match or match[0]["best"] is None:
-        cells.append("-" if not match else "all diverged")
-        continue
-      r = match[0]
-      edge = "*" if r["picked_at_grid_edge"] else ""
-      cells.append(f"{100 * r['test_accuracy_mean']:.1f} ± "
-                   f"{100 * r['test_accuracy_std']:.1f} "
-                   f"(lr {r['best']['learning_rate']:g}{edge})")
-    rows.append(cells)
-  for label in sorted({r["method"] for r in results
-                       if r["method"].startswith("control")}):
-    cells = [label]
-    for batch_size in batch_sizes:
-      match = [r for r in results
-               if r["method"] == label and r["batch_size"] == batch_size]
-      cells.append(f"{100 * match[0]['test_accuracy_mean']:.1f} ± "
-                   f"{100 * match[0]['test_accuracy_std']:.1f} (lr "
-                   f"{match[0]['learning_rate']:g})" if match else "-")
-    rows.append(cells)
-  return _common.markdown_table(
-      ["method", *(f"B = {b}" for b in batch_sizes)], rows,
-      align="l" + "r" * len(batch_sizes))
+def untuned(learning_rate: float) -> sweep.Grid:
+  return sweep.Grid({"learning_rate": [learning_rate]})
 
 
-def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
+def curve_record(store: sweep.RunStore, long_store: sweep.RunStore,
+                 tuned: list[dict], long_key: str | None) -> dict | None:
+  """SGD's test accuracy per epoch at B = 8 (each seed of its pick) and the
+  longer run's, from the stores."""
+  picked = [r for r in tuned if r["name"] == CURVE_METHOD
+            and r["batch_size"] == CURVE_BATCH_SIZE and r["pick"]]
+  if not picked:
+    return None
+  runs = {run.key: run for run in store}
+  seeds = [{"seed": s["seed"], "status": s["status"],
+            "test_accuracy": [h["test_accuracy"]
+                              for h in runs[s["key"]].curve]}
+           for s in picked[0]["seeds"]]
+  long = None
+  if long_key is not None:
+    run = {run.key: run for run in long_store}[long_key]
+    long = {"epochs": run.settings["epochs"], "key": run.key,
+            "status": run.status, "seed": run.settings["seed"],
+            "test_accuracy": [h["test_accuracy"] for h in run.curve]}
+  return {"method": CURVE_METHOD, "batch_size": CURVE_BATCH_SIZE,
+          "learning_rate": picked[0]["pick"]["point"]["learning_rate"],
+          "seeds": seeds, "long": long}
+
+
+def long_config(base, tuned, epochs) -> config_lib.Config | None:
+  """The longer SGD run at B = 8 and its pick (first seed), or None."""
+  picked = [r for r in tuned if r["name"] == CURVE_METHOD
+            and r["batch_size"] == CURVE_BATCH_SIZE and r["pick"]]
+  if not picked or not epochs:
+    return None
+  return dataclasses.replace(
+      method_config(base, "msgd", CURVE_BATCH_SIZE, {}), epochs=epochs,
+      learning_rate=picked[0]["pick"]["point"]["learning_rate"])
+
+
+def results(*, base, data, tuned, controls, curve, searches, command,
+            machine, **fields) -> dict:
+  """The results JSON: `sweep.results_record` and this benchmark's fields."""
+  return sweep.results_record(
+      "small_batch", claim=CLAIM, command=command, machine=machine,
+      budget=budget(base), contenders=tuned,
+      trial_budget=sweep.check_same_budget(searches) if searches else None,
+      data=data, seeds=sorted({s["seed"] for r in tuned for s in r["seeds"]}),
+      batch_sizes=sorted({r["batch_size"] for r in tuned}),
+      methods=[m.label for m in METHODS],
+      tr_average_step_factor=TR_STEP_FACTOR, sgd_lr_at_b8=SGD_LR,
+      adam_lr_at_b8=ADAM_LR, grid_size=GRID_SIZE,
+      max_extensions_per_side=MAX_EXTENSIONS,
+      collapsed=sum(r["collapsed"] for r in tuned),
+      controls=controls, curve=curve, runs=RUNS, long_runs=LONG_RUNS,
+      **fields)
+
+
+def plot(record: dict, path: pathlib.Path, title: str) -> None:
   plt = _common.pyplot()
   if plt is None:
     return
   figure, axes = plt.subplots(figsize=(6.4, 4.2))
   for index, method in enumerate(METHODS):
-    rows = sorted((r for r in results if r["method"] == method.label
-                   and r["best"] is not None), key=lambda r: r["batch_size"])
+    rows = sorted((r for r in record["contenders"]
+                   if r["name"] == method.label and r["summary"]),
+                  key=lambda r: r["batch_size"])
     if not rows:
       continue
     # Small horizontal offsets keep the error bars apart.
     x = [r["batch_size"] * 1.04 ** (index - 2) for r in rows]
-    axes.errorbar(x, [100 * r["test_accuracy_mean"] for r in rows],
-                  yerr=[100 * r["test_accuracy_std"] for r in rows],
+    axes.errorbar(x, [100 * r["summary"]["mean"] for r in rows],
+                  yerr=[100 * r["summary"]["sd"] for r in rows],
                   marker="o", capsize=3, label=method.label,
                   linestyle="--" if method.label == "decay only" else "-")
   axes.set_xscale("log", base=2)
-  axes.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
+  sizes = record["batch_sizes"]
+  axes.set_xticks(sizes, [str(b) for b in sizes])
   _finish(figure, axes, path, "batch size",
           "test accuracy (%), mean ± sd over seeds", title)
 
@@ -309,53 +246,43 @@ def _finish(figure, axes, path, xlabel, ylabel, title) -> None:
   _common.save_figure(figure, path)
 
 
-def plot_curve(results: list[dict], path: pathlib.Path, title: str) -> None:
-  """SGD's test accuracy per epoch at B = 8 (its picked LR, every seed),
-  and the longer run's."""
+def plot_curve(record: dict, path: pathlib.Path, title: str) -> None:
+  """SGD's test accuracy per epoch at B = 8 (its pick, every seed), and the
+  longer run's."""
   plt = _common.pyplot()
-  rows = [r for r in results if r.get("curves")]
-  if plt is None or not rows:
+  curve = record["curve"]
+  if plt is None or not curve:
     return
   figure, axes = plt.subplots(figsize=(6.4, 3.6))
-  for number, curve in enumerate(rows[0]["curves"]):
-    epochs = np.arange(1, len(curve) + 1)
-    axes.plot(epochs, 100 * np.asarray(curve), marker=".",
-              label=f"seed {number}")
-  for r in results:
-    if r["method"] == f"{CURVE_METHOD} long":
-      curve = r["curve"]
-      axes.plot(np.arange(1, len(curve) + 1), 100 * np.asarray(curve),
-                color="k", linestyle=":", label=f"{r['epochs']:g} epochs, "
-                "seed 0")
+  for seed in curve["seeds"]:
+    values = seed["test_accuracy"]
+    axes.plot(np.arange(1, len(values) + 1), 100 * np.asarray(values),
+              marker=".", label=f"seed {seed['seed']}")
+  if curve["long"]:
+    values = curve["long"]["test_accuracy"]
+    axes.plot(np.arange(1, len(values) + 1), 100 * np.asarray(values),
+              color="k", linestyle=":",
+              label=f"{curve['long']['epochs']:g} epochs, seed "
+              f"{curve['long']['seed']}")
   _finish(figure, axes, path, "epoch", "test accuracy (%)", title)
 
 
-def _summary(args, methods, base, data_line, results, start, load_start):
-  """The JSON payload: settings, machine, every result, the table."""
-  summary = {
-      "claim": "TR-SGD / TR-Adam beat SGD (with a grid containing TR's "
-               "average step) and Adam at batch sizes 2-16",
-      "command": _common.command_line(),
-      "machine": _common.machine_description(),
-      "load_average_start": load_start,
-      "load_average_end": os.getloadavg(),
-      "data": data_line,
-      "tr_average_step_factor": TR_STEP_FACTOR,
-      "sgd_lr_at_b8": SGD_LR, "adam_lr_at_b8": ADAM_LR,
-      "grid_size": GRID_SIZE, "max_extensions_per_side": MAX_EXTENSIONS,
-      "grids": {m.label: m.lowest for m in methods},
-      "config": dataclasses.asdict(base),
-      "wall_time_s": time.perf_counter() - start,
-      "complete": sum(r["method"] in {m.label for m in methods}
-                      for r in results)
-                  == len(methods) * len(args.batch_sizes),
-      "results": results,
-  }
-  summary["table"] = format_table(results)
-  return summary
+def data_fields(dataset, epochs: float) -> dict:
+  num_val = max(1, round(0.1 * dataset.num_train))
+  return {"num_train": dataset.num_train - num_val, "num_val": num_val,
+          "num_test": dataset.num_test, "epochs": epochs,
+          "line": f"MNIST-1D: {dataset.num_train - num_val} train + "
+                  f"{num_val} validation / {dataset.num_test} test; CNN; "
+                  f"{epochs:g} epochs, step decay, at every batch size"}
 
 
-def main() -> None:
+def _stores(out: pathlib.Path, base, curve_epochs):
+  return (sweep.RunStore(out / RUNS, budget(base)),
+          sweep.RunStore(out / LONG_RUNS, budget(
+              dataclasses.replace(base, epochs=curve_epochs or base.epochs))))
+
+
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch-sizes", type=int, nargs="+",
                       default=[8, 16, 4, 2],
@@ -374,79 +301,208 @@ def main() -> None:
                       help="labels from METHODS (default: all)")
   parser.add_argument("--controls", type=int, nargs="*", default=[2],
                       help="batch sizes at which to run the matched-step "
-                      "controls of TR-Adam (see matched_step_controls)")
+                      "controls of TR-Adam")
   parser.add_argument("--merge", type=pathlib.Path, nargs="*", default=[],
-                      help="small_batch.json files of runs over other batch "
-                      "sizes (same settings) whose results to take over")
+                      help="small_batch.json files (or their directories) of "
+                      "runs over other batch sizes, same settings, whose run "
+                      "stores to take over")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS)
   parser.add_argument("--quiet", action="store_true")
-  args = parser.parse_args()
+  parser.add_argument("--convert-legacy", type=pathlib.Path, default=None,
+                      metavar="OLD_JSON",
+                      help="convert a small_batch.json written before the "
+                      "engine into --out (no training)")
+  args = parser.parse_args(argv)
+  if args.convert_legacy:
+    convert_legacy(args.convert_legacy, args.out, tuple(sorted(
+        args.convert_legacy.parent.glob("small_batch_parts/*/*.json"))))
+    return
 
-  start = time.perf_counter()
-  load_start = os.getloadavg()
-  base = config_lib.Config(num_samples=args.num_samples, val_fraction=0.1,
-                           model="cnn", weight_decay=1e-4, warmup_epochs=0.0,
-                           schedule="step", epochs=args.epochs,
-                           num_devices=1, seed=args.seed)
+  base = base_config(args.num_samples, args.epochs, args.seed)
   dataset = train.load_dataset(base)
-  num_val = max(1, round(0.1 * dataset.num_train))
-  data_line = (f"MNIST-1D: {dataset.num_train - num_val} train + {num_val} "
-               f"validation / {dataset.num_test} test; CNN; "
-               f"{args.epochs:g} epochs, step decay, at every batch size")
-  print(data_line, flush=True)
+  data = data_fields(dataset, args.epochs)
+  print(data["line"], flush=True)
+  store, long_store = _stores(args.out, base, args.curve_epochs)
+  for path in args.merge:  # take over the runs of parallel processes
+    folder = path if path.is_dir() else path.parent
+    for ours, name in ((store, RUNS), (long_store, LONG_RUNS)):
+      if (folder / name).exists():
+        for run in sweep.RunStore(folder / name, ours.budget):
+          if ours.get(run.settings) is None:
+            ours.put(run)
+
+  def trainer(config):
+    return sweep.harness_trainer(store, config, dataset)
+
   methods = [m for m in METHODS
              if args.methods is None or m.label in args.methods]
-  out_json = args.out / "small_batch.json"
-  results = []
-  # Resume: keep the finished (method, B) results of this and merged runs.
-  for path in [out_json, *args.merge]:
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    if earlier.get("data") != data_line:
-      continue
-    results += [r for r in earlier["results"] if not any(
-        (r["method"], r["batch_size"]) == (done["method"], done["batch_size"])
-        for done in results)]
-  args.out.mkdir(parents=True, exist_ok=True)
+  seeds = tuple(args.seed + offset for offset in range(1 + args.extra_seeds))
+  tuned, controls, searches, long_key = [], [], {}, None
+
+  def write():
+    record = results(base=base, data=data, tuned=tuned, controls=controls,
+                     curve=curve_record(store, long_store, tuned, long_key),
+                     searches=searches, command=_common.command_line(),
+                     machine=_common.machine_description())
+    _common.write_json(args.out / "small_batch.json", record)
+    return record
+
   for batch_size in args.batch_sizes:
     for method in methods:
-      if any(r["method"] == method.label and r["batch_size"] == batch_size
-             for r in results):
-        continue
-      result = run_method(method, dataclasses.replace(base,
-                                                      batch_size=batch_size),
-                          dataset, args.extra_seeds, args.quiet)
-      results.append(result)
-      if result["best"] is not None:
-        print(f"B={batch_size:<3d} {method.label:>10s}: lr "
-              f"{result['best']['learning_rate']:g}  test "
-              f"{100 * result['test_accuracy_mean']:.2f} ± "
-              f"{100 * result['test_accuracy_std']:.2f} "
-              f"({result['num_seeds']} seeds, "
-              f"{result['step_time_ms']:.2f} ms/step)", flush=True)
-      summary = _summary(args, methods, base, data_line, results, start,
-                         load_start)
-      _common.write_json(out_json, summary)
-    if batch_size == CURVE_BATCH_SIZE and args.curve_epochs:
-      long_curve(base, dataset, results, args.curve_epochs, args.quiet)
+      search = grid(method, batch_size)
+      searches[f"{method.label} B={batch_size}"] = search
+      tuned.append(contender(base, trainer, method.label, method.optimizer,
+                             method.kwargs, batch_size, search, seeds))
+      if not args.quiet:
+        print(f"B={batch_size:<3d} {method.label:>10s}: "
+              f"{report.small_batch_cell(tuned[-1])}", flush=True)
+      write()
+    config = long_config(base, tuned, args.curve_epochs)
+    if batch_size == CURVE_BATCH_SIZE and config is not None:
+      long_key = long_store.run(
+          sweep.config_settings(config),
+          lambda _, config=config: sweep.train_config(config, dataset)).key
     if batch_size in args.controls:
-      matched_step_controls(base, dataset, results, batch_size,
-                            1 + args.extra_seeds, args.quiet)
-      _common.write_json(out_json, _summary(args, methods, base, data_line,
-                                            results, start, load_start))
-  summary = _summary(args, methods, base, data_line, results, start,
-                     load_start)
-  _common.write_json(out_json, summary)
-  title = (f"{data_line}\npicked LR, {1 + args.extra_seeds} seeds, first "
-           f"seed {args.seed}")
-  plot(results, args.out / "small_batch.png", title)
-  plot_curve(results, args.out / "small_batch_curve.png",
+      for label, optimizer, kwargs, lr in control_points(tuned, batch_size):
+        controls.append({**contender(base, trainer, label, optimizer, kwargs,
+                                     batch_size, untuned(lr), seeds),
+                         "untuned": True})
+    write()
+  record = write()
+  title = (f"{data['line']}\npicked LR, {len(seeds)} seeds, first seed "
+           f"{args.seed}")
+  plot(record, args.out / "small_batch.png", title)
+  plot_curve(record, args.out / "small_batch_curve.png",
              f"{CURVE_METHOD} at B = {CURVE_BATCH_SIZE}, picked LR: " + title)
-  print("\n" + summary["table"])
-  print(f"\n(* picked at the edge of its grid)\nmachine: "
-        f"{_common.machine_line(summary['machine'])}; load "
-        f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; total "
-        f"{summary['wall_time_s'] / 60:.1f} min; wrote {out_json}, "
-        f"small_batch.png and small_batch_curve.png")
+  print("\n" + report.small_batch_table(record))
+  print(f"\nwrote {args.out / 'small_batch.json'} and its run stores")
+
+
+# ----------------------------------------------------------------------------
+# Converting the JSON written before the engine (kept in git history).
+
+# The code that ran the committed results (benchmarks/README.md's command).
+LEGACY_CODE_VERSION = "516ec65"
+
+
+def _legacy_run(settings, old, converted_from, curve=()) -> sweep.Run:
+  extra = {"converted_from": converted_from,
+           "note": "run_time_s includes compilation (not recorded apart)"}
+  if old.get("diverged"):
+    return sweep.Run.diverged(settings, "non-finite loss (old record)",
+                              code_version=LEGACY_CODE_VERSION, extra=extra)
+  final = {k: old[k] for k in ("val_accuracy", "test_accuracy", "test_loss",
+                               "steps") if k in old}
+  return sweep.Run.finished(
+      settings, final, num_classes=10, curve=list(curve),
+      run_time_s=old["wall_time_s"], compile_time_s=0.0,
+      code_version=LEGACY_CODE_VERSION, extra=extra)
+
+
+def _git_commit(path: pathlib.Path) -> str:
+  """The last commit of `path` ("uncommitted" outside git)."""
+  found = subprocess.run(["git", "log", "--format=%h", "-1", "--",
+                          path.name], cwd=path.parent, capture_output=True,
+                         text=True, check=False).stdout.strip()
+  return found or "uncommitted"
+
+
+def convert_legacy(old_path: pathlib.Path, out: pathlib.Path,
+                   parts: tuple = ()) -> dict:
+  """Converts a pre-engine small_batch.json (and the JSON of the parts it
+  merged, `parts`) into the run stores and results JSON under `out`.
+
+  Every old run becomes a `sweep.Run` (status by the engine's rule); each
+  method's search is replayed through `sweep.tune` with a `sweep.Recorded`
+  search over the learning rates it tried, so the picks are the engine's.
+  """
+  old = json.loads(old_path.read_text())
+  converted_from = f"{old_path.name}@{_git_commit(old_path)}"
+  recorded = old["config"]
+  base = base_config(recorded["num_samples"], recorded["epochs"],
+                     recorded["seed"])
+  long_epochs = next((r["epochs"] for r in old["results"]
+                      if r["method"] == f"{CURVE_METHOD} long"), 0)
+  for name in (RUNS, LONG_RUNS):
+    (out / name).unlink(missing_ok=True)
+  store, long_store = _stores(out, base, long_epochs)
+  by_label = {m.label: m for m in METHODS}
+  controls_by_label = {c[0]: c for c in (ADAM_AT_TR_STEP, TR_ADAM_DECAY_ONLY)}
+  tuned, controls, searches, long_key = [], [], {}, None
+  stored = lambda config: sweep.stored_trainer(store, config)
+  seeds = tuple(range(base.seed, base.seed + max(
+      r.get("num_seeds", 0) for r in old["results"])))
+  for r in old["results"]:
+    batch_size = r["batch_size"]
+    if r["method"] == f"{CURVE_METHOD} long":
+      run = r["run"]
+      config = dataclasses.replace(
+          method_config(base, "msgd", batch_size, {}), epochs=r["epochs"],
+          learning_rate=run["learning_rate"], seed=run["seed"])
+      converted = _legacy_run(
+          sweep.config_settings(config), run, converted_from,
+          [{"epoch": i + 1, "test_accuracy": a}
+           for i, a in enumerate(r["curve"])])
+      long_store.put(converted)
+      long_key = converted.key
+      continue
+    if r["method"] in by_label:
+      method = by_label[r["method"]]
+      label, optimizer, kwargs = method.label, method.optimizer, dict(
+          method.kwargs)
+      declared = grid(method, batch_size).describe()
+    else:
+      label, optimizer, kwargs = controls_by_label[r["method"]]
+      declared = untuned(r["learning_rate"]).describe()
+    config = method_config(base, optimizer, batch_size, kwargs)
+    runs = r["runs"] + r.get("seed_runs", [])
+    # Old "curves": the test accuracy per epoch of the pick's seeds.
+    curves = dict(zip((run["seed"] for run in runs
+                       if run["learning_rate"] == (r["best"] or {}).get(
+                           "learning_rate") and not run["diverged"]),
+                      r.get("curves", [])))
+    for run in runs:
+      settings = sweep.config_settings(dataclasses.replace(
+          config, learning_rate=run["learning_rate"], seed=run["seed"]))
+      curve = run.get("history") or [
+          {"epoch": i + 1, "test_accuracy": a}
+          for i, a in enumerate(curves.get(run["seed"], []))]
+      store.put(_legacy_run(settings, run, converted_from, curve))
+    tried = [run["learning_rate"] for run in r["runs"]
+             if run["seed"] == base.seed]
+    initial = declared["axes"]["learning_rate"]
+    search = sweep.Recorded(
+        declared, [{"learning_rate": lr} for lr in initial + sorted(
+            set(tried) - set(initial))],
+        extended=[{"learning_rate": lr} for lr in tried if lr not in initial])
+    result = contender(base, stored, label, optimizer, kwargs, batch_size,
+                       search, seeds)
+    if r["method"] in by_label:
+      searches[f"{label} B={batch_size}"] = search
+      tuned.append(result)
+    else:
+      controls.append({**result, "untuned": True})
+  sizes = re.match(r"MNIST-1D: (\d+) train \+ (\d+) validation / (\d+) "
+                   r"test", old["data"]).groups()
+  data = {"line": old["data"], "epochs": base.epochs,
+          **dict(zip(("num_train", "num_val", "num_test"), map(int, sizes)))}
+  legacy_parts = []
+  for part in parts:
+    payload = json.loads(part.read_text())
+    legacy_parts.append({
+        "command": payload["command"], "wall_time_s": payload["wall_time_s"],
+        "load_average_start": payload["load_average_start"],
+        "load_average_end": payload["load_average_end"],
+        "converted_from": f"{part.relative_to(old_path.parent)}@"
+                          f"{_git_commit(part)}"})
+  record = results(
+      base=base, data=data, tuned=tuned, controls=controls,
+      curve=curve_record(store, long_store, tuned, long_key),
+      searches=searches, command=old["command"], machine=old["machine"],
+      converted_from=converted_from, parts=legacy_parts)
+  record["code_version"] = LEGACY_CODE_VERSION
+  _common.write_json(out / "small_batch.json", record)
+  return record
 
 
 if __name__ == "__main__":

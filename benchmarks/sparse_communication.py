@@ -1,8 +1,7 @@
 """GMC and DGC sparse communication against dense momentum SGD, 8 workers.
 
-Trains an MNIST-1D MLP of 222,218 parameters (hidden 512, 384; `--hidden`)
-with the shared harness (`sngm_optax.harness.train`) on 8 simulated CPU
-devices, each holding one eighth of the global batch:
+Trains an MNIST-1D MLP (hidden 512, 384; `--hidden`) with the shared harness
+on 8 simulated CPU devices, each holding one eighth of the global batch:
 
 - `msgd`: dense data-parallel momentum SGD (gradients averaged with an
   all-reduce, 4·d bytes per worker per step);
@@ -14,39 +13,43 @@ devices, each holding one eighth of the global batch:
   each worker sends its k = density·d largest entries as (int32 index,
   float32 value) pairs, 8·k bytes per step.
 
-Tuning, the same budget for every contender: the learning-rate grid `--lrs`
-(peak of a 1-epoch warmup + cosine decay; momentum 0.9; weight decay 1e-4 on
-kernels) on the first seed, extended by a factor 2 past an edge that wins
-(up to `--grid-extensions` points); the best peak (final accuracy on a
-validation split, 10 % of the training set, never on the test set) is
-then run on the other seeds, and the table reports the mean ± sd over all `--seeds`
-at that peak (the first seed's run took part in the pick). Every run is in
-the JSON.
+On the experiment engine (`sngm_optax.harness.sweep`), the same budget for
+every contender: a `sweep.Grid` over the peak learning rate `--lrs` (of a
+1-epoch warm-up + cosine decay; momentum 0.9; weight decay 1e-4 on kernels)
+on the first seed, extended past an edge pick by the grid's own ratio, at
+most `--grid-extensions` points (the trial budget is `len(--lrs)` plus
+that, recorded in the JSON); `sweep.tune` picks on a validation split (10 %
+of the training set, never the test set; a diverged or collapsed run is
+never picked) and reruns the pick on the other `--seeds`. Every run is kept
+in the run store `<--out>_runs.jsonl`, so a stopped run resumes.
 
-Time per step: measured after the first epoch (compilation), including the
-short per-epoch evaluation; the median over a contender's runs. The
+Time per step: a run's `run_time_s` (compilation kept apart in
+`compile_time_s`) over its steps, the median over a contender's runs. The
 simulated devices share one host's memory: there is no network, so it
 measures compute (top-k selection, all-gather, scatter-add), not the
 communication that the byte counts would save on a real cluster.
 
-Bytes: one worker's message per step, from `bytes_sent` in the optimizer
-state: after the warm-up (`final`) and the mean over all steps of the run
-(`mean`, larger with warm-up), against 4·d for the dense gradient. With
-16-bit values (`value_dtype='bfloat16'`) each entry costs 6 bytes, not 8
-(the column "16-bit"; the runs themselves send float32 values).
+Bytes: one worker's message per step (`bytes_sent_per_step` in each run's
+`extra`): after the warm-up and the mean over all steps of the run (larger
+with warm-up), against 4·d for the dense gradient. With 16-bit values
+(`value_dtype='bfloat16'`) each entry costs 6 bytes, not 8 (the runs
+themselves send float32 values).
 
   python benchmarks/sparse_communication.py          # see benchmarks/README.md
   python benchmarks/sparse_communication.py --quick  # a smoke test
+  python benchmarks/sparse_communication.py --convert-legacy OLD_JSON --out X
 
-Writes benchmarks/results/sparse_communication.json (after every run; a
-restarted run resumes from it unless `--fresh`) and .png.
+Writes <--out>.json (`sweep.results_record`; after every contender), its run
+store and <--out>.png, and prints the table.
 """
 
 import argparse
+import dataclasses
 import json
-import os
 import pathlib
-import time
+import statistics
+import subprocess
+import types
 
 import _common
 
@@ -54,18 +57,20 @@ import _common
 _common.force_host_devices(8)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+
+import report  # noqa: E402
 
 from sngm_optax.harness import config as config_lib  # noqa: E402
 from sngm_optax.harness import data  # noqa: E402
 from sngm_optax.harness import models  # noqa: E402
-from sngm_optax.harness import steps as steps_lib  # noqa: E402
-from sngm_optax.harness import train  # noqa: E402
+from sngm_optax.harness import sweep  # noqa: E402
 
 NUM_WORKERS = 8
 VAL_FRACTION = 0.1  # the learning rate is picked on it
 # Run order: the most compressed first, in case the time runs out.
 DENSITIES = (0.001, 0.01, 0.005)
+CLAIM = ("GMC and DGC send ~100x fewer bytes per step than dense momentum "
+         "SGD without losing accuracy, and GMC is at least as accurate as DGC")
 
 
 def contenders():
@@ -79,72 +84,117 @@ def contenders():
   return rows
 
 
-def step_time(history):
-  """Seconds per step after the first epoch (which includes compilation)."""
-  first, last = history[0], history[-1]
-  if last["steps"] == first["steps"]:
-    return float("nan")
-  return ((last["wall_time_s"] - first["wall_time_s"])
-          / (last["steps"] - first["steps"]))
+def contender_config(args, num_train: int, contender) -> config_lib.Config:
+  """The contender's `Config`, but for the learning rate and seed.
 
-
-def run_one(args, dataset, contender, lr, seed):
-  """Trains one contender at one peak learning rate and seed: a JSON row."""
-  label, name, density, warm_up = contender
+  `num_train` is the dataset's training set before the validation split.
+  """
+  _, name, density, warm_up = contender
   kwargs = {}
   if density is not None:
     kwargs["density"] = density
     if warm_up:
       kwargs["density_warmup_steps"] = round(
-          args.density_warmup_epochs * (1 - VAL_FRACTION) * dataset.num_train
+          args.density_warmup_epochs * (1 - VAL_FRACTION) * num_train
           / args.batch_size)
-  config = config_lib.Config(
-      optimizer=name, learning_rate=lr, model="mlp",
-      model_kwargs=args.model_kwargs,
-      optimizer_kwargs=kwargs, batch_size=args.batch_size,
-      epochs=args.epochs, seed=seed, num_devices=NUM_WORKERS,
+  return config_lib.Config(
+      optimizer=name, model="mlp", model_kwargs=args.model_kwargs,
+      optimizer_kwargs=kwargs,
+      num_samples=args.num_samples, batch_size=args.batch_size,
+      epochs=args.epochs, seed=args.seeds[0], num_devices=NUM_WORKERS,
       warmup_epochs=1.0, weight_decay=1e-4, val_fraction=VAL_FRACTION)
-  row = {"label": label, "optimizer": name, "density": density,
-         "warm_up": warm_up, "learning_rate": lr, "seed": seed}
-  load_before = os.getloadavg()[0]
-  try:
-    result = train.train_and_evaluate(config, dataset=dataset, quiet=True)
-  except steps_lib.NonFiniteLossError as error:
-    print(f"{label} lr={lr:g} seed={seed}: {error}")
-    return {**row, "diverged": True, "test_accuracy": 0.0,
-            "val_accuracy": 0.0,
-            "step_time_s": float("nan"), "history": []}
-  return {
-      **row,
-      "test_accuracy": result["final"]["test_accuracy"],
-      "val_accuracy": result["final"]["val_accuracy"],
-      "train_loss": result["final"]["train_loss"],
-      "steps": result["steps"],
-      "bytes_sent_per_step": result.get("bytes_sent_per_step"),
-      "bytes_sent_mean_per_step": result.get("bytes_sent_mean_per_step"),
-      "step_time_s": step_time(result["history"]),
-      "wall_time_s": result["wall_time_s"],
-      "load_average": [load_before, os.getloadavg()[0]],
-      "history": [{k: h[k] for k in ("epoch", "test_accuracy", "train_loss")}
-                  for h in result["history"]],
-  }
 
 
-def tried_learning_rates(runs, label, seed):
-  return [r["learning_rate"] for r in runs
-          if r["label"] == label and r["seed"] == seed]
+def budget(args) -> dict:
+  """What every run of the store shares."""
+  return {"benchmark": "sparse_communication",
+          "num_samples": args.num_samples, "batch_size": args.batch_size,
+          "epochs": args.epochs, "model": "mlp",
+          "model_kwargs": args.model_kwargs,
+          "density_warmup_epochs": args.density_warmup_epochs,
+          "num_devices": NUM_WORKERS, "val_fraction": VAL_FRACTION,
+          "warmup_epochs": 1.0, "weight_decay": 1e-4}
 
 
-def best_learning_rate(runs, label, seed):
-  """The grid's best peak for `label` on the tuning `seed` (validation
-  accuracy), or None."""
-  tuned = [r for r in runs if r["label"] == label and r["seed"] == seed]
-  if not tuned:
+def grid(args) -> sweep.Grid:
+  return sweep.Grid({"learning_rate": list(args.lrs)},
+                    max_extensions=args.grid_extensions,
+                    trial_budget=len(args.lrs) + args.grid_extensions)
+
+
+def store_path(out: pathlib.Path) -> pathlib.Path:
+  return out.with_name(out.name + "_runs.jsonl")
+
+
+def described(result: dict, contender, store: sweep.RunStore) -> dict:
+  """A `tune` result with the contender's fields, its bytes per step (of
+  the pick's first run) and its median time per step (`run_time_s` over
+  steps, over its ok runs)."""
+  _, name, density, warm_up = contender
+  runs = {run.key: run for run in store}
+  mine = [runs[t["key"]] for t in result["trials"]] + [
+      runs[s["key"]] for s in result["seeds"]]
+  times = [run.run_time_s / run.final["steps"] for run in mine
+           if run.ok and run.final.get("steps")]
+  pick = runs[result["pick"]["key"]] if result["pick"] else None
+  return {**result, "optimizer": name, "density": density,
+          "warm_up": warm_up,
+          "bytes_sent_per_step": pick and pick.extra.get("bytes_sent_per_step"),
+          "bytes_sent_mean_per_step": pick and pick.extra.get(
+              "bytes_sent_mean_per_step"),
+          "ms_per_step": 1e3 * statistics.median(times) if times else None,
+          "steps": sorted({run.final["steps"] for run in mine if run.ok})}
+
+
+def plateau(store: sweep.RunStore, tuned: list[dict]) -> dict | None:
+  """Dense momentum SGD's test accuracy at 75 % and 100 % of its epochs,
+  the mean over the seeds of its pick."""
+  dense = next((r for r in tuned if r["optimizer"] == "msgd" and r["pick"]),
+               None)
+  if dense is None:
     return None
-  return max(tuned, key=lambda r: r["val_accuracy"])["learning_rate"]
+  runs = {run.key: run for run in store}
+  curves = [[h["test_accuracy"] for h in runs[s["key"]].curve]
+            for s in dense["seeds"] if s["status"] == sweep.OK]
+  if not curves or not all(curves):
+    return None
+  mean = [statistics.fmean(column) for column in zip(*curves)]
+  return {"at_75_percent": mean[int(0.75 * (len(mean) - 1))],
+          "final": mean[-1], "runs": len(curves), "epochs": len(mean)}
 
 
-def main():
+def num_params(model_kwargs: dict, dataset) -> int:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  network = models.make_model("mlp", dataset.num_classes, **model_kwargs)
+  params = network.init(jax.random.key(0), jnp.asarray(dataset.x[:1]))
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def data_fields(dataset) -> dict:
+  num_val = max(1, round(VAL_FRACTION * dataset.num_train))
+  return {"num_train": dataset.num_train - num_val, "num_val": num_val,
+          "num_test": dataset.num_test}
+
+
+def results(*, args, tuned, store, d, data_split, command, machine,
+            skipped=(), **fields) -> dict:
+  return sweep.results_record(
+      "sparse_communication", claim=CLAIM, command=command, machine=machine,
+      budget=budget(args), contenders=tuned,
+      trial_budget=sweep.check_same_budget(
+          {c[0]: grid(args) for c in contenders()}),
+      workers=f"{NUM_WORKERS} simulated XLA CPU devices (no network)",
+      num_params=d, dense_bytes=4 * d, data=data_split,
+      seeds=list(args.seeds), lrs=list(args.lrs),
+      grid_extensions=args.grid_extensions,
+      density_warmup_epochs=args.density_warmup_epochs,
+      plateau=plateau(store, tuned), num_runs=len(store),
+      collapsed_runs=sweep.count_collapsed(store),
+      run_time_s=sum(run.run_time_s + run.compile_time_s for run in store),
+      runs=store.path.name, skipped=list(skipped), **fields)
+
+
+def parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--num-samples", type=int, default=10_000)
@@ -160,11 +210,22 @@ def main():
                       default=str(_common.RESULTS / "sparse_communication"),
                       help="path of the results without .json / .png")
   parser.add_argument("--fresh", action="store_true",
-                      help="discard the runs already in the output JSON")
+                      help="discard the runs already in the run store")
   parser.add_argument("--only", nargs="+", default=None,
                       help="train only these contenders (labels, e.g. msgd "
                       "'gmc 0.5%% warm-up'), e.g. for a pilot")
-  args = parser.parse_args()
+  parser.add_argument("--convert-legacy", type=pathlib.Path, default=None,
+                      metavar="OLD_JSON",
+                      help="convert a JSON written before the engine (this "
+                      "script's, or compression.py's) into --out")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse(argv)
+  if args.convert_legacy:
+    convert_legacy(args.convert_legacy, pathlib.Path(args.out))
+    return
   if args.quick:
     args.num_samples, args.epochs, args.lrs, args.seeds = 2_000, 2, [0.1], [0]
     args.density_warmup_epochs = 1
@@ -173,191 +234,210 @@ def main():
   assert jax.local_device_count() >= NUM_WORKERS, jax.devices()
   dataset = data.load_mnist1d(args.num_samples)
   out = pathlib.Path(args.out)
-  runs = []
-  if not args.fresh and out.with_suffix(".json").exists():
-    runs.extend(json.loads(out.with_suffix(".json").read_text())["runs"])
-  payload = {
-      "command": _common.command_line(
-          args, exclude=("quick", "out", "fresh", "model_kwargs")),
-      "machine": _common.machine_description(),
-      "workers": f"{NUM_WORKERS} simulated XLA CPU devices (no network)",
-      "jax": jax.__version__,
-      "settings": vars(args),
-      "runs": runs,
-  }
-  start = time.perf_counter()
+  if args.fresh:
+    store_path(out).unlink(missing_ok=True)
+  store = sweep.RunStore(store_path(out), budget(args))
+  d = num_params(args.model_kwargs, dataset)
+  command = _common.command_line(
+      args, exclude=("quick", "out", "fresh", "model_kwargs",
+                     "convert_legacy"))
+  tuned = []
 
-  def record(contender, lr, seed):
-    if any(r["label"] == contender[0] and r["learning_rate"] == lr
-           and r["seed"] == seed for r in runs):
-      return
-    run = run_one(args, dataset, contender, lr, seed)
-    runs.append(run)
-    print(f"{run['label']:20s} lr={lr:g} seed={seed}: test acc "
-          f"{run['test_accuracy']:.4f}, bytes/step "
-          f"{run.get('bytes_sent_per_step')}, "
-          f"{run['step_time_s'] * 1e3:.1f} ms/step "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    payload["elapsed_s"] = time.perf_counter() - start
-    payload["summary"] = summarize(runs, args, dataset)
-    _common.write_json(out.with_suffix(".json"), payload)
+  def write():
+    record = results(args=args, tuned=tuned, store=store, d=d,
+                     data_split=data_fields(dataset), command=command,
+                     machine=_common.machine_description(), jax=jax.__version__)
+    _common.write_json(out.with_suffix(".json"), record)
+    return record
 
-  tune_seed = args.seeds[0]
   # Contender by contender, so that its compiled step is reused (the peak
   # learning rate is a value in the optimizer state).
   for contender in contenders():
     if args.only is not None and contender[0] not in args.only:
       continue
-    for lr in args.lrs:  # the grid, on the tuning seed
-      record(contender, lr, tune_seed)
-    # A pick on the grid's edge: one more point past it (x2 or /2), twice at
-    # most, so that no pick sits on an edge of what was tried.
-    for _ in range(args.grid_extensions):
-      tried = sorted(tried_learning_rates(runs, contender[0], tune_seed))
-      best = best_learning_rate(runs, contender[0], tune_seed)
-      if best not in (tried[0], tried[-1]):
-        break
-      record(contender, best * 2 if best == tried[-1] else best / 2,
-             tune_seed)
-    for seed in args.seeds[1:]:  # the other seeds, at the pick
-      record(contender, best_learning_rate(runs, contender[0], tune_seed),
-             seed)
-  payload["summary"] = summarize(runs, args, dataset)
-  _common.write_json(out.with_suffix(".json"), payload)
-  print_table(payload["summary"])
-  plot(payload, out.with_suffix(".png"))
+    config = contender_config(args, dataset.num_train, contender)
+    result = sweep.tune(contender[0],
+                        sweep.harness_trainer(store, config, dataset),
+                        grid(args), seeds=args.seeds)
+    tuned.append(described(result, contender, store))
+    print(f"{contender[0]:20s} {report.sparse_cell(tuned[-1])}", flush=True)
+    write()
+  record = write()
+  print("\n" + report.sparse_table(record))
+  plot(record, store, out.with_suffix(".png"))
 
 
-def _num_params(args, dataset):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  network = models.make_model("mlp", dataset.num_classes,
-                              **args.model_kwargs)
-  params = network.init(jax.random.key(0), jnp.asarray(dataset.x[:1]))
-  return sum(x.size for x in jax.tree.leaves(params))
-
-
-def summarize(runs, args, dataset):
-  """Per contender: the pick, accuracy over seeds, bytes and time."""
-  d = _num_params(args, dataset)
-  dense = 4 * d
-  rows = []
-  for label, name, density, warm_up in contenders():
-    best_lr = best_learning_rate(runs, label, args.seeds[0])
-    if best_lr is None:
-      continue
-    picked = [r for r in runs
-              if r["label"] == label and r["learning_rate"] == best_lr]
-    accuracies = [r["test_accuracy"] for r in picked]
-    final = picked[0].get("bytes_sent_per_step") or dense
-    mean = picked[0].get("bytes_sent_mean_per_step") or dense
-    times = [r["step_time_s"] for r in runs if r["label"] == label]
-    rows.append({
-        "method": label, "optimizer": name, "density": density,
-        "warm_up": warm_up, "best_learning_rate": best_lr,
-        "pick_on_grid_edge": best_lr in (
-            min(tried_learning_rates(runs, label, args.seeds[0])),
-            max(tried_learning_rates(runs, label, args.seeds[0]))),
-        "tuning_val_accuracy_per_lr": {
-            str(r["learning_rate"]): r["val_accuracy"] for r in runs
-            if r["label"] == label and r["seed"] == args.seeds[0]},
-        "test_accuracy": float(np.mean(accuracies)),
-        "test_accuracy_sd": float(np.std(accuracies, ddof=1))
-                            if len(accuracies) > 1 else float("nan"),
-        "seeds": len(accuracies),
-        "bytes_per_step": final, "bytes_per_step_mean": mean,
-        "bytes_per_step_16bit": final if density is None else final * 6 / 8,
-        "dense_bytes": dense, "reduction": dense / final,
-        "reduction_mean": dense / mean,
-        "step_time_ms": float(np.nanmedian(times)) * 1e3,
-    })
-  rows.sort(key=lambda r: (r["density"] is not None, -(r["density"] or 0),
-                           r["warm_up"]))
-  dense_rows = [r for r in rows if r["optimizer"] == "msgd"]
-  for row in rows:
-    if dense_rows:
-      base = dense_rows[0]
-      row["vs_dense_points"] = 100 * (row["test_accuracy"]
-                                      - base["test_accuracy"])
-      row["step_time_vs_msgd"] = row["step_time_ms"] / base["step_time_ms"]
-  return {"num_params": d, "rows": rows,
-          "plateau": _plateau(runs, args.seeds[0])}
-
-
-def _plateau(runs, seed):
-  """Dense momentum SGD's test accuracy at 75 % and 100 % of its epochs.
-
-  The mean over the seeds at its picked learning rate.
-  """
-  best_lr = best_learning_rate(runs, "msgd", seed)
-  dense = [r for r in runs if r["label"] == "msgd" and r.get("history")
-           and r["learning_rate"] == best_lr]
-  if not dense:
-    return None
-  curves = np.array([[h["test_accuracy"] for h in r["history"]]
-                     for r in dense])
-  mean = curves.mean(0)
-  return {"at_75_percent": float(mean[int(0.75 * (len(mean) - 1))]),
-          "final": float(mean[-1]), "runs": len(dense)}
-
-
-def print_table(summary):
-  print(f"\nd = {summary['num_params']} parameters; dense momentum SGD "
-        f"plateau: {summary['plateau']}")
-  table = [[row["method"], f"{row['best_learning_rate']:g}"
-            + (" (edge)" if row["pick_on_grid_edge"] else ""),
-            f"{row['test_accuracy']:.4f} ± {row['test_accuracy_sd']:.4f}",
-            f"{row.get('vs_dense_points', 0):+.1f}",
-            f"{row['bytes_per_step']:,.0f} ({row['reduction']:.0f}×)",
-            f"{row['bytes_per_step_mean']:,.0f} ({row['reduction_mean']:.0f}×)",
-            f"{row['bytes_per_step_16bit']:,.0f}",
-            f"{row['step_time_ms']:.1f}",
-            f"{row.get('step_time_vs_msgd', float('nan')):.2f}"]
-           for row in summary["rows"]]
-  print(_common.markdown_table(
-      ["method", "peak LR", f"test acc. (mean ± sd, {summary['rows'][0]['seeds']}"
-       " seeds)", "vs dense (points)", "bytes/step/worker, final (less)",
-       "mean over run (less)", "16-bit values", "ms/step", "time vs msgd"],
-      table, align="llrrrrrrr"))
-
-
-def plot(payload, path):
+def plot(record: dict, store: sweep.RunStore, path: pathlib.Path) -> None:
   plt = _common.pyplot()
   if plt is None:
     return
-  rows = payload["summary"]["rows"]
+  rows = [r for r in record["contenders"] if r["summary"]]
+  runs = {run.key: run for run in store}
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   colors = {"gmc": "tab:blue", "dgc": "tab:orange", "msgd": "black"}
   for row in rows:
     marker = "o" if row["warm_up"] else "s"
-    left.errorbar(row["bytes_per_step"], row["test_accuracy"],
-                  yerr=row["test_accuracy_sd"], fmt=marker,
-                  color=colors[row["optimizer"]],
+    left.errorbar(row["bytes_sent_per_step"] or record["dense_bytes"],
+                  row["summary"]["mean"], yerr=row["summary"]["sd"],
+                  fmt=marker, color=colors[row["optimizer"]],
                   mfc=colors[row["optimizer"]] if row["warm_up"] else "none",
-                  label=row["method"] if row["density"] in (None, 0.001)
+                  label=row["name"] if row["density"] in (None, 0.001)
                   else None, capsize=3)
   left.set_xscale("log")
   left.set_xlabel("bytes sent per worker per step (after warm-up)")
   left.set_ylabel("final test accuracy (mean ± sd over seeds)")
-  left.set_title(f"MNIST-1D MLP, d = {payload['summary']['num_params']:,}, "
-                 "8 workers")
+  left.set_title(f"MNIST-1D MLP, d = {record['num_params']:,}, "
+                 f"{NUM_WORKERS} workers")
   left.legend(fontsize=8, title="filled: warm-up", title_fontsize=8)
   for row in rows:
-    if row["density"] not in (None, 0.001):
+    if row["density"] not in (None, min(DENSITIES)):
       continue
-    picked = [r for r in payload["runs"] if r["label"] == row["method"]
-              and r["learning_rate"] == row["best_learning_rate"]
-              and r.get("history")]
-    curves = np.array([[h["test_accuracy"] for h in r["history"]]
-                       for r in picked])
-    epochs = [h["epoch"] for h in picked[0]["history"]]
-    right.plot(epochs, curves.mean(0), color=colors[row["optimizer"]],
+    curves = [[h["test_accuracy"] for h in runs[s["key"]].curve]
+              for s in row["seeds"] if s["status"] == sweep.OK]
+    if not curves or not curves[0]:
+      continue
+    epochs = [h["epoch"] for h in runs[row["seeds"][0]["key"]].curve]
+    mean = [statistics.fmean(column) for column in zip(*curves)]
+    right.plot(epochs, mean, color=colors[row["optimizer"]],
                ls="-" if row["warm_up"] or row["density"] is None else "--",
-               label=row["method"])
+               label=row["name"])
   right.set_xlabel("epoch")
   right.set_ylabel("test accuracy (mean over seeds)")
-  right.set_title("learning curves at 0.1 % density")
+  right.set_title(f"learning curves at {min(DENSITIES):.1%} density")
   right.legend(fontsize=8)
   _common.save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Converting the JSON written before the engine (kept in git history).
+
+# The code that ran each committed file (benchmarks/README.md says so for the
+# batch-256 run; the others ran at their own commit).
+LEGACY_CODE_VERSIONS = {"sparse_communication_b256.json": "eceeb31"}
+
+
+def _git_commit(path: pathlib.Path) -> str:
+  """The last commit of `path` ("uncommitted" outside git)."""
+  found = subprocess.run(["git", "log", "--format=%h", "-1", "--",
+                          path.name], cwd=path.parent, capture_output=True,
+                         text=True, check=False).stdout.strip()
+  return found or "uncommitted"
+
+
+def _legacy_run(settings, old, code_version, converted_from) -> sweep.Run:
+  extra = {"converted_from": converted_from,
+           "bytes_sent_per_step": old.get("bytes_sent_per_step"),
+           "bytes_sent_mean_per_step": old.get("bytes_sent_mean_per_step"),
+           "load_average": old.get("load_average")}
+  if old.get("diverged"):
+    return sweep.Run.diverged(settings, "non-finite loss (old record)",
+                              code_version=code_version, extra=extra)
+  wall, steps = old["wall_time_s"], old["steps"]
+  # The old per-step time was measured after the first epoch (which
+  # includes compilation): the rest of the wall time counts as compilation.
+  run_time = min(wall, old["step_time_s"] * steps)
+  extra["note"] = ("compile_time_s estimated as the wall time minus steps x "
+                   "the per-step time measured after the first epoch")
+  final = {k: old[k] for k in ("val_accuracy", "test_accuracy", "train_loss",
+                               "steps") if k in old}
+  return sweep.Run.finished(
+      settings, final, num_classes=10, curve=old.get("history", []),
+      run_time_s=run_time, compile_time_s=wall - run_time,
+      code_version=code_version, extra=extra)
+
+
+def _compression_config(args, num_train, contender) -> config_lib.Config:
+  """What the first version of this script (compression.py) trained."""
+  del num_train  # no warm-up
+  _, name, density, _ = contender
+  return config_lib.Config(
+      optimizer=name, model="mlp", model_kwargs=args.model_kwargs,
+      optimizer_kwargs={} if density is None else {"density": density},
+      num_samples=args.num_samples, batch_size=args.batch_size,
+      epochs=args.epochs, seed=args.seeds[0], num_devices=NUM_WORKERS,
+      warmup_epochs=1.0)
+
+
+def convert_legacy(old_path: pathlib.Path, out: pathlib.Path) -> dict:
+  """Converts a pre-engine results JSON into `out`.json and its run store.
+
+  Every old run becomes a `sweep.Run` (status by the engine's rule: a run
+  at chance is collapsed); each contender's search is replayed through
+  `sweep.tune` with a `sweep.Recorded` search over the learning rates it
+  tried on the first seed, so the picks are the engine's. A file without
+  validation accuracies (picked on the test set) is replayed on the test
+  accuracy, as it was picked. `compression.json` (this script's first
+  version: every learning rate on every seed, no warm-up, no validation
+  split) is converted the same way.
+  """
+  old = json.loads(old_path.read_text())
+  converted_from = f"{old_path.name}@{_git_commit(old_path)}"
+  code_version = LEGACY_CODE_VERSIONS.get(old_path.name,
+                                          _git_commit(old_path))
+  settings = old["settings"]
+  compression = "label" not in old["runs"][0]
+  args = types.SimpleNamespace(
+      num_samples=settings["num_samples"], batch_size=settings["batch_size"],
+      epochs=settings["epochs"], lrs=settings["lrs"],
+      grid_extensions=settings.get("grid_extensions", 0),
+      seeds=settings["seeds"],
+      density_warmup_epochs=settings.get("density_warmup_epochs", 0),
+      model_kwargs={"hidden_sizes": list(settings["hidden"])})
+  make_config = _compression_config if compression else contender_config
+  num_train = data.load_mnist1d(args.num_samples).num_train
+  labels = {}
+  for run in old["runs"]:
+    if compression:
+      run = {**run, "warm_up": False, "label": run["optimizer"] + (
+          "" if run["density"] is None else f" {run['density']:.1%}")}
+    labels.setdefault(run["label"], []).append(run)
+  store_path(out).unlink(missing_ok=True)
+  run_budget = budget(args)
+  if compression:
+    run_budget.update(benchmark="compression", val_fraction=0.0,
+                      density_warmup_epochs=None)
+  store = sweep.RunStore(store_path(out), run_budget)
+  objective = ("val_accuracy" if "val_accuracy" in old["runs"][0]
+               else "test_accuracy")
+  tuned = []
+  for label, runs in labels.items():
+    first = runs[0]
+    contender = (label, first["optimizer"], first["density"],
+                 first["warm_up"])
+    config = make_config(args, num_train, contender)
+    for run in runs:
+      store.put(_legacy_run(sweep.config_settings(dataclasses.replace(
+          config, learning_rate=run["learning_rate"], seed=run["seed"])),
+                            run, code_version, converted_from))
+    tried = [run["learning_rate"] for run in runs
+             if run["seed"] == args.seeds[0]]
+    search = sweep.Recorded(
+        grid(args).describe(), [{"learning_rate": lr} for lr in tried],
+        extended=[{"learning_rate": lr} for lr in tried
+                  if lr not in args.lrs])
+    result = sweep.tune(label, sweep.stored_trainer(store, config), search,
+                        seeds=args.seeds, objective=objective)
+    tuned.append(described(result, contender, store))
+  order = [c[0] for c in contenders()]
+  tuned.sort(key=lambda r: order.index(r["name"]) if r["name"] in order
+             else len(order))
+  num_val = (max(1, round(VAL_FRACTION * num_train))
+             if objective == "val_accuracy" else 0)
+  summary = old["summary"]
+  record = results(
+      args=args, tuned=tuned, store=store, d=summary["num_params"],
+      data_split={"num_train": num_train - num_val, "num_val": num_val,
+                  "num_test": args.num_samples - num_train},
+      command=old["command"], machine=old["machine"] if isinstance(
+          old["machine"], dict) else {"description": old["machine"]},
+      converted_from=converted_from, objective=objective,
+      elapsed_s=old.get("elapsed_s"), note=old.get("note"))
+  record["code_version"] = code_version
+  if compression:
+    record["benchmark"] = "compression"
+    record["budget"] = run_budget
+  _common.write_json(out.with_suffix(".json"), record)
+  return record
 
 
 if __name__ == "__main__":

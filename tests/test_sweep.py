@@ -274,6 +274,27 @@ def test_tune_reruns_the_pick_on_every_seed_and_summarizes_them():
   json.dumps(result)  # a record the reports read back
 
 
+def test_a_recorded_search_replays_its_points_and_never_picks_a_failure():
+  trained = []
+
+  def train(point, seed):
+    trained.append((point["lr"], seed))
+    return _run(point, seed, lambda p: 1.0 - abs(p["lr"] - 0.4),
+                status=sweep.DIVERGED if point["lr"] == 0.4 else None)
+
+  declared = sweep.Grid({"lr": [0.1, 0.2]}, max_extensions=1).describe()
+  search = sweep.Recorded(declared, [{"lr": 0.1}, {"lr": 0.2}, {"lr": 0.4}],
+                          extended=[{"lr": 0.4}])
+  result = sweep.tune("old", train, search, seeds=(0, 1))
+  assert trained == [(0.1, 0), (0.2, 0), (0.4, 0), (0.2, 0), (0.2, 1)]
+  assert result["pick"]["point"] == {"lr": 0.2}
+  assert result["search"]["trial_budget"] == 4
+  assert result["search"]["trials_used"] == 3
+  assert result["search"]["extended"] == [{"lr": 0.4}]
+  assert result["search"]["on_edge"] == []
+  assert result["collapsed"] == 1
+
+
 def test_train_config_records_ok_diverged_and_collapsed_runs():
   dataset = data_lib.generate_mnist1d(1000)
   base = config_lib.Config(model="mlp", optimizer="msgd", batch_size=50,

@@ -541,6 +541,56 @@ class QuasiRandom:
     return _search_result(self.describe(), names, scores, best, [], on_edge)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+  """A search that already ran, replayed: its points in the order trained.
+
+  For converting results written before the engine: `tune` with a
+  `Recorded` search and a `train` that reads the converted runs from a
+  store gives the same result record (and the engine's pick, which never
+  takes a failed run) as a search run today. A pick at the smallest or
+  largest value tried on an axis of 2 or more values is reported in
+  `on_edge`.
+
+  Attributes:
+    described: the declared search space as its `describe()` gave it (the
+      `trial_budget` included).
+    points: every point trained, in order.
+    extended: the values added past an edge, as `Grid` reports them.
+  """
+
+  described: Mapping[str, Any]
+  points: Sequence[Mapping[str, float]]
+  extended: Sequence[Mapping[str, float]] = ()
+
+  def __post_init__(self):
+    if not self.points or "trial_budget" not in self.described:
+      raise ValueError("Recorded needs points and a described trial_budget")
+
+  @property
+  def budget(self) -> int:
+    return self.described["trial_budget"]
+
+  def describe(self) -> dict:
+    return dict(self.described)
+
+  def search(self, score: Callable[[dict], float | None]) -> dict:
+    names = list(self.points[0])
+    scores = {}
+    for point in self.points:
+      values = tuple(point[name] for name in names)
+      if values not in scores:
+        scores[values] = score(dict(point))
+    finished = [p for p, value in scores.items() if value is not None]
+    best = max(finished, key=lambda p: scores[p]) if finished else None
+    tried = [sorted({p[axis] for p in scores}) for axis in range(len(names))]
+    on_edge = [] if best is None else [
+        name for axis, name in enumerate(names) if len(tried[axis]) > 1
+        and best[axis] in (tried[axis][0], tried[axis][-1])]
+    return _search_result(self.describe(), names, scores, best,
+                          [dict(e) for e in self.extended], on_edge)
+
+
 def _search_result(described, names, scores, best, extended,
                    on_edge) -> dict:
   """A search's outcome: the declared space with what it used, every
@@ -554,7 +604,7 @@ def _search_result(described, names, scores, best, extended,
   }
 
 
-Search = Grid | AxisByAxis | QuasiRandom
+Search = Grid | AxisByAxis | QuasiRandom | Recorded
 
 
 def check_same_budget(searches: Mapping[str, Search]) -> int:
@@ -775,6 +825,22 @@ def harness_trainer(store: RunStore, base, dataset, *,
     config = dataclasses.replace(base, seed=seed, **point)
     return store.run(config_settings(config), lambda _: train_config(
         config, dataset, keep_curve=keep_curve))
+
+  return train
+
+
+def stored_trainer(store: RunStore, base) -> Callable[[dict, int], Run]:
+  """`harness_trainer` that never trains: the run of `base` with the point
+  and seed from `store`, KeyError if it lacks it (to replay converted
+  results through `tune`, with a `Recorded` search)."""
+
+  def train(point: dict, seed: int) -> Run:
+    config = dataclasses.replace(base, seed=seed, **point)
+    found = store.get(config_settings(config))
+    if found is None:
+      raise KeyError(f"{store.path or 'the store'} has no run of {point}, "
+                     f"seed {seed}")
+    return found
 
   return train
 
