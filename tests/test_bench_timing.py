@@ -6,13 +6,18 @@ own process; the processes run side by side.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+# The scripts import this checkout's package, not whichever one is installed.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
 TOP_LEVEL = ("schema", "benchmark", "claim", "code_version", "command",
              "machine", "budget", "trial_budget", "spread_rule", "contenders")
 
@@ -49,7 +54,7 @@ def results(tmp_path_factory):
     target = str(path) if name == "batch_size_test_cost" else f"{path}.json"
     processes[name] = subprocess.Popen(
         [sys.executable, str(BENCHMARKS / script), *args, "--out", target],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
   written = {}
   for name, process in processes.items():
     output, _ = process.communicate(timeout=300)
@@ -77,7 +82,28 @@ def test_the_accelerator_summary_reads_what_the_scripts_wrote(results):
   out, _ = results
   summary = subprocess.run(
       [sys.executable, str(BENCHMARKS / "accelerator_summary.py"), str(out)],
-      capture_output=True, text=True, timeout=60, check=True)
+      capture_output=True, text=True, timeout=60, check=True, env=ENV)
   assert "## Update cost on the large trees" in summary.stdout
   assert "## Harness step throughput" in summary.stdout
   assert (out / "summary.md").exists()
+
+
+def test_a_legacy_timing_json_keeps_its_measurements():
+  sys.path.insert(0, str(BENCHMARKS))
+  import _common  # pylint: disable=import-outside-toplevel
+  old = {"machine": "cpu (cpu), ", "cpu_count": 2, "load_average": [1, 2, 3],
+         "jax": "0.1", "repeats": 9, "steps": 5,
+         "rows": [{"optimizer": "sngm", "step_ms": 1.5}]}
+  record = _common.legacy_timing_record(
+      old, benchmark="step_throughput", claim="c", command="python x.py",
+      budget_keys=("repeats", "steps"), code_version="abc1234",
+      converted_from="benchmarks/results/x.json@def5678",
+      contenders=["sngm"])
+  assert tuple(record)[:len(TOP_LEVEL)] == TOP_LEVEL
+  assert record["code_version"] == "abc1234"
+  assert record["converted_from"] == "benchmarks/results/x.json@def5678"
+  assert record["budget"] == {"repeats": 9, "steps": 5}
+  assert record["machine"] == {"description": "cpu (cpu), ", "cpu_count": 2,
+                               "jax": "0.1", "load_average_end": [1, 2, 3]}
+  assert record["rows"] == old["rows"]
+  assert "at the end" in _common.load_text(record["machine"])
