@@ -153,9 +153,10 @@ class Timings:
   wall: dict[str, list[float]]
   cpu: dict[str, list[float]]
 
-  def medians(self) -> dict[str, float]:
-    """Median wall seconds per call of each contender."""
-    return {name: statistics.median(times) for name, times in self.wall.items()}
+  def medians(self, cpu: bool = False) -> dict[str, float]:
+    """Median wall (or, with `cpu`, CPU) seconds per call of each contender."""
+    times = self.cpu if cpu else self.wall
+    return {name: statistics.median(values) for name, values in times.items()}
 
   def ratios(self, name: str, baseline: str, cpu: bool = False) -> list[float]:
     """`name`'s time over `baseline`'s of the same round, for each round."""
@@ -205,6 +206,100 @@ def time_interleaved(functions: Mapping[str, Callable[[], Any]], repeats: int,
 
 # ----------------------------------------------------------------------------
 # Results: JSON, PNG, Markdown.
+
+
+def timing_record(benchmark: str, *, claim: str, command: str,
+                  machine: Mapping[str, Any], budget: Mapping[str, Any],
+                  contenders: Sequence[str] = (), **measurements) -> dict:
+  """The results JSON of a timing benchmark: the engine's common top level
+  (`sweep.results_record`: no search, so `trial_budget=None`) plus its
+  measurements.
+
+  Args:
+    benchmark: the script's name, as in `benchmarks/results/<name>.json`.
+    claim: what the timings are to show.
+    command: the command that ran (`command_line(args)`).
+    machine: `machine_description()` taken before the first timing; the
+      load average now is added to it as `load_average_end`.
+    budget: the sizes and repeats measured.
+    contenders: the names of what was timed (`{"name": ...}` each).
+    **measurements: the benchmark's own fields (its `rows`, ...).
+  """
+  from sngm_optax.harness import sweep  # pylint: disable=import-outside-toplevel
+  machine = dict(machine, load_average_end=list(os.getloadavg()))
+  return sweep.results_record(
+      benchmark, claim=claim, command=command, machine=machine,
+      budget=budget, contenders=[{"name": name} for name in contenders],
+      trial_budget=None, **measurements)
+
+
+def legacy_timing_record(old: Mapping[str, Any], *, benchmark: str,
+                         claim: str, command: str, budget_keys: Sequence[str],
+                         code_version: str, converted_from: str,
+                         contenders: Sequence[str] = (),
+                         machine_at_end: bool = True) -> dict:
+  """A timing JSON written before the engine, in `timing_record`'s form.
+
+  The measurements are kept as they were; `code_version` is the commit that
+  produced the old file, and `converted_from` names it (`path@commit`).
+
+  Args:
+    old: the old file's payload.
+    benchmark, claim, command, contenders: as in `timing_record` (`command`
+      as the old file or benchmarks/README.md recorded it).
+    budget_keys: the old top-level fields that are the budget (sizes,
+      repeats); they move into `budget`.
+    code_version: the commit the old file was measured at.
+    converted_from: `<old file>@<the commit that committed it>`.
+    machine_at_end: the old script described the machine after its timings,
+      so its load average is the one at the end.
+  """
+  from sngm_optax.harness import sweep  # pylint: disable=import-outside-toplevel
+  old = dict(old)
+  described = old.pop("machine", None)
+  machine = (dict(described) if isinstance(described, Mapping)
+             else {"description": described})
+  for key in ("cpu_count", "jax", "backend"):
+    if key in old:
+      machine.setdefault(key, old.pop(key))
+  if "load_average" in machine and machine_at_end:
+    machine["load_average_end"] = machine.pop("load_average")
+  if "load_average" in old:
+    machine["load_average_end"] = list(old.pop("load_average"))
+  if "load_average_start" in old:
+    machine["load_average"] = list(old.pop("load_average_start"))
+  if "load_average_end" in old:
+    machine["load_average_end"] = list(old.pop("load_average_end"))
+  old.pop("benchmark", None)
+  old.pop("command", None)
+  budget = {key: old.pop(key) for key in budget_keys if key in old}
+  record = sweep.results_record(
+      benchmark, claim=claim, command=command, machine=machine,
+      budget=budget, contenders=[{"name": name} for name in contenders],
+      trial_budget=None, **old)
+  record["code_version"] = code_version
+  record["converted_from"] = converted_from
+  return record
+
+
+def load_text(machine: Mapping[str, Any]) -> str:
+  """The load average (1, 5, 15 min) a timing JSON recorded, as words."""
+  def triple(values):
+    return ", ".join(f"{value:.1f}" for value in values)
+  start, end = machine.get("load_average"), machine.get("load_average_end")
+  if start and end:
+    return (f"load average {triple(start)} at the start, {triple(end)} at "
+            "the end (1, 5, 15 min)")
+  if start or end:
+    return (f"load average {triple(start or end)} (1, 5, 15 min) at the "
+            f"{'start' if start else 'end'}")
+  return "no load average recorded"
+
+
+def times_less(before: float, after: float) -> float:
+  """How many times smaller `after` is than `before` (a cross-run figure,
+  e.g. an overhead before and after a fix)."""
+  return before / after
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:

@@ -67,8 +67,8 @@ def update_cost_section(result: dict, peak: float | None) -> list[str]:
         "n/a" if peak is None else f"{achieved / peak:.0%}"])
   return [
       "## Update cost on the large trees (`update_cost.py`)", "",
-      f"Median of {result['rounds']} rounds of the median of "
-      f"{result['repeats']} calls. *Achieved* is the traffic of an ideal "
+      f"Median of {result['budget']['rounds']} rounds of the median of "
+      f"{result['budget']['repeats']} calls. *Achieved* is the traffic of an ideal "
       "update (ideal passes × parameter bytes) over its measured time; "
       "the copy bandwidth is that of a plain copy measured in the same run.",
       "",
@@ -109,12 +109,12 @@ def step_throughput_section(results: list[dict]) -> list[str]:
   return lines + [""]
 
 
-def large_batch_section(result: dict) -> list[str]:
+def large_batch_section(result: dict, path: pathlib.Path) -> list[str]:
   lines = ["## Short large_batch run (`large_batch.py`)", "",
-           f"`{result['command']}`, {result['wall_time_s'] / 60:.1f} min.", ""]
-  for run in result["results"]:
-    lines += [f"B = {run['preset']['large_batch']}:", "", run["table"], ""]
-  return lines
+           f"`{result['command']}`.", ""]
+  tables = [run["table"] for run in result.get("results", [])
+            if isinstance(run, dict) and "table" in run]
+  return lines + (tables or [f"Results: `{path.name}`."]) + [""]
 
 
 def main() -> None:
@@ -136,7 +136,10 @@ def main() -> None:
     raise SystemExit(f"{args.out}: no results to summarize")
   peak = args.hbm_gb_s or nominal_hbm_gb_s(machine["device_kind"])
   lines = ["# Accelerator check", "",
-           f"Device: {_common.machine_line(machine)}.", "",
+           f"Device: {machine['device_count']} x {machine['device_kind']} "
+           f"({machine['backend']}), {machine['cpu_count']} CPU cores "
+           f"({machine['cpu_model']}), jax {machine['jax']}; "
+           f"{_common.load_text(machine)}.", "",
            "Nominal HBM bandwidth: "
            + ("unknown for this device (pass --hbm-gb-s)" if peak is None
               else f"{peak:.0f} GB/s"), ""]
@@ -145,7 +148,7 @@ def main() -> None:
   if throughputs:
     lines += step_throughput_section(throughputs)
   if large_batch:
-    lines += large_batch_section(large_batch)
+    lines += large_batch_section(large_batch, args.out / "large_batch.json")
   text = "\n".join(lines)
   (args.out / "summary.md").write_text(text + "\n")
   print(text)

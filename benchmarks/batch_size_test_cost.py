@@ -29,7 +29,6 @@ depend less on other load on a shared machine. Writes JSON and a bar chart.
 
 import argparse
 import json
-import os
 
 import _common
 
@@ -42,6 +41,9 @@ import optax  # noqa: E402
 
 import sngm_optax  # noqa: E402
 
+CLAIM = ("the per-step cost of the batch-size test in each statistics mode "
+         "(per-example, microbatch, moments, per-device) against the same "
+         "step without it")
 NUM_DEVICES = 8
 FEATURES, HIDDEN, CLASSES = 40, 300, 10
 
@@ -314,24 +316,17 @@ def main():
       rows.append(row)
       print(_common.markdown_row(table_cells(row)), flush=True)
 
-  result = {
-      "benchmark": "batch_size_test_cost",
-      "num_params": int(num_params),
-      "batch": args.batch,
-      "microbatches": args.microbatches,
-      "devices": NUM_DEVICES,
-      "mapper": args.mapper,
-      "steps": args.steps,
-      "min_seconds": args.min_seconds,
-      "repeats": args.repeats,
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "machine": machine,
-      "cpu_count": os.cpu_count(),
-      "load_average_start": machine["load_average"],
-      "load_average_end": os.getloadavg(),
-      "rows": rows,
-  }
+  result = _common.timing_record(
+      "batch_size_test_cost", claim=CLAIM,
+      command=_common.command_line(args, exclude=("replot",)),
+      machine=machine,
+      budget={"tests": args.tests.split(","), "modes": args.modes.split(","),
+              "batch": args.batch, "microbatches": args.microbatches,
+              "devices": NUM_DEVICES, "mapper": args.mapper,
+              "steps": args.steps, "min_seconds": args.min_seconds,
+              "repeats": args.repeats},
+      contenders=("baseline", "sources", "with_test"),
+      num_params=int(num_params), rows=rows)
   _common.write_json(args.out + ".json", result)
   print("\n" + _common.markdown_table(TABLE_HEADER,
                                       [table_cells(row) for row in rows]))
@@ -352,7 +347,7 @@ def plot(result, path):
   ax.set_ylabel("step time / baseline")
   ax.set_title(
       f"batch-size test cost ({result['num_params'] // 1000}k params, "
-      f"B={result['batch']}, {result['backend']})"
+      f"B={result['budget']['batch']}, {result['machine']['backend']})"
   )
   ax.tick_params(axis="x", labelsize=7)
   _common.save_figure(fig, path)

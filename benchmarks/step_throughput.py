@@ -16,18 +16,18 @@ injected), with
 Data are random inputs of the MNIST-1D shape (40 features, 10 classes); the
 values do not change the cost. The optimizers of one (model, devices, B) are
 timed interleaved, `--repeats` rounds of `--steps` steps each, and the table
-gives medians: the ratio to the first optimizer (is the optimizer a
-bottleneck?) and, for `+norm_test`, the overhead over the same optimizer
-without the test. On a CPU the 8 "devices" are simulated
-(`--xla_force_host_platform_device_count=8`) and share the host's cores: 8
-devices are not a speed-up there, they show the cost of the mesh machinery.
+gives medians: the median over rounds of the ratio to the first optimizer of
+the same round (is the optimizer a bottleneck?) and, for `+norm_test`, the
+overhead over the same optimizer without the test (`_common.Timings`). On a
+CPU the 8 "devices" are simulated (`--xla_force_host_platform_device_count=8`)
+and share the host's cores: 8 devices are not a speed-up there, they show the
+cost of the mesh machinery.
 
   PYTHONPATH=. python benchmarks/step_throughput.py
   PYTHONPATH=. python benchmarks/step_throughput.py --models mlp --batch-sizes 128 1024
 """
 
 import argparse
-import os
 import pathlib
 
 import _common
@@ -45,6 +45,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sngm_optax.harness import train  # noqa: E402
 from sngm_optax.harness import steps as steps_lib  # noqa: E402
 
+CLAIM = ("the optimizer is not the bottleneck of the harness step (sngm "
+         "against momentum SGD), and the per-device norm test adds little "
+         "to a step")
 NORM_TEST = "+norm_test"
 FEATURES, CLASSES = 40, 10
 
@@ -109,6 +112,7 @@ def main():
                       default=_common.RESULTS / "step_throughput.json")
   args = parser.parse_args()
 
+  machine = _common.machine_description()
   rows = []
   for model in args.models:
     for num_devices in args.devices:
@@ -120,8 +124,9 @@ def main():
         for name in names:
           steps[name], params = make_step(model, name, batch_size,
                                           num_devices, args.microbatches)
-        seconds = _common.time_interleaved(steps, args.repeats,
-                                           calls=args.steps).medians()
+        timings = _common.time_interleaved(steps, args.repeats,
+                                           calls=args.steps)
+        seconds = timings.medians()
         num_params = sum(p.size for p in jax.tree.leaves(params))
         for name in names:
           row = {
@@ -130,12 +135,13 @@ def main():
               "batch_size": batch_size, "optimizer": name,
               "step_ms": seconds[name] * 1e3,
               "samples_per_s": batch_size / seconds[name],
-              "ratio_to_first": seconds[name] / seconds[names[0]],
+              "ratio_to_first": timings.median_ratio(name, names[0]),
               "test_overhead": None,
           }
           without_test = name[:-len(NORM_TEST)]
           if name.endswith(NORM_TEST) and without_test in seconds:
-            row["test_overhead"] = seconds[name] / seconds[without_test] - 1
+            row["test_overhead"] = timings.median_ratio(name,
+                                                        without_test) - 1
           rows.append(row)
           overhead = row["test_overhead"]
           print(f"{model:4s} D={num_devices} B={batch_size:5d} {name:16s} "
@@ -144,11 +150,13 @@ def main():
                 + ("" if overhead is None else f" test +{overhead:.1%}"),
                 flush=True)
 
-  load = os.getloadavg()
-  machine = _common.machine_description()
-  _common.write_json(args.out, {
-      "machine": machine, "load_average": load, "jax": jax.__version__,
-      "repeats": args.repeats, "steps": args.steps, "rows": rows})
+  _common.write_json(args.out, _common.timing_record(
+      "step_throughput", claim=CLAIM, command=_common.command_line(args),
+      machine=machine,
+      budget={"models": args.models, "batch_sizes": args.batch_sizes,
+              "devices": args.devices, "microbatches": args.microbatches,
+              "repeats": args.repeats, "steps": args.steps},
+      contenders=args.optimizers, rows=rows))
   print(f"\nmachine: {_common.machine_line(machine)}; median of "
         f"{args.repeats} × {args.steps} steps\n")
   table = []

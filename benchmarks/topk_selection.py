@@ -33,6 +33,9 @@ import numpy as np
 from sngm_optax import num_selected
 from sngm_optax import top_k_by_magnitude
 
+CLAIM = ("'sampled' and 'approx' top-k selection against 'exact' "
+         "(lax.top_k) on vectors of 1M-10M entries at densities 1% and 0.1%: "
+         "time and recall")
 SELECTIONS = ("exact", "approx", "sampled")
 KEYS = 20  # random keys 'sampled' is checked with
 
@@ -61,18 +64,25 @@ def sampled_recall_over_keys(vector, k, exact):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                      help="vector sizes (default 1M, 3M, 10M; --quick: "
+                           "100k, 1M)")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="rounds (default 31 up to 1M entries, 15 above; "
+                           "--quick: 5)")
   parser.add_argument("--out",
                       default=str(_common.RESULTS / "topk_selection.json"))
   args = parser.parse_args()
   machine = _common.machine_description()
-  sizes = ([100_000, 1_000_000] if args.quick
-           else [1_000_000, 3_000_000, 10_000_000])
+  sizes = args.sizes or ([100_000, 1_000_000] if args.quick
+                         else [1_000_000, 3_000_000, 10_000_000])
   densities = [0.01, 0.001]
   rows = []
   for kind in ("normal", "layered"):
     for size in sizes:
       vector = make_vector(kind, size)
-      repeats = 5 if args.quick else (31 if size <= 1_000_000 else 15)
+      repeats = args.repeats or (
+          5 if args.quick else (31 if size <= 1_000_000 else 15))
       for density in densities:
         k = num_selected(size, density)
         functions = {
@@ -100,7 +110,13 @@ def main():
                 f"{r['median_ms']:9.2f} ms (min {r['min_ms']:8.2f}, "
                 f"x{r['median_ratio_to_exact']:.2f} of exact)  "
                 f"sent {r['sent']}/{k}  recall {r['recall']:.3f}", flush=True)
-  out = _common.write_json(args.out, dict(machine=machine, rows=rows))
+  out = _common.write_json(args.out, _common.timing_record(
+      "topk_selection", claim=CLAIM, command=_common.command_line(args),
+      machine=machine,
+      budget={"sizes": sizes, "densities": densities,
+              "repeats": sorted({r["repeats"] for r in rows}),
+              "recall_keys": KEYS},
+      contenders=SELECTIONS, rows=rows))
   table = []
   for kind in ("normal", "layered"):
     for size in sizes:

@@ -21,11 +21,11 @@ the host's cores, so that time is ~8 devices' work, not a speed-up.
 Usage:
   PYTHONPATH=. python benchmarks/update_cost.py          # all trees, f32 + bf16
   PYTHONPATH=. python benchmarks/update_cost.py --trees flat_1m --rounds 5
-Writes benchmarks/results/update_cost.json and prints a Markdown table.
+Writes benchmarks/results/update_cost.json (`_common.timing_record`) and
+prints a Markdown table.
 """
 
 import argparse
-import os
 import pathlib
 import statistics
 
@@ -66,6 +66,10 @@ def transformer_like():
                (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
   return shapes + [(d,), (d,)]
 
+
+CLAIM = ("sngm costs at most 1.25x optax.sgd(momentum) per update and gmc "
+         "at most 2x under pmap, on trees of 1M-100M parameters; each "
+         "update's fraction of a copy's bandwidth")
 
 TREES = {
     "flat_1m": lambda: [(1_000_000,)],
@@ -143,8 +147,7 @@ def median_seconds(fn, args, repeats, donate, cpu=False):
 
   timings = _common.time_interleaved({"call": call}, repeats)
   if cpu:
-    return (statistics.median(timings.wall["call"]),
-            statistics.median(timings.cpu["call"]))
+    return timings.medians()["call"], timings.medians(cpu=True)["call"]
   return timings.medians()["call"]
 
 
@@ -229,6 +232,7 @@ def main():
                       default=_common.RESULTS / "update_cost.json")
   args = parser.parse_args()
 
+  machine = _common.machine_description()
   rows = []
   for tree_name in args.trees:
     shapes = TREES[tree_name]()
@@ -269,6 +273,7 @@ def main():
       baselines = {}
       for mode, name, _, passes in groups:
         seconds = rounds.medians()[mode, name]
+        cpu_seconds = rounds.medians(cpu=True)[mode, name]
         baseline = baselines.setdefault(mode, (mode, name))
         ratio = rounds.median_ratio((mode, name), baseline)
         devices = 1 if mode == "jit" else args.devices
@@ -281,7 +286,7 @@ def main():
             "round_ms": [t * 1e3 for t in times[mode, name]],
             "ratio_to_sgd_momentum": ratio,
             # Process CPU time (all threads): steadier on a shared machine.
-            "median_cpu_ms": statistics.median(cpu_times[mode, name]) * 1e3,
+            "median_cpu_ms": cpu_seconds * 1e3,
             "cpu_ratio_to_sgd_momentum": rounds.median_ratio(
                 (mode, name), baseline, cpu=True),
             "ideal_passes": passes,
@@ -294,13 +299,14 @@ def main():
               f"x{rows[-1]['cpu_ratio_to_sgd_momentum']:5.2f}  "
               f"roofline {roofline_seconds / seconds:5.0%}", flush=True)
 
-  machine = _common.machine_description()
-  _common.write_json(args.out, {
-      "machine": machine, "cpu_count": os.cpu_count(),
-      "load_average": machine["load_average"], "jax": jax.__version__,
-      "repeats": args.repeats, "rounds": args.rounds,
-      "repeats_large": args.repeats_large, "devices": args.devices,
-      "rows": rows})
+  _common.write_json(args.out, _common.timing_record(
+      "update_cost", claim=CLAIM, command=_common.command_line(args),
+      machine=machine,
+      budget={"trees": args.trees, "dtypes": args.dtypes,
+              "per_device_trees": args.per_device_trees,
+              "devices": args.devices, "rounds": args.rounds,
+              "repeats": args.repeats, "repeats_large": args.repeats_large},
+      contenders=[*args.optimizers, *args.per_device_optimizers], rows=rows))
   print(f"\nmachine: {_common.machine_line(machine)}; median of "
         f"{args.rounds} rounds of the median of {args.repeats} calls\n")
   table = [[r["tree"], r["dtype"],
