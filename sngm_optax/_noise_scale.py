@@ -224,10 +224,13 @@ def noise_scale_monitor(
 
   1/199 of one step's at :math:`\beta = 0.99` (about 14x less standard
   deviation), at the price of a lag of about :math:`1/(1-\beta)` steps
-  while :math:`G` and :math:`\Sigma` drift. To first order the ratio has
-  relative variance :math:`\mathrm{Var}[\hat t]/t^2 + \mathrm{Var}[\hat
-  s]/s^2 - 2\,\mathrm{Cov}[\hat t, \hat s]/(t s)` for :math:`t =
-  \mathrm{tr}(\Sigma)`, :math:`s = |G|^2`.
+  while :math:`G` and :math:`\Sigma` drift. To first order (while the
+  standard deviation of :math:`\hat s` is well below :math:`s`) the ratio
+  :math:`\hat t / \hat s` of the two EMAs has relative variance
+  :math:`\mathrm{Var}[\hat t]/t^2 + \mathrm{Var}[\hat s]/s^2 -
+  2\,\mathrm{Cov}[\hat t, \hat s]/(t s)` for :math:`t =
+  \mathrm{tr}(\Sigma)`, :math:`s = |G|^2`, each term one step's times the
+  factor above.
 
   Args:
     per_device_batch_size: the number of samples behind each device's
