@@ -32,6 +32,8 @@ from sngm_optax._gradient_statistics import microbatch_statistics
 from sngm_optax._gradient_statistics import moment_statistics
 from sngm_optax._gradient_statistics import per_device_statistics
 from sngm_optax._gradient_statistics import per_example_statistics
+from sngm_optax._noise_scale import noise_scale_monitor
+from sngm_optax._noise_scale import NoiseScaleMonitorState
 from sngm_optax._normalize import global_norm
 from sngm_optax._normalize import normalize_by_global_norm
 from sngm_optax._sngm import scale_by_sngm
@@ -68,6 +70,8 @@ __all__ = (
     "microbatch_statistics",
     "moment_statistics",
     "next_batch_size",
+    "noise_scale_monitor",
+    "NoiseScaleMonitorState",
     "norm_test",
     "normalize_by_global_norm",
     "num_selected",

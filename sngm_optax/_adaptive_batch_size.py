@@ -26,6 +26,7 @@ from sngm_optax._gradient_statistics import microbatch_statistics
 from sngm_optax._gradient_statistics import moment_statistics
 from sngm_optax._gradient_statistics import per_device_statistics
 from sngm_optax._gradient_statistics import per_example_statistics
+from sngm_optax._noise_scale import _advance_noise_scale
 
 
 class AdaptiveBatchSizeState(NamedTuple):
@@ -38,9 +39,12 @@ class AdaptiveBatchSizeState(NamedTuple):
     test_statistic: float32, :math:`b_{new}` of the last step's test (+inf
       when the mean gradient was zero but noisy).
     noise_scale: float32, the EMA-smoothed gradient noise scale
-      :math:`B_{simple} = \mathrm{tr}(\Sigma) / \|G\|^2`.
-    variance_trace_ema: float32, EMA of :math:`\mathrm{tr}(\Sigma)`.
-    sq_norm_ema: float32, EMA of the unbiased estimate of :math:`\|G\|^2`.
+      :math:`B_{simple} = \mathrm{tr}(\Sigma) / \|G\|^2`, as
+      :func:`noise_scale_monitor` computes it.
+    variance_trace_ema: float32, the bias-corrected EMA (decay
+      `noise_scale_decay`) of :math:`\mathrm{tr}(\Sigma)`.
+    sq_norm_ema: float32, the bias-corrected EMA of the unbiased estimate of
+      :math:`\|G\|^2`.
     preconditioner_accumulator: for `test='coordinate'`, the copy of
       AdaGrad's accumulator :math:`v` (shaped like the params); otherwise
       `optax.EmptyState()`.
@@ -51,9 +55,9 @@ class AdaptiveBatchSizeState(NamedTuple):
       of the statistics the test reads, with the unbiased
       :math:`\|G\|^2` estimate in `sq_norm`; otherwise
       `optax.EmptyState()`.
-    smoothed_count: int32, the number of steps folded into
-      `smoothed_statistics` (steps with non-finite statistics are skipped);
-      the bias correction is :math:`1 - \beta^{n}`.
+    smoothed_count: int32, the number of steps folded into the EMAs,
+      `smoothed_statistics` and the noise scale's (steps with non-finite
+      statistics are skipped); the bias correction is :math:`1 - \beta^{n}`.
   """
 
   batch_size: jax.Array
@@ -66,12 +70,6 @@ class AdaptiveBatchSizeState(NamedTuple):
   num_steps: jax.Array
   smoothed_statistics: Any
   smoothed_count: jax.Array
-
-
-def _noise_scale(variance_trace_ema, sq_norm_ema):
-  safe = jnp.where(sq_norm_ema > 0, sq_norm_ema, 1.0)
-  at_zero = jnp.where(variance_trace_ema > 0, jnp.inf, 0.0)
-  return jnp.where(sq_norm_ema > 0, variance_trace_ema / safe, at_zero)
 
 
 def _batch_size_test(test: str) -> BatchSizeTest:
@@ -336,7 +334,7 @@ def _smooth_statistics(
     test_needs,
     smoothing,
 ):
-  r"""The EMAs after this step, their count and the bias-corrected statistics.
+  r"""The EMAs after this step and the bias-corrected statistics.
 
   .. math::
     m_n = \beta\, m_{n-1} + (1 - \beta)\, x_n, \qquad
@@ -346,6 +344,7 @@ def _smooth_statistics(
   replaced by its unbiased estimate :math:`\|\bar g\|^2 -
   \mathrm{tr}(\Sigma)/b` (and the preconditioned one likewise). Fields the
   test does not read stay 0; a step with non-finite statistics is skipped.
+  The state's `smoothed_count` already counts this step.
   """
   batch = statistics.num_samples
   unbiased = statistics._replace(
@@ -360,10 +359,10 @@ def _smooth_statistics(
       jnp.where(finite, decay * o + (1 - decay) * x, o) if name in read else o
       for name, o, x in zip(GradientNoiseStatistics._fields, old, unbiased)
   ))
-  count = state.smoothed_count + finite.astype(jnp.int32)
+  count = state.smoothed_count
   correction = jnp.where(count > 0, 1 - decay ** count.astype(jnp.float32), 1)
   corrected = GradientNoiseStatistics(*(m / correction for m in ema))
-  return ema, count, corrected
+  return ema, corrected
 
 
 def _advance_state(
@@ -375,7 +374,6 @@ def _advance_state(
     *,
     max_batch_size,
     batch_size_multiple,
-    noise_scale_decay,
     max_growth_factor=None,
     test_interval=1,
 ) -> AdaptiveBatchSizeState:
@@ -383,7 +381,7 @@ def _advance_state(
 
   The suggestion and the test statistic keep their values unless the
   statistics are `finite` and this step runs the test (every
-  `test_interval`-th); the noise-scale EMAs keep theirs unless `finite`.
+  `test_interval`-th). The noise scale was advanced before.
   The suggestion grows at most to `max_growth_factor` times this step's
   batch (then rounded up to a multiple of `batch_size_multiple`).
   """
@@ -403,24 +401,10 @@ def _advance_state(
   run_test = finite
   if not (isinstance(test_interval, int) and test_interval == 1):
     run_test = finite & (num_steps % test_interval == 0)
-  decay = jnp.asarray(noise_scale_decay, jnp.float32)
-  trace_ema = decay * state.variance_trace_ema + (1 - decay) * (
-      statistics.variance_trace
-  )
-  unbiased_sq_norm = (
-      statistics.sq_norm - statistics.variance_trace / statistics.num_samples
-  )
-  sq_norm_ema = decay * state.sq_norm_ema + (1 - decay) * unbiased_sq_norm
-  keep = lambda new, old: jnp.where(finite, new, old)
-  trace_ema = keep(trace_ema, state.variance_trace_ema)
-  sq_norm_ema = keep(sq_norm_ema, state.sq_norm_ema)
   return state._replace(
       batch_size=used_batch,
       next_batch_size=jnp.where(run_test, proposed, state.next_batch_size),
       test_statistic=jnp.where(run_test, test_batch, state.test_statistic),
-      noise_scale=_noise_scale(trace_ema, sq_norm_ema).astype(jnp.float32),
-      variance_trace_ema=trace_ema,
-      sq_norm_ema=sq_norm_ema,
       preconditioner_accumulator=accumulator,
       num_steps=num_steps,
   )
@@ -464,9 +448,12 @@ def adaptive_batch_size(
 
   :math:`B_{simple}` is the gradient noise scale of McCandlish et al.,
   with :math:`\|\bar g\|^2 - \mathrm{tr}(\Sigma)/b` the unbiased estimate of
-  :math:`\|G\|^2` and both EMAs started at 0 with decay :math:`\beta`; the
-  EMAs' bias corrections cancel in the ratio. It is +inf while the estimated
-  :math:`\|G\|^2` is not positive.
+  :math:`\|G\|^2` and both EMAs bias-corrected, with decay :math:`\beta` =
+  `noise_scale_decay`: the same code as :func:`noise_scale_monitor`, whose
+  docstring gives the estimators and their variance. The state keeps the
+  corrected EMAs (`variance_trace_ema`, `sq_norm_ema`); the corrections
+  cancel in the ratio. It is +inf while the estimated :math:`\|G\|^2` is
+  not positive and :math:`\mathrm{tr}(\Sigma)` is, 0 when both are 0.
 
   The defaults are the paper's rule: the test on each step's own
   statistics, every step, with no limit on the growth. With the biased
@@ -612,18 +599,25 @@ def adaptive_batch_size(
         axis_name=axis_name, microbatch_size=microbatch_size, eps=eps,
     )
     finite = _finite_statistics(statistics, spec.needs)
+    count, trace_ema, sq_norm_ema, noise_scale = _advance_noise_scale(
+        state.smoothed_count, state.variance_trace_ema, state.sq_norm_ema,
+        statistics, finite, noise_scale_decay,
+    )
+    state = state._replace(
+        noise_scale=noise_scale, variance_trace_ema=trace_ema,
+        sq_norm_ema=sq_norm_ema, smoothed_count=count,
+    )
     test_input = statistics
     if smoothing is not None:
-      ema, count, test_input = _smooth_statistics(
+      ema, test_input = _smooth_statistics(
           state, statistics, finite, test_needs=spec.needs,
           smoothing=smoothing,
       )
-      state = state._replace(smoothed_statistics=ema, smoothed_count=count)
+      state = state._replace(smoothed_statistics=ema)
     test_batch = spec.run(test_input, eta=eta, theta=theta, nu=nu)
     new_state = _advance_state(
         state, statistics, test_batch, accumulator, finite,
         max_batch_size=max_batch_size, batch_size_multiple=batch_size_multiple,
-        noise_scale_decay=noise_scale_decay,
         max_growth_factor=max_growth_factor, test_interval=test_interval,
     )
     return mean_updates, new_state

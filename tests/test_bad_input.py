@@ -101,6 +101,13 @@ TABLE = [
     (so.adadagrad_norm, ADA, "eps", [-1.0], NON_NEGATIVE),
     (so.adadagrad_norm, ADA, "initial_batch_size", [0], POS_INT),
     (so.adadagrad_norm, ADA, "batch_size_multiple", [0], POS_INT),
+    # Gradient noise scale.
+    (so.noise_scale_monitor, dict(per_device_batch_size=8),
+     "per_device_batch_size", [0, -4, 2.5], POS_INT),
+    (so.noise_scale_monitor, dict(per_device_batch_size=8), "smoothing",
+     [-0.1, 1.0, NAN], MOMENTUM),
+    (so.noise_scale_monitor, dict(per_device_batch_size=8), "axis_name",
+     ["", 3, ("i", "")], "axis_name"),
     # Trajectory regularization.
     (so.tr_sgd, LR, "learning_rate", [-1.0], NON_NEGATIVE),
     (so.tr_sgd, LR, "strength", [-1.0, NAN], NON_NEGATIVE),

@@ -316,13 +316,22 @@ def test_noise_scale_matches_reference_ema():
   step, _ = make_step(tx)
   rng = np.random.default_rng(15)
   trace_ema = sq_norm_ema = 0.0
-  for _ in range(6):
+  for n in range(1, 7):
     per_sample = rng.normal([1.0, -0.5, 2.0], [1.0, 3.0, 0.5], size=(16, 3))
     _, state = step(state, jnp.asarray(per_sample, jnp.float32))
     mean = per_sample.mean(0)
     trace = per_sample.var(0, ddof=1).sum()
     trace_ema = decay * trace_ema + (1 - decay) * trace
     sq_norm_ema = decay * sq_norm_ema + (1 - decay) * (mean @ mean - trace / 16)
+    # The state keeps the bias-corrected EMAs; the correction cancels in
+    # the noise scale.
+    correction = 1 - decay**n
+    np.testing.assert_allclose(
+        state.variance_trace_ema, trace_ema / correction, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        state.sq_norm_ema, sq_norm_ema / correction, rtol=1e-4
+    )
     np.testing.assert_allclose(
         state.noise_scale, trace_ema / sq_norm_ema, rtol=1e-4
     )
