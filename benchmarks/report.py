@@ -1880,7 +1880,7 @@ def _mode(row: dict) -> str:
   return "jit" if row["mode"] == "jit" else f"pmap×{row['devices']}"
 
 
-def _large(name: str, optimizer: str, dtype: str) -> list:
+def _large_tree_rows(name: str, optimizer: str, dtype: str) -> list:
   return [r for r in load(name)["rows"] if r["optimizer"] == optimizer
           and r["dtype"] == dtype and r["mode"] == "jit"
           and r["tree"] in _LARGE_TREES]
@@ -1962,9 +1962,9 @@ def _update_cost_second_run() -> str:
 
 def _target_cells(optimizer: str) -> tuple[str, str]:
   limit, roofline = UPDATE_TARGETS[optimizer]
-  runs = [name for name in UPDATE_RUNS if _large(name, optimizer, "float32")]
-  f32 = [r for name in runs for r in _large(name, optimizer, "float32")]
-  bf16 = [r for name in runs for r in _large(name, optimizer, "bfloat16")]
+  runs = [name for name in UPDATE_RUNS if _large_tree_rows(name, optimizer, "float32")]
+  f32 = [r for name in runs for r in _large_tree_rows(name, optimizer, "float32")]
+  bf16 = [r for name in runs for r in _large_tree_rows(name, optimizer, "bfloat16")]
   measured = (f"float32 {_span([r['ratio_to_sgd_momentum'] for r in f32])}×"
               + (f", {_span([100 * r['fraction_of_roofline'] for r in f32], 0)}"
                  " % of roofline" if roofline else "")
@@ -2017,7 +2017,7 @@ def _norm_passes(name: str) -> list[tuple[dict, float]]:
   rows: the time of the norm's one read, in copy passes."""
   return [(r, r["copy_bandwidth_gb_s"] / r["global_norm_bandwidth_gb_s"])
           for dtype in ("float32", "bfloat16")
-          for r in _large(name, "sngm", dtype)]
+          for r in _large_tree_rows(name, "sngm", dtype)]
 
 
 @block("update-cost-gaps")

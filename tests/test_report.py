@@ -60,3 +60,13 @@ def test_a_block_without_renderer_or_end_line_is_an_error():
     report.render_document("<!-- begin: nope -->\n<!-- end: nope -->\n")
   with pytest.raises(ValueError, match="has no line"):
     report.render_document("<!-- begin: spread-rule -->\ntext\n")
+
+
+def test_no_two_renderers_share_a_name():
+  # A later definition would silently replace an earlier one of its name.
+  import ast  # pylint: disable=g-import-not-at-top
+  tree = ast.parse((BENCHMARKS / "report.py").read_text())
+  names = [node.name for node in tree.body
+           if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+  duplicates = sorted({name for name in names if names.count(name) > 1})
+  assert not duplicates, duplicates
