@@ -270,7 +270,7 @@ def noise_scale_monitor(
   _checks.check_momentum("smoothing", smoothing)
 
   def init_fn(params):
-    del params
+    _checks.check_float_params(params, "noise_scale_monitor")
     return NoiseScaleMonitorState(
         noise_scale=jnp.zeros((), jnp.float32),
         variance_trace_ema=jnp.zeros((), jnp.float32),

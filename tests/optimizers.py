@@ -62,6 +62,15 @@ def per_device_sngm(learning_rate, momentum=0.9):
   return so.per_device_state(so.sngm(learning_rate, momentum=momentum))
 
 
+def noise_scale_monitored_sgd(learning_rate, per_device_batch_size=4,
+                              axis_name=None):
+  """`noise_scale_monitor` in front of `optax.sgd`, which it passes the
+  (device-mean) gradient."""
+  return optax.chain(
+      so.noise_scale_monitor(per_device_batch_size, axis_name=axis_name),
+      optax.sgd(learning_rate))
+
+
 class Optimizer(NamedTuple):
   """One row: `factory(learning_rate, **kwargs)` and what its update needs."""
 
@@ -150,6 +159,15 @@ OPTIMIZERS = [
     Optimizer("tr_adam", so.tr_adam, {"inner_steps": 3}, inject_rtol=2e-5),
     Optimizer("trajectory_regularized_adam", trajectory_regularized_adam, {},
               inject_rtol=2e-5, covers=("trajectory_regularized",)),
+    # The gradient noise scale, measured in front of an optimizer: from the
+    # per-example gradients, and from the devices' own gradients.
+    Optimizer("noise_scale_monitor", noise_scale_monitored_sgd, {},
+              statistics="per_example_grads",
+              static_args=("per_device_batch_size",),
+              covers=("noise_scale_monitor",)),
+    Optimizer("noise_scale_monitor_per_device", noise_scale_monitored_sgd,
+              {}, axis=True, static_args=("per_device_batch_size",),
+              covers=("noise_scale_monitor",)),
     # The shard_map wrapper of per-device state (outside a map, a no-op).
     Optimizer("per_device_state", per_device_sngm, {}, learning_rate=0.05,
               covers=("per_device_state",)),
