@@ -81,38 +81,33 @@ def check_momentum(name: str, value: Any) -> None:
   check_range(name, value, 0.0, 1.0, high_inclusive=False)
 
 
+def _check_int_at_least(name: str, value: Any, low: int,
+                        description: str) -> int | None:
+  if isinstance(value, jax.core.Tracer):
+    return None
+  array = np.asarray(value)
+  if (
+      isinstance(value, bool)
+      or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer)
+      or int(array) < low
+  ):
+    raise ValueError(f"{name} must be {description}, got {value!r}")
+  return int(array)
+
+
 def check_positive_int(name: str, value: Any) -> int | None:
   """Checks an integer >= 1; returns it, or `None` when it is traced.
 
   `optax.inject_hyperparams` passes integers as 0-d integer arrays, which are
   accepted.
   """
-  if isinstance(value, jax.core.Tracer):
-    return None
-  array = np.asarray(value)
-  if (
-      isinstance(value, bool)
-      or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer)
-      or int(array) < 1
-  ):
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(array)
+  return _check_int_at_least(name, value, 1, "a positive integer")
 
 
 def check_non_negative_int(name: str, value: Any) -> int | None:
   """Checks an integer >= 0; returns it, or `None` when it is traced."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  array = np.asarray(value)
-  if (
-      isinstance(value, bool)
-      or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer)
-      or int(array) < 0
-  ):
-    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-  return int(array)
+  return _check_int_at_least(name, value, 0, "an integer >= 0")
 
 
 def check_axis_name(name: str, value: Any, *, optional: bool = False) -> None:
