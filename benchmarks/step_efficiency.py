@@ -61,10 +61,13 @@ profile from `jax.profiler.trace` of the compiled step, load 6-13):
   per-iteration overhead the rest. A custom VJP with one dot contracting
   positions and batch for the kernel gradient was slower (0.88x), as was an
   unbatched einsum (0.39x). bfloat16 is not an option (float32 results).
-- The harness loop's own cost at B = 8,192 is host work once per run or per
-  epoch (the epoch's permutation, gathering and placing 16 x 8,192 rows,
-  the initial state, the final evaluation): ~70 ms per 16 steps on one
-  core, 5-6 % of the faster step's time.
+- The harness loop reached 0.90x (one core) and 0.93x (both cores) of the
+  bare steps' samples/s with the faster step, short of 0.95x (with nn.Conv:
+  0.97-1.01x). Of the ~100 ms per 16 steps: ~30 ms a run outside the steps
+  (initial state, the epoch's permutation, the final evaluation), ~27 ms
+  for `_unstack`'s copy of the stacked 21 MB chunk, the rest inside the
+  steps' execution (not pinned down). Gathering the rows with `np.take`
+  instead of fancy indexing saved ~11 ms a run.
 
   PYTHONPATH=. taskset -c 1 python benchmarks/step_efficiency.py \\
       --chunk-sizes 64 128 256 --pieces
