@@ -1,5 +1,8 @@
 """Tests of the harness models, and of sngm_optax transforms under flax.nnx."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +22,97 @@ def test_linen_models_map_signals_to_logits(name, num_params):
   params = jax.jit(model.init)(jax.random.key(0), x)
   assert model.apply(params, x).shape == (3, 10)
   assert sum(leaf.size for leaf in jax.tree.leaves(params)) == num_params
+
+
+def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, length, in_features", [
+    (5, 2, "SAME", 40, 1), (3, 2, "SAME", 11, 4), (4, 3, "SAME", 13, 2),
+    (3, 1, "SAME", 9, 3), (3, 2, "VALID", 11, 3), (1, 1, "VALID", 6, 2)])
+def test_patch_conv_equals_flax_conv(kernel, stride, padding, length,
+                                     in_features):
+  # Same parameters from the same key; same outputs and gradients (with
+  # respect to the parameters and the input) to float32 rounding, in both
+  # layouts. One jitted call computes everything (one compilation a case).
+  flax_conv = nn.Conv(6, (kernel,), strides=(stride,), padding=padding)
+  convs = {layout: models.PatchConv(6, kernel, strides=stride,
+                                    padding=padding,
+                                    batch_minor=layout == "batch_minor")
+           for layout in ("batch_major", "batch_minor")}
+  x = jax.random.normal(jax.random.key(1), (5, length, in_features))
+  to_minor = lambda a: jnp.transpose(a, (1, 2, 0))  # pylint: disable=unnecessary-lambda-assignment
+  from_minor = lambda a: jnp.transpose(a, (2, 0, 1))  # pylint: disable=unnecessary-lambda-assignment
+
+  @jax.jit
+  def everything(x):
+    params = flax_conv.init(jax.random.key(0), x)
+    cotangent = jax.random.normal(jax.random.key(2),
+                                  flax_conv.apply(params, x).shape)
+    def value(apply, params, x):
+      return jnp.sum(apply(params, x) * cotangent)
+    applies = {
+        "flax": flax_conv.apply, "batch_major": convs["batch_major"].apply,
+        "batch_minor": lambda p, x: from_minor(
+            convs["batch_minor"].apply(p, to_minor(x)))}
+    return params, {
+        "init": {"batch_major": convs["batch_major"].init(jax.random.key(0), x),
+                 "batch_minor": convs["batch_minor"].init(jax.random.key(0),
+                                                          to_minor(x))},
+        "out": {name: apply(params, x) for name, apply in applies.items()},
+        "grad": {name: jax.grad(functools.partial(value, apply), (0, 1))(
+            params, x) for name, apply in applies.items()}}
+
+  params, results = everything(x)
+  for layout in convs:
+    _assert_trees_close(results["init"][layout], params, rtol=0, atol=0)
+    np.testing.assert_allclose(results["out"][layout], results["out"]["flax"],
+                               rtol=1e-5, atol=1e-6)
+    _assert_trees_close(results["grad"][layout], results["grad"]["flax"])
+
+
+def test_patch_conv_rejects_what_it_does_not_compute():
+  x = jnp.ones((2, 8, 3))
+  with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'"):
+    models.PatchConv(4, 3, padding="CIRCULAR").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="1-D: kernel_size"):
+    models.PatchConv(4, (3, 3)).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"\[batch, length, features\]"):
+    models.PatchConv(4, 3).init(jax.random.key(0), jnp.ones((8, 3)))
+
+
+# Batches below, at and above whole chunks of 8 (the last one padded).
+@pytest.mark.parametrize("batch", [5, 16, 21])
+def test_cnn_equals_the_flax_conv_cnn(batch):
+  # The patch formulation in chunks against nn.Conv on the whole batch: the
+  # same parameter tree and values, logits, and gradient of the loss.
+  reference = models.CNN(reference=True)
+  model = models.CNN(chunk_size=8)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, 40)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  params = reference.init(jax.random.key(0), x[:1])
+  _assert_trees_close(model.init(jax.random.key(0), x[:1]), params,
+                      rtol=0, atol=0)
+
+  @jax.jit
+  def logits_and_grads(params):
+    def loss(network, params):
+      logits = network.apply(params, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return {name: (network.apply(params, x),
+                   jax.grad(functools.partial(loss, network))(params))
+            for name, network in (("patches", model), ("flax", reference))}
+
+  results = logits_and_grads(params)
+  np.testing.assert_allclose(results["patches"][0], results["flax"][0],
+                             rtol=1e-5, atol=1e-5)
+  _assert_trees_close(results["patches"][1], results["flax"][1],
+                      rtol=1e-4, atol=1e-6)
 
 
 def test_make_model_rejects_unknown_names():
