@@ -20,6 +20,11 @@ devices' own gradients (`"per_device"`: only scalars are all-reduced) or the
 moments of the microbatch gradients (`"microbatch"`, norm and coordinate
 tests).
 
+A model with BatchNorm (the `resnet`) trains with a
+`steps.BatchNormTrainState`: its running averages are updated by the train
+step, averaged over the devices, evaluated with and checkpointed (see
+`steps` for what BatchNorm sees with devices and microbatches).
+
 What is compiled is keyed by a hashable `ProgramSpec` (model, optimizer,
 schedule, budget, devices, batch settings): `build_program(spec)` caches it.
 The peak learning rate and the weight decay are values in the optimizer
