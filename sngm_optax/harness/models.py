@@ -116,9 +116,12 @@ class ResNet(nn.Module):
   defaults), each `depth` `ResidualBlock`s, the first of stride 2 (20 ->
   10 -> 5), then global average pooling and a linear classifier: 19.4k
   parameters at the defaults. Most of them work at length 5, where they
-  are cheap: a training step costs about 2.5x the `CNN`'s (measured in
-  `benchmarks/resnet_cost.py`). Call it with `train=True` and
-  `mutable=["batch_stats"]` to train.
+  are cheap: a training step costs 2.2-2.7x the `CNN`'s at B = 128-4096 on
+  a CPU, and 10 epochs on 4,000 MNIST-1D examples reach 94.8 % test
+  accuracy against the CNN's 89.2 % (sngm, each at its best learning rate;
+  `benchmarks/resnet_cost.py`). BatchNorm's momentum is 0.9, as in flax's
+  ImageNet ResNet. Call it with `train=True` and `mutable=["batch_stats"]`
+  to train.
 
   BatchNorm statistics: in training each device normalizes over its own
   examples (flax's default); with `cross_device_batch_norm` over the
