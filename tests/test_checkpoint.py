@@ -47,25 +47,32 @@ def _assert_trees_identical(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("optimizer, stop_at", [
-    ("sngm", 6),      # mid-epoch (4 steps per epoch)
-    ("tr_sgd", 13),   # mid inner window (S = 10): k = 3 at the stop
-    ("gmc", 7),       # per-device error-feedback memory (2 devices)
+# A small resnet: its BatchNorm statistics are part of the saved state.
+RESNET = dict(model="resnet", model_kwargs={"width": 4})
+
+
+@pytest.mark.parametrize("optimizer, stop_at, model", [
+    ("sngm", 6, {}),      # mid-epoch (4 steps per epoch)
+    ("tr_sgd", 13, {}),   # mid inner window (S = 10): k = 3 at the stop
+    ("gmc", 7, {}),       # per-device error-feedback memory (2 devices)
+    ("sngm", 6, RESNET),  # BatchNorm statistics, 2 devices
 ])
 def test_interrupted_and_resumed_run_is_bit_identical(dataset, tmp_path,
-                                                      optimizer, stop_at):
+                                                      optimizer, stop_at,
+                                                      model):
   # TR with a constant learning rate: the inner 1/(k+1) decay is the only
   # step-size change, so the stop lands mid window with everything else equal.
   schedule = "constant" if optimizer == "tr_sgd" else "warmup_cosine"
   straight = _config(tmp_path / "straight", optimizer=optimizer,
-                     schedule=schedule)
+                     schedule=schedule, **model)
   expected = train.train_and_evaluate(straight, dataset=dataset, quiet=True)
   total = expected["steps"]
   assert total == 16
 
   stopped = _config(tmp_path / "resumed", optimizer=optimizer,
                     schedule=schedule, max_steps=stop_at,
-                    checkpoint_at_epoch_end=False, checkpoint_every_steps=5)
+                    checkpoint_at_epoch_end=False, checkpoint_every_steps=5,
+                    **model)
   first = train.train_and_evaluate(stopped, dataset=dataset, quiet=True)
   assert first["interrupted"] and first["steps"] == stop_at
   # every 5 steps plus the forced save at the stop; keep_checkpoints=2
@@ -73,25 +80,29 @@ def test_interrupted_and_resumed_run_is_bit_identical(dataset, tmp_path,
       5 * (stop_at // 5), stop_at]
 
   resumed = train.train_and_evaluate(
-      _config(tmp_path / "resumed", optimizer=optimizer, schedule=schedule),
+      _config(tmp_path / "resumed", optimizer=optimizer, schedule=schedule,
+              **model),
       dataset=dataset,
       quiet=True, resume=True)
   assert not resumed["interrupted"] and resumed["steps"] == total
   assert resumed["samples_seen"] == expected["samples_seen"]
   _assert_trees_identical(_final_state(straight, total),
                           _final_state(stopped, total))
+  if model:
+    assert "batch_stats" in _final_state(stopped, total)
   assert [r["test_loss"] for r in resumed["history"]] == [
       r["test_loss"] for r in expected["history"]]
   assert [r["train_loss"] for r in resumed["history"]] == [
       r["train_loss"] for r in expected["history"]]
 
 
+@pytest.mark.parametrize("model", [{}, RESNET])
 def test_adaptive_batch_run_resumed_mid_epoch_after_growth_is_bit_identical(
-    dataset, tmp_path):
+    dataset, tmp_path, model):
   adaptive = dict(optimizer="adadagrad_norm", adaptive_batch="norm",
                   batch_size=16, max_batch_size=80, learning_rate=1.0,
                   schedule="constant", weight_decay=0.0,
-                  optimizer_kwargs={"eta": 0.5})
+                  optimizer_kwargs={"eta": 0.5}, **model)
   straight = _config(tmp_path / "straight", **adaptive)
   expected = train.train_and_evaluate(straight, dataset=dataset, quiet=True)
   stop_at = 4

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from sngm_optax.harness import checkpoint
 from sngm_optax.harness import cli
@@ -32,13 +33,15 @@ def _random_npz(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _argv(data, run) -> list[str]:
-  return ["train", "--data", str(data), "--model", "mlp", "--optimizer",
+def _argv(data, run, model="mlp") -> list[str]:
+  return ["train", "--data", str(data), "--model", model, "--optimizer",
           "sngm", "--batch-size", "16", "--lr", "0.1", "--epochs",
           str(EPOCHS), "--num-devices", "1", "--checkpoint-dir",
           str(run / "ckpt"), "--out", str(run),
           "--set", "checkpoint_at_epoch_end=false",
-          "--set", "eval_batch_size=32"]
+          "--set", "eval_batch_size=32"] + (
+              ["--set", 'model_kwargs={"width": 4}'] if model == "resnet"
+              else [])
 
 
 def _saved_state(directory: pathlib.Path, step: int):
@@ -77,11 +80,13 @@ def _sigterm_after_first_epoch(argv: list[str]) -> subprocess.CompletedProcess:
                                      "".join(lines) + out, err)
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("model", ["mlp", "resnet"])  # resnet: BatchNorm
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path,
+                                                                  model):
   data = _random_npz(tmp_path / "data.npz")
   stopped, straight = tmp_path / "stopped", tmp_path / "straight"
 
-  process = _sigterm_after_first_epoch(_argv(data, stopped))
+  process = _sigterm_after_first_epoch(_argv(data, stopped, model))
   assert process.returncode == preemption.EXIT_PREEMPTED, process.stderr
   assert "received SIGTERM: stopping after this step" in process.stderr
   total = 4 * EPOCHS
@@ -99,10 +104,11 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path):
   assert cli.main(["train", "--resume", str(stopped / "ckpt"), "--out",
                    str(stopped), "--quiet",
                    "--set", "checkpoint_every_steps=0"]) == 0
-  assert cli.main(_argv(data, straight) + ["--quiet"]) == 0
+  assert cli.main(_argv(data, straight, model) + ["--quiet"]) == 0
   assert _history(stopped) == _history(straight)
   resumed = _saved_state(stopped / "ckpt", total)
   expected = _saved_state(straight / "ckpt", total)
+  assert ("batch_stats" in resumed) == (model == "resnet")
   assert jax.tree.structure(resumed) == jax.tree.structure(expected)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)

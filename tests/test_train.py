@@ -262,7 +262,7 @@ def test_non_finite_loss_stops_after_k_steps(dataset):
     (dict(max_steps=-1), "max_steps must be an integer >= 0"),
     (dict(checkpoint_at_epoch_end="yes"), "checkpoint_at_epoch_end must be"),
     (dict(optimizer="adam2"), "unknown optimizer 'adam2'"),
-    (dict(model="resnet"), "unknown model 'resnet'"),
+    (dict(model="vit"), "unknown model 'vit'"),
     (dict(batch_size=100, num_microbatches=3), "not divisible by"),
     (dict(val_fraction=1.0), "val_fraction"),
 ])

@@ -4,9 +4,11 @@ A checkpoint holds everything the loop needs to continue as if it had never
 stopped: the `TrainState` (step, params and the *whole* optimizer state,
 whatever the chain holds: momentum, AdaGrad accumulators, the batch-size
 controller, the TR anchor and inner counter, GMC memory, the injected peak
-learning rate), and a JSON part with the sampler position (`SamplerState`),
-the loop's counters and the metrics history. Resuming on the same devices
-gives bit-identical parameters to a run that was never interrupted.
+learning rate; a model's BatchNorm statistics, `steps.BatchNormTrainState`,
+averaged over the devices as every step leaves them), and a JSON part
+with the sampler position (`SamplerState`), the loop's counters and the
+metrics history. Resuming on the same devices gives bit-identical
+parameters to a run that was never interrupted.
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a crash mid-write never replaces a good checkpoint. A checkpoint that was

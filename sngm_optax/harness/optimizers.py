@@ -5,6 +5,19 @@ weight_decay, **kwargs)`. It receives per-device gradients and averages over
 `axis_name` itself (the optax baselines get
 `sngm_optax.average_across_devices` chained in front), so a new optimizer is
 one registry line and no change to the loop.
+
+Masks, as optax users expect them with normalized networks (the `resnet`):
+
+- Weight decay covers the kernels only (`_matrices_only`, rank >= 2):
+  biases and BatchNorm's scales and biases (vectors) get none, in every
+  optimizer that decays.
+- LARS and LAMB take no trust ratio on BatchNorm's scales and biases
+  (`_outside_batch_norm`, optax's `trust_ratio_mask`; LAMB's chain is
+  optax's with the mask added): those follow the plain (momentum or Adam)
+  update at the learning rate. Every other leaf, biases included, keeps its
+  trust ratio, as before, so models without BatchNorm are unchanged.
+- SNGM normalizes by the global norm of the whole gradient, BatchNorm's
+  included, as in the paper; GMC and DGC likewise.
 """
 
 import dataclasses
@@ -18,8 +31,23 @@ import sngm_optax
 
 
 def _matrices_only(params):
-  """Mask selecting kernels (rank >= 2): biases get no weight decay."""
+  """Mask selecting kernels (rank >= 2): biases, and BatchNorm's scales and
+  biases, get no weight decay."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _in_batch_norm(path) -> bool:
+  """Whether a leaf's key path runs through a BatchNorm module (flax names
+  them `BatchNorm_0`, `BatchNorm_1`, ... unless told otherwise)."""
+  return any("BatchNorm" in str(getattr(key, "key", getattr(key, "name", "")))
+             for key in path)
+
+
+def _outside_batch_norm(params):
+  """Mask selecting every leaf but BatchNorm's scales and biases: the
+  leaves that get LARS's and LAMB's trust ratio."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not _in_batch_norm(path), params)
 
 
 def _device_mean(axis_name, tx):
@@ -53,16 +81,23 @@ def _sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
 
 
 def _lars(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
-  # Trust ratio on every leaf (optax's default), as LAMB: excluding biases
-  # leaves them at the raw, large LARS learning rate.
+  # Trust ratio on every leaf but BatchNorm's (see the module docstring), as
+  # LAMB: excluding biases too leaves them at the raw, large LARS learning
+  # rate.
+  kw.setdefault("trust_ratio_mask", _outside_batch_norm)
   return _device_mean(axis_name, optax.lars(
       learning_rate, weight_decay=weight_decay, momentum=momentum,
       weight_decay_mask=_matrices_only, **kw))
 
 
-def _lamb(learning_rate, axis_name, weight_decay=0.0, **kw):
-  return _device_mean(axis_name, optax.lamb(
-      learning_rate, weight_decay=weight_decay, mask=_matrices_only, **kw))
+def _lamb(learning_rate, axis_name, weight_decay=0.0, b1=0.9, b2=0.999,
+          eps=1e-6, eps_root=0.0):
+  # optax.lamb's chain, with a trust-ratio mask (optax.lamb has none).
+  return _device_mean(axis_name, optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      optax.add_decayed_weights(weight_decay, _matrices_only),
+      optax.masked(optax.scale_by_trust_ratio(), _outside_batch_norm),
+      optax.scale_by_learning_rate(learning_rate)))
 
 
 def _adamw(learning_rate, axis_name, weight_decay=0.0, **kw):

@@ -11,15 +11,35 @@ of fixed-shape microbatches (and pad with weight-0 examples) without
 recompiling for every batch size. Every step (fused, accumulating,
 evaluation) uses the one loss `classification_loss`, and both train steps
 apply the optimizer with `_apply_gradients`.
+
+BatchNorm (a model whose variables include `batch_stats`, held by a
+`BatchNormTrainState`): the train steps run the model with `train=True`, so
+it normalizes over the examples it is given and updates its running
+averages, and the evaluation step uses the running averages. Under
+`shard_map` each device normalizes over its own shard (the usual large-batch
+practice; the model's `cross_device_batch_norm` normalizes over the global
+batch instead). With microbatches, each microbatch (this device's slice of
+it) is one BatchNorm batch: it is normalized over itself, and the running
+averages are updated once per microbatch, in order, as a loop that
+accumulates gradients over forward passes would; a weight-0 (padding)
+microbatch leaves them as they are. At the end of every step the running
+averages are averaged over the devices (`lax.pmean`), so the state stays
+replicated, and evaluation and every checkpoint see the average, as after
+flax's ImageNet example's `sync_batch_stats`. Because the running averages
+are linear in the batch statistics, averaging them every step equals (up to
+rounding) averaging them only before evaluations and checkpoints, and it
+makes the trajectory independent of when checkpoints are taken, which
+bit-identical resumption needs. Models without BatchNorm run as before.
 """
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
 import sngm_optax
@@ -31,35 +51,78 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when the loss stays NaN/Inf for `max_nonfinite_steps` steps."""
 
 
-def classification_loss(apply_fn: Callable, params, batch: dict):
+class BatchNormTrainState(train_state.TrainState):
+  """flax's `TrainState` and the model's BatchNorm statistics, as in flax's
+  ImageNet example: the running averages (`batch_stats` of the model's
+  variables), replicated over the devices."""
+
+  batch_stats: Any
+
+
+def batch_stats_of(state) -> Any:
+  """The BatchNorm statistics of `state`; None for a model without them."""
+  return getattr(state, "batch_stats", None)
+
+
+def classification_loss(apply_fn: Callable, params, batch: dict,
+                        batch_stats=None, train: bool = False):
   """The harness's one loss: softmax cross-entropy on integer labels.
 
   Args:
     apply_fn: the model's `apply`, called as `apply_fn({"params": params},
-      batch["x"])`.
+      batch["x"])`, or with `batch_stats` as `apply_fn({"params": params,
+      "batch_stats": batch_stats}, batch["x"])` (running averages), with
+      `train` as `apply_fn(..., train=True, mutable=["batch_stats"])`.
     params: the model's parameters.
     batch: `x`, `y` (integer labels) and `weight` (1 for a real example, 0
       for padding), with a leading axis of examples.
+    batch_stats: the model's BatchNorm statistics; None for a model without
+      BatchNorm.
+    train: normalize over `batch["x"]` and update `batch_stats` (a model
+      with BatchNorm only).
 
   Returns:
-    `(losses, (loss_sum, correct_sum))`: the per-example losses (unweighted,
-    the form `sngm_optax.gradient_accumulator` takes), their weighted sum,
-    and the weighted number of correct predictions (argmax of the logits).
+    `(losses, (loss_sum, correct_sum, batch_stats))`: the per-example losses
+    (unweighted, the form `sngm_optax.gradient_accumulator` takes), their
+    weighted sum, the weighted number of correct predictions (argmax of the
+    logits), and the BatchNorm statistics after this batch (as given unless
+    `train`; None without BatchNorm).
   """
-  logits = apply_fn({"params": params}, batch["x"])
+  if batch_stats is None:
+    logits = apply_fn({"params": params}, batch["x"])
+  elif train:
+    logits, updates = apply_fn(
+        {"params": params, "batch_stats": batch_stats}, batch["x"],
+        train=True, mutable=["batch_stats"])
+    batch_stats = updates["batch_stats"]
+  else:
+    logits = apply_fn({"params": params, "batch_stats": batch_stats},
+                      batch["x"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
   correct = jnp.argmax(logits, -1) == batch["y"]
   weight = batch["weight"]
-  return losses, (jnp.sum(weight * losses), jnp.sum(weight * correct))
+  return losses, (jnp.sum(weight * losses), jnp.sum(weight * correct),
+                  batch_stats)
+
+
+def _unless_padding(new_stats, old_stats, weight_sum):
+  """`new_stats` after a microbatch of total weight `weight_sum`; the old
+  ones after a weight-0 (padding) microbatch. None stays None."""
+  return jax.tree.map(lambda new, old: jnp.where(weight_sum > 0, new, old),
+                      new_stats, old_stats)
 
 
 def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
-                     adaptive_statistics, per_device):
+                     adaptive_statistics, per_device, batch_stats=None):
   """The optimizer step on this device's share `grads`, and the metrics.
 
   Inside `shard_map`: `total_weight`, `loss_sum` and `correct` are this
-  device's sums (`total_weight` already summed over devices).
+  device's sums (`total_weight` already summed over devices), and
+  `batch_stats` this device's BatchNorm statistics after its microbatches
+  (None without BatchNorm): the state gets their mean over the devices.
   """
+  if batch_stats is not None:
+    state = state.replace(batch_stats=jax.lax.pmean(batch_stats, AXIS))
   extra_args = {}
   if adaptive_statistics == "per_device":
     extra_args["batch_size"] = jnp.round(total_weight).astype(jnp.int32)
@@ -117,10 +180,10 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     state = state.replace(opt_state=opt_state)
     total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
 
-    def weighted_loss(params, microbatch):
-      _, (loss_sum, correct) = classification_loss(state.apply_fn, params,
-                                                   microbatch)
-      return loss_sum, correct
+    def weighted_loss(params, microbatch, batch_stats):
+      _, (loss_sum, correct, batch_stats) = classification_loss(
+          state.apply_fn, params, microbatch, batch_stats, train=True)
+      return loss_sum, (correct, batch_stats)
 
     # A Python loop over the (static, bucketed) number of microbatches, i.e.
     # a fully unrolled scan: XLA:CPU runs this model several times slower
@@ -128,14 +191,17 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     grad_sum = optax.tree.zeros_like(state.params)
     loss_sum = correct = jnp.zeros(())
     moments = None
+    batch_stats = batch_stats_of(state)
     if adaptive_statistics == "microbatch":
       zeros = optax.tree.zeros_like(state.params, jnp.float32)
       moments = sngm_optax.GradientMoments(
           jnp.zeros((), jnp.int32), zeros, zeros)
     for index in range(batch["x"].shape[0]):
       microbatch = jax.tree.map(lambda array: array[index], batch)
-      (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
-          state.params, microbatch)
+      (loss, (right, new_stats)), grad = jax.value_and_grad(
+          weighted_loss, has_aux=True)(state.params, microbatch, batch_stats)
+      batch_stats = _unless_padding(new_stats, batch_stats,
+                                    jnp.sum(microbatch["weight"]))
       grad_sum = optax.tree.add(grad_sum, grad)
       loss_sum, correct = loss_sum + loss, correct + right
       if moments is not None:
@@ -153,7 +219,7 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
     grads = optax.tree.scale(num_devices / total_weight, grad_sum)
     state, metrics = _apply_gradients(
         state, grads, total_weight, loss_sum, correct, moments,
-        adaptive_statistics, per_device)
+        adaptive_statistics, per_device, batch_stats)
     return state.replace(opt_state=None), state.opt_state, metrics
 
   # check_vma=False keeps the pmap semantics: the gradient of replicated
@@ -185,7 +251,9 @@ class AccumulatingTrainStep:
   (each device accumulates its slice), then one jitted step applies the
   optimizer: both compile once, whatever the batch size. Each device's
   accumulated gradient is its unit for per-device statistics; its slices of
-  the microbatches are the units of the moments (`"microbatch"`).
+  the microbatches are the units of the moments (`"microbatch"`). BatchNorm
+  statistics ride in the accumulation's carry, updated once per microbatch
+  as in the fused step (see the module docstring).
   """
 
   def __init__(self, mesh: jax.sharding.Mesh, microbatch_size: int,
@@ -194,28 +262,38 @@ class AccumulatingTrainStep:
     num_devices = mesh.size
     local_size = microbatch_size // num_devices
 
-    def accumulator(apply_fn):
+    def accumulator(apply_fn, batch_stats=None):
       # The accumulator weights the per-example losses itself; the weighted
-      # sums ride along as its aux.
+      # sums and the BatchNorm statistics ride along as its aux (summed over
+      # the microbatches of one `add`: here one, so they come out as they
+      # are).
       return sngm_optax.gradient_accumulator(
-          functools.partial(classification_loss, apply_fn), local_size,
-          has_aux=True)
+          functools.partial(classification_loss, apply_fn,
+                            batch_stats=batch_stats, train=True),
+          local_size, has_aux=True)
 
     def local_init(rest):
       zeros = jnp.zeros((), jnp.float32)
-      carry = (accumulator(rest.apply_fn).init(rest.params), (zeros, zeros))
+      carry = (accumulator(rest.apply_fn).init(rest.params), (zeros, zeros),
+               batch_stats_of(rest))
       return jax.tree.map(lambda x: x[None], carry)
 
     def local_add(carry, rest, microbatch):
-      accumulation, sums = jax.tree.map(lambda x: x[0], carry)
-      accumulation, aux = accumulator(rest.apply_fn).add(
-          accumulation, rest.params, microbatch, microbatch["weight"])
-      return jax.tree.map(lambda x: x[None],
-                          (accumulation, optax.tree.add(sums, aux)))
+      accumulation, sums, batch_stats = jax.tree.map(lambda x: x[0], carry)
+      accumulation, (loss_sum, correct, new_stats) = accumulator(
+          rest.apply_fn, batch_stats).add(
+              accumulation, rest.params, microbatch, microbatch["weight"])
+      batch_stats = _unless_padding(new_stats, batch_stats,
+                                    jnp.sum(microbatch["weight"]))
+      return jax.tree.map(
+          lambda x: x[None],
+          (accumulation, optax.tree.add(sums, (loss_sum, correct)),
+           batch_stats))
 
     def local_apply(rest, opt_state, carry):
       state = rest.replace(opt_state=opt_state)
-      accumulation, (loss_sum, correct) = jax.tree.map(lambda x: x[0], carry)
+      accumulation, (loss_sum, correct), batch_stats = jax.tree.map(
+          lambda x: x[0], carry)
       total_weight = jax.lax.psum(accumulation.weight_sum, AXIS)
       grads = optax.tree.scale(num_devices / total_weight,
                                accumulation.grad_sum)
@@ -223,7 +301,7 @@ class AccumulatingTrainStep:
                  if adaptive_statistics == "microbatch" else None)
       state, metrics = _apply_gradients(
           state, grads, total_weight, loss_sum, correct, moments,
-          adaptive_statistics, per_device)
+          adaptive_statistics, per_device, batch_stats)
       return state.replace(opt_state=None), state.opt_state, metrics
 
     def mapped(fn, in_specs, out_specs):
@@ -257,20 +335,28 @@ class AccumulatingTrainStep:
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
-  """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`."""
+  """Returns `eval_step(params, x, y, weight, batch_stats=None) ->
+  (loss_sum, correct_sum)`; a model with BatchNorm uses the running
+  averages `batch_stats`."""
 
-  def local_eval(params, x, y, weight):
-    _, sums = classification_loss(apply_fn, params,
-                                  {"x": x, "y": y, "weight": weight})
-    return jax.lax.psum(sums, AXIS)
+  def local_eval(params, batch_stats, x, y, weight):
+    _, (loss_sum, correct, _) = classification_loss(
+        apply_fn, params, {"x": x, "y": y, "weight": weight}, batch_stats)
+    return jax.lax.psum((loss_sum, correct), AXIS)
 
-  return jax.jit(jax.shard_map(
-      local_eval, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+  sharded = jax.jit(jax.shard_map(
+      local_eval, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
       out_specs=(P(), P()), check_vma=False))
 
+  def eval_step(params, x, y, weight, batch_stats=None):
+    return sharded(params, batch_stats, x, y, weight)
 
-def evaluate(eval_step, params, x, y, chunk: int) -> dict:
-  """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk`."""
+  return eval_step
+
+
+def evaluate(eval_step, params, x, y, chunk: int, batch_stats=None) -> dict:
+  """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk` (a
+  model with BatchNorm: with the running averages `batch_stats`)."""
   loss_sum, correct = 0.0, 0.0
   for start in range(0, len(y), chunk):
     xs, ys = x[start:start + chunk], y[start:start + chunk]
@@ -280,7 +366,8 @@ def evaluate(eval_step, params, x, y, chunk: int) -> dict:
       xs = np.concatenate([xs, np.zeros((pad,) + xs.shape[1:], xs.dtype)])
       ys = np.concatenate([ys, np.zeros(pad, ys.dtype)])
       weight[chunk - pad:] = 0.0
-    batch_loss, batch_correct = eval_step(params, xs, ys, weight)
+    batch_loss, batch_correct = eval_step(params, xs, ys, weight,
+                                          batch_stats)
     loss_sum += float(batch_loss)
     correct += float(batch_correct)
   return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}

@@ -20,6 +20,11 @@ devices' own gradients (`"per_device"`: only scalars are all-reduced) or the
 moments of the microbatch gradients (`"microbatch"`, norm and coordinate
 tests).
 
+A model with BatchNorm (the `resnet`) trains with a
+`steps.BatchNormTrainState`: its running averages are updated by the train
+step, averaged over the devices, evaluated with and checkpointed (see
+`steps` for what BatchNorm sees with devices and microbatches).
+
 What is compiled is keyed by a hashable `ProgramSpec` (model, optimizer,
 schedule, budget, devices, batch settings): `build_program(spec)` caches it.
 The peak learning rate and the weight decay are values in the optimizer
@@ -73,7 +78,9 @@ from sngm_optax.harness.optimizers import make_adaptive_optimizer
 from sngm_optax.harness.optimizers import make_optimizer
 from sngm_optax.harness.steps import AXIS
 from sngm_optax.harness.steps import AccumulatingTrainStep
+from sngm_optax.harness.steps import BatchNormTrainState
 from sngm_optax.harness.steps import NonFiniteLossError
+from sngm_optax.harness.steps import batch_stats_of
 from sngm_optax.harness.steps import evaluate
 from sngm_optax.harness.steps import make_eval_step
 from sngm_optax.harness.steps import make_train_step
@@ -324,11 +331,16 @@ def _mesh_devices(config: Config) -> list:
 def initial_state(program: Program, config: Config,
                   sample_input: np.ndarray) -> train_state.TrainState:
   """A new `TrainState` with the peak learning rate and the weight decay of
-  `config` set in the optimizer state, placed on the mesh."""
-  params = program.init_fn(jax.random.key(config.seed),
-                           sample_input)["params"]
-  state = train_state.TrainState.create(apply_fn=program.apply_fn,
-                                        params=params, tx=program.tx)
+  `config` set in the optimizer state, placed on the mesh; a
+  `steps.BatchNormTrainState` for a model with BatchNorm."""
+  variables = program.init_fn(jax.random.key(config.seed), sample_input)
+  if "batch_stats" in variables:
+    state = BatchNormTrainState.create(
+        apply_fn=program.apply_fn, params=variables["params"],
+        tx=program.tx, batch_stats=variables["batch_stats"])
+  else:
+    state = train_state.TrainState.create(
+        apply_fn=program.apply_fn, params=variables["params"], tx=program.tx)
   per_device = config.optimizer in PER_DEVICE_STATE
   # A per-device state has a leading axis of 1 (per_device_state): set the
   # values with that shape; _place_state gives every device its own copy.
@@ -537,12 +549,14 @@ def _record_epoch(samples_seen: int, num_train: int, step: int,
   }
 
 
-def _evaluate_splits(eval_step: Callable, params, splits: list,
+def _evaluate_splits(eval_step: Callable, state, splits: list,
                      chunk: int) -> dict:
-  """`{name}_loss` and `{name}_accuracy` for each `(name, x, y)` split."""
+  """`{name}_loss` and `{name}_accuracy` for each `(name, x, y)` split, with
+  the state's params (and BatchNorm running averages)."""
   record = {}
   for name, x, y in splits:
-    result = evaluate(eval_step, params, x, y, chunk)
+    result = evaluate(eval_step, state.params, x, y, chunk,
+                      batch_stats_of(state))
     record[f"{name}_loss"] = result["loss"]
     record[f"{name}_accuracy"] = result["accuracy"]
   return record
@@ -713,7 +727,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
           sampler.samples_seen, num_train, step, batch_size, epoch_losses,
           schedule, config.learning_rate
           * float(program.unit_schedule(metrics["samples_seen"])))
-      record.update(_evaluate_splits(program.eval_step, state.params, splits,
+      record.update(_evaluate_splits(program.eval_step, state, splits,
                                      eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time
       history.append(record)
