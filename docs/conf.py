@@ -88,8 +88,10 @@ AREAS = [
     ("adaptive_batch", "Adaptive batch size",
      "AdAdaGrad (Lau, Liu, Kolar, arXiv 2402.11215): batch-size tests on "
      "per-sample gradient statistics, the controller that grows the batch, "
+     "the gradient noise scale monitor (McCandlish et al., arXiv 1812.06162), "
      "AdaGrad-Norm, and gradient accumulation in a user's loop.",
-     ("_adagrad_norm", "_gradient_statistics", "_batch_size_tests",
+     ("_adagrad_norm", "_gradient_statistics", "_noise_scale",
+      "_batch_size_tests",
       "_adaptive_batch_size", "_adadagrad", "_accumulation",
       "_accumulate", "_microbatching")),
     ("trajectory", "Trajectory regularization (TR)",

@@ -46,16 +46,13 @@ class AdaptiveBatch(NamedTuple):
 
 
 class FieldCheck(NamedTuple):
-  """How a `Config` field's value is checked, alone.
+  """How a `Config` field's value is checked, alone."""
 
-  Attributes:
-    check: `check(name, value)`, raises ValueError for a bad value (a check
-      of `sngm_optax._checks`).
-    description: what a good value is, e.g. "a positive integer" (the
-      command line's "expected ..." message).
-  """
-
+  # `check(name, value)` raises ValueError for a bad value (a check of
+  # `sngm_optax._checks`).
   check: Callable[[str, Any], Any]
+  # What a good value is, e.g. "a positive integer" (the command line's
+  # "expected ..." message).
   description: str
 
 
