@@ -90,9 +90,73 @@ def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
   return state, metrics
 
 
+def _fused_local_step(state, opt_state, batch, *, num_devices: int,
+                      per_device: bool, adaptive_statistics: str | None):
+  """One fused train step on this device's shard, inside `shard_map`.
+
+  Returns `(state without opt_state, opt_state, metrics)`.
+  """
+  state = state.replace(opt_state=opt_state)
+  total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
+
+  def weighted_loss(params, microbatch):
+    _, (loss_sum, correct) = classification_loss(state.apply_fn, params,
+                                                 microbatch)
+    return loss_sum, correct
+
+  # A Python loop over the (static, bucketed) number of microbatches, i.e.
+  # a fully unrolled scan: XLA:CPU runs this model several times slower
+  # inside lax.scan.
+  grad_sum = optax.tree.zeros_like(state.params)
+  loss_sum = correct = jnp.zeros(())
+  moments = None
+  if adaptive_statistics == "microbatch":
+    zeros = optax.tree.zeros_like(state.params, jnp.float32)
+    moments = sngm_optax.GradientMoments(
+        jnp.zeros((), jnp.int32), zeros, zeros)
+  for index in range(batch["x"].shape[0]):
+    microbatch = jax.tree.map(lambda array: array[index], batch)
+    (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
+        state.params, microbatch)
+    grad_sum = optax.tree.add(grad_sum, grad)
+    loss_sum, correct = loss_sum + loss, correct + right
+    if moments is not None:
+      # This device's slice of the microbatch is one unit; a weight-0
+      # (padding) microbatch adds nothing, not even to the count.
+      unit_weight = jnp.sum(microbatch["weight"])
+      unit = optax.tree.scale(1.0 / jnp.maximum(unit_weight, 1.0), grad)
+      moments = sngm_optax.GradientMoments(
+          moments.count + (unit_weight > 0).astype(jnp.int32),
+          optax.tree.add(moments.grad_sum, unit),
+          optax.tree.add(moments.sq_grad_sum,
+                         jax.tree.map(jnp.square, unit)))
+  # This device's share of the global mean-loss gradient, scaled so that
+  # the optimizer's mean over devices is the global-batch gradient.
+  grads = optax.tree.scale(num_devices / total_weight, grad_sum)
+  state, metrics = _apply_gradients(
+      state, grads, total_weight, loss_sum, correct, moments,
+      adaptive_statistics, per_device)
+  return state.replace(opt_state=None), state.opt_state, metrics
+
+
+def _over_trials(local_step: Callable) -> Callable:
+  """`local_step(state, opt_state, batch)` vmapped over a leading trial axis
+  of the state (the batch is shared); it also takes `active` (a `[trials]`
+  bool) and leaves an inactive trial's state as it was."""
+
+  def one_trial(state, opt_state, batch, active):
+    new_state, new_opt_state, metrics = local_step(state, opt_state, batch)
+    keep = functools.partial(
+        jax.tree.map, lambda new, old: jnp.where(active, new, old))
+    return (keep(new_state, state), keep(new_opt_state, opt_state),
+            metrics)
+
+  return jax.vmap(one_trial, in_axes=(0, 0, None, 0))
+
+
 def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
                     adaptive_statistics: str | None = None,
-                    scan: bool = False):
+                    scan: bool = False, trials: bool = False):
   """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
 
   With `scan`, it returns `train_steps(state, batches) -> (state, metrics)`
@@ -110,69 +174,40 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
   (`batch_size=`) or the moments of the microbatch gradients
   (`gradient_moments=`, one unit per device and nonempty microbatch), and the
   metrics hold `next_batch_size` and `noise_scale`.
+
+  With `trials` (vmapped trials, see `trials`), every leaf of the state has
+  a leading trial axis, every trial trains on the same batch, the step is
+  `train_step(state, batch, active)` with `active` a `[trials]` bool (an
+  inactive trial's state is kept as it was) and every metric gets a trial
+  axis (`[K, trials]` with `scan`). Not with `per_device` or
+  `adaptive_statistics`.
   """
-  num_devices = mesh.size
-
-  def local_step(state, opt_state, batch):
-    state = state.replace(opt_state=opt_state)
-    total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
-
-    def weighted_loss(params, microbatch):
-      _, (loss_sum, correct) = classification_loss(state.apply_fn, params,
-                                                   microbatch)
-      return loss_sum, correct
-
-    # A Python loop over the (static, bucketed) number of microbatches, i.e.
-    # a fully unrolled scan: XLA:CPU runs this model several times slower
-    # inside lax.scan.
-    grad_sum = optax.tree.zeros_like(state.params)
-    loss_sum = correct = jnp.zeros(())
-    moments = None
-    if adaptive_statistics == "microbatch":
-      zeros = optax.tree.zeros_like(state.params, jnp.float32)
-      moments = sngm_optax.GradientMoments(
-          jnp.zeros((), jnp.int32), zeros, zeros)
-    for index in range(batch["x"].shape[0]):
-      microbatch = jax.tree.map(lambda array: array[index], batch)
-      (loss, right), grad = jax.value_and_grad(weighted_loss, has_aux=True)(
-          state.params, microbatch)
-      grad_sum = optax.tree.add(grad_sum, grad)
-      loss_sum, correct = loss_sum + loss, correct + right
-      if moments is not None:
-        # This device's slice of the microbatch is one unit; a weight-0
-        # (padding) microbatch adds nothing, not even to the count.
-        unit_weight = jnp.sum(microbatch["weight"])
-        unit = optax.tree.scale(1.0 / jnp.maximum(unit_weight, 1.0), grad)
-        moments = sngm_optax.GradientMoments(
-            moments.count + (unit_weight > 0).astype(jnp.int32),
-            optax.tree.add(moments.grad_sum, unit),
-            optax.tree.add(moments.sq_grad_sum,
-                           jax.tree.map(jnp.square, unit)))
-    # This device's share of the global mean-loss gradient, scaled so that
-    # the optimizer's mean over devices is the global-batch gradient.
-    grads = optax.tree.scale(num_devices / total_weight, grad_sum)
-    state, metrics = _apply_gradients(
-        state, grads, total_weight, loss_sum, correct, moments,
-        adaptive_statistics, per_device)
-    return state.replace(opt_state=None), state.opt_state, metrics
-
+  if trials and (per_device or adaptive_statistics):
+    raise ValueError("vmapped trials need a fixed batch and a replicated "
+                     "optimizer state")
+  local_step = functools.partial(
+      _fused_local_step, num_devices=mesh.size, per_device=per_device,
+      adaptive_statistics=adaptive_statistics)
   # check_vma=False keeps the pmap semantics: the gradient of replicated
   # params is per device, and the optimizer does the averaging.
   opt_spec = P(AXIS) if per_device else P()
+  in_specs = (P(), opt_spec, P(None, AXIS))
+  if trials:
+    local_step, in_specs = _over_trials(local_step), in_specs + (P(),)
   sharded = jax.shard_map(
-      local_step, mesh=mesh, in_specs=(P(), opt_spec, P(None, AXIS)),
+      local_step, mesh=mesh, in_specs=in_specs,
       out_specs=(P(), opt_spec, P()), check_vma=False)
 
-  def train_step(state, batch):
+  def train_step(state, batch, *active):
     # The optimizer state travels apart so that it can have its own spec.
     rest, opt_state, metrics = sharded(
-        state.replace(opt_state=None), state.opt_state, batch)
+        state.replace(opt_state=None), state.opt_state, batch, *active)
     return rest.replace(opt_state=opt_state), metrics
 
   if scan:
-    return jax.jit(lambda state, batches: jax.lax.scan(train_step, state,
-                                                       batches),
-                   donate_argnums=(0,))
+    return jax.jit(lambda state, batches, *active: jax.lax.scan(
+        lambda carry, batch: train_step(carry, batch, *active), state,
+        batches), donate_argnums=(0,))
   return jax.jit(train_step, donate_argnums=(0,))
 
 
@@ -256,13 +291,23 @@ class AccumulatingTrainStep:
                                            self._apply))
 
 
-def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
-  """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`."""
+def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable,
+                   trials: bool = False):
+  """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`.
 
-  def local_eval(params, x, y, weight):
+  With `trials`, the params have a leading trial axis and so do the sums.
+  """
+
+  def local_sums(params, x, y, weight):
     _, sums = classification_loss(apply_fn, params,
                                   {"x": x, "y": y, "weight": weight})
-    return jax.lax.psum(sums, AXIS)
+    return sums
+
+  if trials:
+    local_sums = jax.vmap(local_sums, in_axes=(0, None, None, None))
+
+  def local_eval(params, x, y, weight):
+    return jax.lax.psum(local_sums(params, x, y, weight), AXIS)
 
   return jax.jit(jax.shard_map(
       local_eval, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
@@ -270,8 +315,9 @@ def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
 
 
 def evaluate(eval_step, params, x, y, chunk: int) -> dict:
-  """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk`."""
-  loss_sum, correct = 0.0, 0.0
+  """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk`
+  (floats, or float64 arrays `[trials]` from a vmapped `eval_step`)."""
+  loss_sum, correct = np.float64(0.0), np.float64(0.0)
   for start in range(0, len(y), chunk):
     xs, ys = x[start:start + chunk], y[start:start + chunk]
     pad = chunk - len(ys)
@@ -281,6 +327,6 @@ def evaluate(eval_step, params, x, y, chunk: int) -> dict:
       ys = np.concatenate([ys, np.zeros(pad, ys.dtype)])
       weight[chunk - pad:] = 0.0
     batch_loss, batch_correct = eval_step(params, xs, ys, weight)
-    loss_sum += float(batch_loss)
-    correct += float(batch_correct)
+    loss_sum = loss_sum + np.asarray(batch_loss, np.float64)
+    correct = correct + np.asarray(batch_correct, np.float64)
   return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
