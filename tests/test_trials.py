@@ -63,10 +63,12 @@ def test_warmup_linear_rises_then_decays_to_zero_with_traced_lengths():
   assert float(no_warmup(0)) == 1.0
 
 
+@pytest.mark.parametrize("trial_map", ["vmap", "unroll"])
 @pytest.mark.parametrize("optimizer, learning_rates", [
     ("msgd", (0.05, 0.2)), ("sngm", (0.1, 0.4))])
 def test_each_vmapped_trial_equals_its_single_run(dataset, tmp_path,
-                                                  optimizer, learning_rates):
+                                                  optimizer, learning_rates,
+                                                  trial_map):
   # Two trials that differ in all three traced settings: learning rate,
   # weight decay and the length of the linear decay.
   points = [{"learning_rate": learning_rates[0], "weight_decay": 1e-4,
@@ -76,7 +78,9 @@ def test_each_vmapped_trial_equals_its_single_run(dataset, tmp_path,
   base = _base(optimizer=optimizer)
   configs = [trials.trial_config(base, point, warmup_fraction=0.2)
              for point in points]
-  runs, state = trials.train_program(configs, dataset, eval_every=EVAL_EVERY)
+  runs, state = trials.train_program(configs, dataset, eval_every=EVAL_EVERY,
+                                     trial_map=trial_map)
+  assert runs[0].extra["program"]["trial_map"] == trial_map
   assert [run.final["steps"] for run in runs] == [15, 10]
   finals = []
   for index, (config, run) in enumerate(zip(configs, runs)):
@@ -149,11 +153,12 @@ def test_early_stop_when_every_trial_still_training_reached_the_target(
 def test_a_diverging_trial_is_diverged_and_leaves_the_others_alone(dataset):
   points = [{"learning_rate": 0.2}, {"learning_rate": 1e5},
             {"learning_rate": 0.3}]
-  runs = trials.train_trials(_base(), points, dataset, eval_every=EVAL_EVERY)
+  runs = trials.train_trials(_base(), points, dataset, eval_every=EVAL_EVERY,
+                             trial_map="vmap")
   assert [run.status for run in runs][1] == sweep.DIVERGED
   assert "non-finite" in runs[1].error and runs[1].final is None
   alone = trials.train_trials(_base(), [points[0], points[2]], dataset,
-                              eval_every=EVAL_EVERY)
+                              eval_every=EVAL_EVERY, trial_map="vmap")
   for run, reference in zip([runs[0], runs[2]], alone):
     assert run.status == sweep.OK
     assert run.final["steps"] == 15

@@ -139,10 +139,39 @@ def _fused_local_step(state, opt_state, batch, *, num_devices: int,
   return state.replace(opt_state=None), state.opt_state, metrics
 
 
-def _over_trials(local_step: Callable) -> Callable:
-  """`local_step(state, opt_state, batch)` vmapped over a leading trial axis
-  of the state (the batch is shared); it also takes `active` (a `[trials]`
-  bool) and leaves an inactive trial's state as it was."""
+# How a step maps over a leading trial axis: `jax.vmap`, or "unroll": a
+# Python loop over the trials, stacked (one copy of the step per trial in
+# the program). XLA:CPU runs a convolution vmapped over its kernel as a
+# grouped convolution, several times slower than the trials one by one.
+TRIAL_MAPS = ("vmap", "unroll")
+
+
+def map_over_trials(fn: Callable, how: str, in_axes: tuple) -> Callable:
+  """`fn` mapped over the leading trial axis of the arguments whose
+  `in_axes` entry is 0 (None: shared by every trial), `how` one of
+  `TRIAL_MAPS`; the outputs are stacked along a leading trial axis."""
+  if how not in TRIAL_MAPS:
+    raise ValueError(f"how must be one of {TRIAL_MAPS}, got {how!r}")
+  if how == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled(*args):
+    mapped = [arg for arg, axis in zip(args, in_axes) if axis == 0]
+    num_trials = jax.tree.leaves(mapped)[0].shape[0]
+    outputs = [fn(*[jax.tree.map(lambda leaf, i=i: leaf[i], arg)
+                    if axis == 0 else arg
+                    for arg, axis in zip(args, in_axes)])
+               for i in range(num_trials)]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+  return unrolled
+
+
+def _over_trials(local_step: Callable, how: str) -> Callable:
+  """`local_step(state, opt_state, batch)` over a leading trial axis of the
+  state (the batch is shared, see `map_over_trials`); it also takes
+  `active` (a `[trials]` bool) and leaves an inactive trial's state as it
+  was."""
 
   def one_trial(state, opt_state, batch, active):
     new_state, new_opt_state, metrics = local_step(state, opt_state, batch)
@@ -151,12 +180,12 @@ def _over_trials(local_step: Callable) -> Callable:
     return (keep(new_state, state), keep(new_opt_state, opt_state),
             metrics)
 
-  return jax.vmap(one_trial, in_axes=(0, 0, None, 0))
+  return map_over_trials(one_trial, how, (0, 0, None, 0))
 
 
 def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
                     adaptive_statistics: str | None = None,
-                    scan: bool = False, trials: bool = False):
+                    scan: bool = False, trials: str | None = None):
   """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
 
   With `scan`, it returns `train_steps(state, batches) -> (state, metrics)`
@@ -175,8 +204,9 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
   (`gradient_moments=`, one unit per device and nonempty microbatch), and the
   metrics hold `next_batch_size` and `noise_scale`.
 
-  With `trials` (vmapped trials, see `trials`), every leaf of the state has
-  a leading trial axis, every trial trains on the same batch, the step is
+  With `trials` (`"vmap"` or `"unroll"`, see `map_over_trials` and the
+  module `trials`), every leaf of the state has a leading trial axis, every
+  trial trains on the same batch, the step is
   `train_step(state, batch, active)` with `active` a `[trials]` bool (an
   inactive trial's state is kept as it was) and every metric gets a trial
   axis (`[K, trials]` with `scan`). Not with `per_device` or
@@ -193,7 +223,7 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
   opt_spec = P(AXIS) if per_device else P()
   in_specs = (P(), opt_spec, P(None, AXIS))
   if trials:
-    local_step, in_specs = _over_trials(local_step), in_specs + (P(),)
+    local_step, in_specs = _over_trials(local_step, trials), in_specs + (P(),)
   sharded = jax.shard_map(
       local_step, mesh=mesh, in_specs=in_specs,
       out_specs=(P(), opt_spec, P()), check_vma=False)
@@ -292,10 +322,11 @@ class AccumulatingTrainStep:
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable,
-                   trials: bool = False):
+                   trials: str | None = None):
   """Returns `eval_step(params, x, y, weight) -> (loss_sum, correct_sum)`.
 
-  With `trials`, the params have a leading trial axis and so do the sums.
+  With `trials` (see `make_train_step`), the params have a leading trial
+  axis and so do the sums.
   """
 
   def local_sums(params, x, y, weight):
@@ -304,7 +335,7 @@ def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable,
     return sums
 
   if trials:
-    local_sums = jax.vmap(local_sums, in_axes=(0, None, None, None))
+    local_sums = map_over_trials(local_sums, trials, (0, None, None, None))
 
   def local_eval(params, x, y, weight):
     return jax.lax.psum(local_sums(params, x, y, weight), AXIS)
@@ -316,7 +347,7 @@ def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable,
 
 def evaluate(eval_step, params, x, y, chunk: int) -> dict:
   """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk`
-  (floats, or float64 arrays `[trials]` from a vmapped `eval_step`)."""
+  (floats, or lists of one per trial from a vmapped `eval_step`)."""
   loss_sum, correct = np.float64(0.0), np.float64(0.0)
   for start in range(0, len(y), chunk):
     xs, ys = x[start:start + chunk], y[start:start + chunk]
@@ -329,4 +360,6 @@ def evaluate(eval_step, params, x, y, chunk: int) -> dict:
     batch_loss, batch_correct = eval_step(params, xs, ys, weight)
     loss_sum = loss_sum + np.asarray(batch_loss, np.float64)
     correct = correct + np.asarray(batch_correct, np.float64)
-  return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+  # tolist: a Python float, or a list of them (one per trial).
+  return {"loss": (loss_sum / len(y)).tolist(),
+          "accuracy": (correct / len(y)).tolist()}

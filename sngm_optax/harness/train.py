@@ -154,8 +154,9 @@ class ProgramSpec:
     growing_microbatch: the microbatch size of a batch that grows, fed one
       microbatch at a time (`steps.AccumulatingTrainStep`); None for a fixed
       batch, fed in one fused step.
-    trials: the steps train vmapped trials, a state with a leading trial
-      axis (`steps.make_train_step(trials=True)`, see `trials`).
+    trials: the steps train trials side by side, a state with a leading
+      trial axis mapped by `jax.vmap` (`"vmap"`) or an unrolled loop
+      (`"unroll"`; see `steps.map_over_trials` and `trials`); None: one run.
     traced_schedule: the schedule's lengths are hyperparameters in the
       optimizer state too (`total_samples`, `warmup_samples`: trials of
       different decay lengths share the program; the spec's own are 0); a
@@ -173,7 +174,7 @@ class ProgramSpec:
   optimizer_kwargs: tuple = ()
   adaptive: AdaptiveBatch | None = None
   growing_microbatch: int | None = None
-  trials: bool = False
+  trials: str | None = None
   traced_schedule: bool = False
 
   @classmethod
