@@ -8,7 +8,9 @@ with `train.train_and_evaluate`, the loop every single run uses. Both see
 the same trials (quasi-random points over the three ranges, warm-up a fixed
 fraction of the decay) for the same number of steps, at each batch size.
 The program maps its step over the trials in both ways
-`steps.map_over_trials` offers: `jax.vmap`, and an unrolled loop.
+`steps.map_over_trials` offers: `jax.vmap` (`vmap`), and an unrolled loop
+(`unroll`); `per_trial` is `train_trials` with one trial per program
+(`trials_per_program=1`): one by one, but one compilation for all of them.
 
 - run time: the wall time of all trials, less what JAX spent compiling
   (`compile_clock`), one program against the sum of the single runs;
@@ -55,17 +57,23 @@ def search(num_trials: int, seed: int) -> sweep.QuasiRandom:
       trial_budget=num_trials, seed=seed)
 
 
-def time_program(base, points, dataset, steps: int, trial_map: str) -> dict:
+# The programs' options of each contender.
+PROGRAMS = {"vmap": {"trial_map": "vmap"}, "unroll": {"trial_map": "unroll"},
+            "per_trial": {"trial_map": "unroll", "trials_per_program": 1}}
+
+
+def time_program(base, points, dataset, steps: int, options) -> dict:
   start = time.perf_counter()
   runs = trials.train_trials(base, points, dataset, eval_every=steps,
                              max_steps=steps, warmup_fraction=WARMUP_FRACTION,
-                             trial_map=trial_map)
-  program = runs[0].extra["program"]
+                             **options)
   assert all(run.final["steps"] == steps for run in runs
              if run.final is not None)
+  # Each run holds its share of its program's times: they add up.
   return {"wall_s": time.perf_counter() - start,
-          "run_time_s": program["run_time_s"],
-          "compile_time_s": program["compile_time_s"],
+          "run_time_s": sum(run.run_time_s for run in runs),
+          "compile_time_s": sum(run.compile_time_s for run in runs),
+          "programs": len({id(run.extra["program"]) for run in runs}),
           "statuses": [run.status for run in runs]}
 
 
@@ -93,8 +101,8 @@ def main():
   parser.add_argument("--steps", nargs="+", type=int, default=[200, 60, 12],
                       help="step budget at each batch size")
   parser.add_argument("--trials", type=int, default=8)
-  parser.add_argument("--trial-maps", nargs="+", default=["vmap", "unroll"],
-                      choices=["vmap", "unroll"])
+  parser.add_argument("--trial-maps", nargs="+", choices=list(PROGRAMS),
+                      default=list(PROGRAMS))
   parser.add_argument("--optimizer", default="sngm")
   parser.add_argument("--model", default="cnn")
   parser.add_argument("--num-samples", type=int, default=20_000,
@@ -118,7 +126,8 @@ def main():
     row = {"batch_size": batch_size, "steps": steps, "trials": args.trials,
            "load_average_start": list(os.getloadavg())}
     for trial_map in args.trial_maps:
-      row[trial_map] = time_program(base, points, dataset, steps, trial_map)
+      row[trial_map] = time_program(base, points, dataset, steps,
+                                    PROGRAMS[trial_map])
     single = row["one_by_one"] = time_one_by_one(base, points, dataset, steps)
     row["load_average"] = list(os.getloadavg())
     for trial_map in args.trial_maps:

@@ -182,6 +182,12 @@ def test_run_records_split_the_program_times_and_key_like_single_runs(
     program = run.extra["program"]
     assert run.run_time_s == pytest.approx(program["run_time_s"])
     assert run.compile_time_s == pytest.approx(program["compile_time_s"])
+  split = trials.train_trials(_base(), [{"learning_rate": 0.05},
+                                        {"learning_rate": 0.1}], dataset,
+                              eval_every=5, max_steps=7, trials_per_program=1)
+  assert [run.extra["program"]["trials"] for run in split] == [1, 1]
+  assert split[0].final == dict(runs[0].final, wall_time_s=pytest.approx(
+      split[0].final["wall_time_s"]))
   with pytest.raises(ValueError, match="fixed batch"):
     trials.train_trials(_base(adaptive_batch="norm", max_batch_size=128,
                               num_microbatches=2), points[:1], dataset,

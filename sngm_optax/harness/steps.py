@@ -10,7 +10,9 @@ gradient sum, so a controller that grows the batch can feed a variable number
 of fixed-shape microbatches (and pad with weight-0 examples) without
 recompiling for every batch size. Every step (fused, accumulating,
 evaluation) uses the one loss `classification_loss`, and both train steps
-apply the optimizer with `_apply_gradients`.
+apply the optimizer with `_apply_gradients`. The fused step and the
+evaluation also train and evaluate trials side by side, over a leading
+trial axis of the state (`map_over_trials`, used by `trials`).
 """
 
 import functools

@@ -8,12 +8,16 @@ in the optimizer state, see `train.build_program`) and, with a schedule of
 schedule's length (`Config.epochs`, the length of the linear decay, and
 `warmup_epochs`). `train_trials` trains such trials as one compiled program:
 
-- The trial axis is the leading axis of every leaf of the train state, and
-  the step is `jax.vmap` over it inside the `shard_map` data parallelism
-  (`steps.make_train_step(trials=True)`): one step computes every trial's
-  gradient on the same batch, so every trial sees the same batches in the
-  same order (the order of `Config.seed`, as a single run of that seed
-  draws them): a fair search, and one seed per program.
+- The trial axis is the leading axis of every leaf of the train state
+  (params, optimizer state with its hyperparameters, step; a model's
+  `batch_stats` would get it too), and the step maps over it inside the
+  `shard_map` data parallelism (`steps.make_train_step(trials=...)`), by
+  `jax.vmap` or by an unrolled loop (`steps.map_over_trials`;
+  `default_trial_map`: unrolled on CPU, where vmapped convolutions are
+  slow grouped ones). One step computes every trial's gradient on the same
+  batch, so every trial sees the same batches in the same order (the order
+  of `Config.seed`, as a single run of that seed draws them): a fair
+  search, and one seed per program.
 - Each trial keeps its own bookkeeping on the host: the validation curve
   every `eval_every` steps (and at its last step), its steps to a declared
   `target` (the first evaluation at or above it), and its status. A trial
@@ -129,7 +133,7 @@ def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
                  target: float | None = None, max_steps: int = 0,
                  early_stop: bool = False,
                  warmup_fraction: float | None = None,
-                 trial_map: str = "auto",
+                 trial_map: str = "auto", trials_per_program: int = 0,
                  quiet: bool = True) -> list[sweep.Run]:
   """Trains the trials `points` of `base_config`, vmapped, one `Run` each.
 
@@ -150,6 +154,10 @@ def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
     trial_map: how the step maps over the trials, `"vmap"`, `"unroll"` or
       `"auto"` (`default_trial_map`); it does not change the results (to
       float32 rounding), so it is not in the runs' settings.
+    trials_per_program: at most this many trials in one program (0: all
+      that can share one). Programs of the same size compile once: with 1,
+      the trials train one by one but share a compilation across learning
+      rates, weight decays and decay lengths.
     quiet: no line per evaluation.
 
   Returns:
@@ -171,7 +179,10 @@ def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
   for index, config in enumerate(configs):
     groups.setdefault(_program_key(config), []).append(index)
   runs: list[sweep.Run | None] = [None] * len(configs)
-  for indices in groups.values():
+  size = trials_per_program or len(configs)
+  chunks = [group[start:start + size] for group in groups.values()
+            for start in range(0, len(group), size)]
+  for indices in chunks:
     group_runs, _ = train_program([configs[i] for i in indices], dataset,
                                   quiet=quiet, **options)
     for index, run in zip(indices, group_runs):
@@ -275,7 +286,7 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
     state, step_metrics = train._run_steps(  # pylint: disable=protected-access
         program, state, dataset, sampler.next_batch(batch_size * num_steps),
         num_steps, config.microbatch_size, config.num_microbatches,
-        scan_steps, batch_sharding, active)
+        scan_steps, batch_sharding, jnp.asarray(active))
     for number, metrics in enumerate(step_metrics, start=step + 1):
       for index in np.flatnonzero(active & alive):
         loss = float(metrics["loss"][index])
