@@ -22,7 +22,10 @@ name, base settings, a search space) and leave the rest to this module:
   contender the same one (`check_same_budget`).
 - `tune`: a contender's search, its pick rerun on more seeds, and the
   summary of the pick's seeds; `rerun`: a given point on the seeds, with no
-  search (another contender's pick on another budget).
+  search (another contender's pick on another budget). `tune_together`:
+  `tune` with a search's points trained first, together
+  (`VmappedTrainer`: the missing ones as vmapped trials, one compiled
+  program, `RunStore.run_together`).
 - `summarize` (mean ± sd over seeds) and `verdict`, the one rule for "A beats
   B" that every report uses (`SPREAD_RULE`).
 

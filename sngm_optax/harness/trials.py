@@ -88,10 +88,14 @@ def default_trial_map(platform: str) -> str:
   """`"unroll"` on CPU, else `"vmap"` (`steps.map_over_trials`).
 
   On XLA:CPU a convolution vmapped over its kernel runs as a grouped
-  convolution: 8 vmapped CNN trials took 1.4-7x the time of the same
-  trials one by one (B = 64-8,192, benchmarks/vmapped_trials.py), and
-  unrolled ones 0.8-3x; MLP trials were within 25 % either way. GPUs and
-  TPUs batch the vmapped kernels natively.
+  convolution: on 2 shared cores, 8 vmapped CNN trials ran at 0.29-0.66x
+  the speed of the same trials one by one (B = 64, 1,024, 8,192;
+  benchmarks/vmapped_trials.py), unrolled ones at 0.72-1.23x; one trial
+  per program (`trials_per_program=1`) at 1.0-1.3x, compiling once (2-4 s
+  against 33-38 s for the 8 single runs). The run time is compute-bound
+  there, so a program of many trials saves compilations and host work,
+  not arithmetic. GPUs and TPUs batch the vmapped kernels natively (not
+  measured here).
   """
   return "unroll" if platform == "cpu" else "vmap"
 
