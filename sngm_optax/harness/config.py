@@ -146,8 +146,9 @@ class Config:
   schedule: str = _option(
       "warmup_cosine", choices=SCHEDULES,
       doc="learning-rate schedule: warmup_cosine (linear warmup to the "
-          "peak, cosine decay to 0), step (linear warmup, then x0.1 at 50% "
-          "and 75% of the budget) or constant")
+          "peak, cosine decay to 0), warmup_linear (linear warmup, linear "
+          "decay to 0), step (linear warmup, then x0.1 at 50% and 75% of the "
+          "budget) or constant")
   warmup_epochs: float = _option(2.0, check=NON_NEGATIVE,
                                  doc="epochs of linear warmup")
   # --- Batch and budget.

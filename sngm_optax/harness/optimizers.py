@@ -324,5 +324,25 @@ def _step_decay(peak, total, warmup):
   return schedule
 
 
+def _warmup_linear(peak, total, warmup):
+  """Linear warm-up from 0 to the peak over `warmup`, then linear decay to 0
+  at `total` (Shallue et al. 2019's linear decay, to 0). `total` and
+  `warmup` may be traced values (trials of different decay lengths in one
+  compiled program); `warmup < total`."""
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warmed = jnp.where(warmup > 0,
+                       jnp.minimum(count / jnp.maximum(warmup, 1), 1.0), 1.0)
+    decayed = jnp.clip((total - count) / (total - warmup), 0.0, 1.0)
+    return peak * jnp.minimum(warmed, decayed)
+
+  return schedule
+
+
 SCHEDULES = {"constant": _constant, "step": _step_decay,
-             "warmup_cosine": _warmup_cosine}
+             "warmup_cosine": _warmup_cosine, "warmup_linear": _warmup_linear}
+
+# The schedules whose `total` and `warmup` may be traced values: vmapped
+# trials (`trials`) of different lengths share one compiled program.
+TRACEABLE_SCHEDULES = frozenset({"constant", "warmup_linear"})

@@ -10,7 +10,9 @@ gradient sum, so a controller that grows the batch can feed a variable number
 of fixed-shape microbatches (and pad with weight-0 examples) without
 recompiling for every batch size. Every step (fused, accumulating,
 evaluation) uses the one loss `classification_loss`, and both train steps
-apply the optimizer with `_apply_gradients`.
+apply the optimizer with `_apply_gradients`. The fused step and the
+evaluation also train and evaluate trials side by side, over a leading
+trial axis of the state (`map_over_trials`, used by `trials`).
 
 BatchNorm (a model whose variables include `batch_stats`, held by a
 `BatchNormTrainState`): the train steps run the model with `train=True`, so
@@ -153,9 +155,105 @@ def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
   return state, metrics
 
 
+def _fused_local_step(state, opt_state, batch, *, num_devices: int,
+                      per_device: bool, adaptive_statistics: str | None):
+  """One fused train step on this device's shard, inside `shard_map`.
+
+  Returns `(state without opt_state, opt_state, metrics)`.
+  """
+  state = state.replace(opt_state=opt_state)
+  total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
+
+  def weighted_loss(params, microbatch, batch_stats):
+    _, (loss_sum, correct, batch_stats) = classification_loss(
+        state.apply_fn, params, microbatch, batch_stats, train=True)
+    return loss_sum, (correct, batch_stats)
+
+  # A Python loop over the (static, bucketed) number of microbatches, i.e.
+  # a fully unrolled scan: XLA:CPU runs this model several times slower
+  # inside lax.scan.
+  grad_sum = optax.tree.zeros_like(state.params)
+  loss_sum = correct = jnp.zeros(())
+  moments = None
+  batch_stats = batch_stats_of(state)
+  if adaptive_statistics == "microbatch":
+    zeros = optax.tree.zeros_like(state.params, jnp.float32)
+    moments = sngm_optax.GradientMoments(
+        jnp.zeros((), jnp.int32), zeros, zeros)
+  for index in range(batch["x"].shape[0]):
+    microbatch = jax.tree.map(lambda array: array[index], batch)
+    (loss, (right, new_stats)), grad = jax.value_and_grad(
+        weighted_loss, has_aux=True)(state.params, microbatch, batch_stats)
+    batch_stats = _unless_padding(new_stats, batch_stats,
+                                  jnp.sum(microbatch["weight"]))
+    grad_sum = optax.tree.add(grad_sum, grad)
+    loss_sum, correct = loss_sum + loss, correct + right
+    if moments is not None:
+      # This device's slice of the microbatch is one unit; a weight-0
+      # (padding) microbatch adds nothing, not even to the count.
+      unit_weight = jnp.sum(microbatch["weight"])
+      unit = optax.tree.scale(1.0 / jnp.maximum(unit_weight, 1.0), grad)
+      moments = sngm_optax.GradientMoments(
+          moments.count + (unit_weight > 0).astype(jnp.int32),
+          optax.tree.add(moments.grad_sum, unit),
+          optax.tree.add(moments.sq_grad_sum,
+                         jax.tree.map(jnp.square, unit)))
+  # This device's share of the global mean-loss gradient, scaled so that
+  # the optimizer's mean over devices is the global-batch gradient.
+  grads = optax.tree.scale(num_devices / total_weight, grad_sum)
+  state, metrics = _apply_gradients(
+      state, grads, total_weight, loss_sum, correct, moments,
+      adaptive_statistics, per_device, batch_stats)
+  return state.replace(opt_state=None), state.opt_state, metrics
+
+
+# How a step maps over a leading trial axis: `jax.vmap`, or "unroll": a
+# Python loop over the trials, stacked (one copy of the step per trial in
+# the program). XLA:CPU runs a convolution vmapped over its kernel as a
+# grouped convolution, several times slower than the trials one by one.
+TRIAL_MAPS = ("vmap", "unroll")
+
+
+def map_over_trials(fn: Callable, how: str, in_axes: tuple) -> Callable:
+  """`fn` mapped over the leading trial axis of the arguments whose
+  `in_axes` entry is 0 (None: shared by every trial), `how` one of
+  `TRIAL_MAPS`; the outputs are stacked along a leading trial axis."""
+  if how not in TRIAL_MAPS:
+    raise ValueError(f"how must be one of {TRIAL_MAPS}, got {how!r}")
+  if how == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled(*args):
+    mapped = [arg for arg, axis in zip(args, in_axes) if axis == 0]
+    num_trials = jax.tree.leaves(mapped)[0].shape[0]
+    outputs = [fn(*[jax.tree.map(lambda leaf, i=i: leaf[i], arg)
+                    if axis == 0 else arg
+                    for arg, axis in zip(args, in_axes)])
+               for i in range(num_trials)]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+  return unrolled
+
+
+def _over_trials(local_step: Callable, how: str) -> Callable:
+  """`local_step(state, opt_state, batch)` over a leading trial axis of the
+  state (the batch is shared, see `map_over_trials`); it also takes
+  `active` (a `[trials]` bool) and leaves an inactive trial's state as it
+  was."""
+
+  def one_trial(state, opt_state, batch, active):
+    new_state, new_opt_state, metrics = local_step(state, opt_state, batch)
+    keep = functools.partial(
+        jax.tree.map, lambda new, old: jnp.where(active, new, old))
+    return (keep(new_state, state), keep(new_opt_state, opt_state),
+            metrics)
+
+  return map_over_trials(one_trial, how, (0, 0, None, 0))
+
+
 def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
                     adaptive_statistics: str | None = None,
-                    scan: bool = False):
+                    scan: bool = False, trials: str | None = None):
   """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled.
 
   With `scan`, it returns `train_steps(state, batches) -> (state, metrics)`
@@ -173,72 +271,41 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
   (`batch_size=`) or the moments of the microbatch gradients
   (`gradient_moments=`, one unit per device and nonempty microbatch), and the
   metrics hold `next_batch_size` and `noise_scale`.
+
+  With `trials` (`"vmap"` or `"unroll"`, see `map_over_trials` and the
+  module `trials`), every leaf of the state has a leading trial axis, every
+  trial trains on the same batch, the step is
+  `train_step(state, batch, active)` with `active` a `[trials]` bool (an
+  inactive trial's state is kept as it was) and every metric gets a trial
+  axis (`[K, trials]` with `scan`). Not with `per_device` or
+  `adaptive_statistics`.
   """
-  num_devices = mesh.size
-
-  def local_step(state, opt_state, batch):
-    state = state.replace(opt_state=opt_state)
-    total_weight = jax.lax.psum(jnp.sum(batch["weight"]), AXIS)
-
-    def weighted_loss(params, microbatch, batch_stats):
-      _, (loss_sum, correct, batch_stats) = classification_loss(
-          state.apply_fn, params, microbatch, batch_stats, train=True)
-      return loss_sum, (correct, batch_stats)
-
-    # A Python loop over the (static, bucketed) number of microbatches, i.e.
-    # a fully unrolled scan: XLA:CPU runs this model several times slower
-    # inside lax.scan.
-    grad_sum = optax.tree.zeros_like(state.params)
-    loss_sum = correct = jnp.zeros(())
-    moments = None
-    batch_stats = batch_stats_of(state)
-    if adaptive_statistics == "microbatch":
-      zeros = optax.tree.zeros_like(state.params, jnp.float32)
-      moments = sngm_optax.GradientMoments(
-          jnp.zeros((), jnp.int32), zeros, zeros)
-    for index in range(batch["x"].shape[0]):
-      microbatch = jax.tree.map(lambda array: array[index], batch)
-      (loss, (right, new_stats)), grad = jax.value_and_grad(
-          weighted_loss, has_aux=True)(state.params, microbatch, batch_stats)
-      batch_stats = _unless_padding(new_stats, batch_stats,
-                                    jnp.sum(microbatch["weight"]))
-      grad_sum = optax.tree.add(grad_sum, grad)
-      loss_sum, correct = loss_sum + loss, correct + right
-      if moments is not None:
-        # This device's slice of the microbatch is one unit; a weight-0
-        # (padding) microbatch adds nothing, not even to the count.
-        unit_weight = jnp.sum(microbatch["weight"])
-        unit = optax.tree.scale(1.0 / jnp.maximum(unit_weight, 1.0), grad)
-        moments = sngm_optax.GradientMoments(
-            moments.count + (unit_weight > 0).astype(jnp.int32),
-            optax.tree.add(moments.grad_sum, unit),
-            optax.tree.add(moments.sq_grad_sum,
-                           jax.tree.map(jnp.square, unit)))
-    # This device's share of the global mean-loss gradient, scaled so that
-    # the optimizer's mean over devices is the global-batch gradient.
-    grads = optax.tree.scale(num_devices / total_weight, grad_sum)
-    state, metrics = _apply_gradients(
-        state, grads, total_weight, loss_sum, correct, moments,
-        adaptive_statistics, per_device, batch_stats)
-    return state.replace(opt_state=None), state.opt_state, metrics
-
+  if trials and (per_device or adaptive_statistics):
+    raise ValueError("vmapped trials need a fixed batch and a replicated "
+                     "optimizer state")
+  local_step = functools.partial(
+      _fused_local_step, num_devices=mesh.size, per_device=per_device,
+      adaptive_statistics=adaptive_statistics)
   # check_vma=False keeps the pmap semantics: the gradient of replicated
   # params is per device, and the optimizer does the averaging.
   opt_spec = P(AXIS) if per_device else P()
+  in_specs = (P(), opt_spec, P(None, AXIS))
+  if trials:
+    local_step, in_specs = _over_trials(local_step, trials), in_specs + (P(),)
   sharded = jax.shard_map(
-      local_step, mesh=mesh, in_specs=(P(), opt_spec, P(None, AXIS)),
+      local_step, mesh=mesh, in_specs=in_specs,
       out_specs=(P(), opt_spec, P()), check_vma=False)
 
-  def train_step(state, batch):
+  def train_step(state, batch, *active):
     # The optimizer state travels apart so that it can have its own spec.
     rest, opt_state, metrics = sharded(
-        state.replace(opt_state=None), state.opt_state, batch)
+        state.replace(opt_state=None), state.opt_state, batch, *active)
     return rest.replace(opt_state=opt_state), metrics
 
   if scan:
-    return jax.jit(lambda state, batches: jax.lax.scan(train_step, state,
-                                                       batches),
-                   donate_argnums=(0,))
+    return jax.jit(lambda state, batches, *active: jax.lax.scan(
+        lambda carry, batch: train_step(carry, batch, *active), state,
+        batches), donate_argnums=(0,))
   return jax.jit(train_step, donate_argnums=(0,))
 
 
@@ -334,15 +401,26 @@ class AccumulatingTrainStep:
                                            self._apply))
 
 
-def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
+def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable,
+                   trials: str | None = None):
   """Returns `eval_step(params, x, y, weight, batch_stats=None) ->
   (loss_sum, correct_sum)`; a model with BatchNorm uses the running
-  averages `batch_stats`."""
+  averages `batch_stats`.
 
-  def local_eval(params, batch_stats, x, y, weight):
+  With `trials` (see `make_train_step`), the params (and statistics) have a
+  leading trial axis and so do the sums.
+  """
+
+  def local_sums(params, batch_stats, x, y, weight):
     _, (loss_sum, correct, _) = classification_loss(
         apply_fn, params, {"x": x, "y": y, "weight": weight}, batch_stats)
-    return jax.lax.psum((loss_sum, correct), AXIS)
+    return loss_sum, correct
+
+  if trials:
+    local_sums = map_over_trials(local_sums, trials, (0, 0, None, None, None))
+
+  def local_eval(params, batch_stats, x, y, weight):
+    return jax.lax.psum(local_sums(params, batch_stats, x, y, weight), AXIS)
 
   sharded = jax.jit(jax.shard_map(
       local_eval, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
@@ -356,8 +434,9 @@ def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable):
 
 def evaluate(eval_step, params, x, y, chunk: int, batch_stats=None) -> dict:
   """Mean loss and accuracy over `(x, y)`, in padded chunks of `chunk` (a
-  model with BatchNorm: with the running averages `batch_stats`)."""
-  loss_sum, correct = 0.0, 0.0
+  model with BatchNorm: with the running averages `batch_stats`): floats, or
+  lists of one per trial from a vmapped `eval_step`."""
+  loss_sum, correct = np.float64(0.0), np.float64(0.0)
   for start in range(0, len(y), chunk):
     xs, ys = x[start:start + chunk], y[start:start + chunk]
     pad = chunk - len(ys)
@@ -368,6 +447,8 @@ def evaluate(eval_step, params, x, y, chunk: int, batch_stats=None) -> dict:
       weight[chunk - pad:] = 0.0
     batch_loss, batch_correct = eval_step(params, xs, ys, weight,
                                           batch_stats)
-    loss_sum += float(batch_loss)
-    correct += float(batch_correct)
-  return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+    loss_sum = loss_sum + np.asarray(batch_loss, np.float64)
+    correct = correct + np.asarray(batch_correct, np.float64)
+  # tolist: a Python float, or a list of them (one per trial).
+  return {"loss": (loss_sum / len(y)).tolist(),
+          "accuracy": (correct / len(y)).tolist()}

@@ -22,7 +22,10 @@ name, base settings, a search space) and leave the rest to this module:
   contender the same one (`check_same_budget`).
 - `tune`: a contender's search, its pick rerun on more seeds, and the
   summary of the pick's seeds; `rerun`: a given point on the seeds, with no
-  search (another contender's pick on another budget).
+  search (another contender's pick on another budget). `tune_together`:
+  `tune` with a search's points trained first, together
+  (`VmappedTrainer`: the missing ones as vmapped trials, one compiled
+  program, `RunStore.run_together`).
 - `summarize` (mean ± sd over seeds) and `verdict`, the one rule for "A beats
   B" that every report uses (`SPREAD_RULE`).
 
@@ -269,6 +272,31 @@ class RunStore:
       file.flush()
       os.fsync(file.fileno())
 
+  def _check_deadline(self) -> None:
+    if (self.stop_after is not None and
+        datetime.datetime.now(datetime.timezone.utc) > self.stop_after):
+      raise DeadlineReached(f"not started after {self.stop_after:%H:%M} UTC")
+
+  def run_together(self, settings: Sequence[Mapping[str, Any]],
+                   train: Callable[[list[dict]], list[Run]]) -> list[Run]:
+    """`run` for many settings at once: the stored runs, and the missing
+    ones (each once) trained by one call `train(missing settings)`, which
+    returns their runs in order (vmapped trials, see `trials`)."""
+    for each in settings:
+      self.check_budget(each)
+    missing = {}
+    for each in settings:
+      if self.get(each) is None:
+        missing.setdefault(run_key(each), dict(each))
+    if missing:
+      self._check_deadline()
+      runs = train(list(missing.values()))
+      if [run.key for run in runs] != list(missing):
+        raise ValueError("train(settings) returned runs of other settings")
+      for run in runs:
+        self.put(run)
+    return [self.get(each) for each in settings]
+
   def run(self, settings: Mapping[str, Any],
           train: Callable[[dict], Run]) -> Run:
     """The stored run of `settings`, else `train(settings)`, stored."""
@@ -276,9 +304,7 @@ class RunStore:
     found = self.get(settings)
     if found is not None:
       return found
-    if (self.stop_after is not None and
-        datetime.datetime.now(datetime.timezone.utc) > self.stop_after):
-      raise DeadlineReached(f"not started after {self.stop_after:%H:%M} UTC")
+    self._check_deadline()
     run = train(dict(settings))
     if run.key != run_key(settings):
       raise ValueError("train(settings) returned a run of other settings")
@@ -827,6 +853,73 @@ def harness_trainer(store: RunStore, base, dataset, *,
         config, dataset, keep_curve=keep_curve))
 
   return train
+
+
+@dataclasses.dataclass(frozen=True)
+class VmappedTrainer:
+  """`train(point, seed)` for `tune` whose runs are vmapped trials
+  (`trials.train_trials`), stored in `store`; `train_together` trains many
+  points' missing runs as one program.
+
+  Attributes:
+    store: the `RunStore`.
+    base: the `Config` the points change.
+    dataset: the data.
+    options: `train_trials`'s keyword arguments (`eval_every`, `target`,
+      `max_steps`, `early_stop`, `warmup_fraction`).
+  """
+
+  store: RunStore
+  base: Any
+  dataset: Any
+  options: Mapping[str, Any]
+
+  def _config(self, point: Mapping[str, Any], seed: int):
+    from sngm_optax.harness import trials  # pylint: disable=g-import-not-at-top
+    return trials.trial_config(self.base, dict(point, seed=seed),
+                               self.options.get("warmup_fraction"))
+
+  def settings(self, point: Mapping[str, Any], seed: int) -> dict:
+    """The run settings of `point` trained with `seed`."""
+    from sngm_optax.harness import trials  # pylint: disable=g-import-not-at-top
+    options = {k: v for k, v in self.options.items()
+               if k != "warmup_fraction"}
+    return trials.trial_settings(self._config(point, seed), **options)
+
+  def train_together(self, points: Sequence[Mapping[str, Any]],
+                     seed: int) -> list[Run]:
+    """The runs of `points` with `seed`: stored ones read, the missing ones
+    trained together (`RunStore.run_together`)."""
+    from sngm_optax.harness import trials  # pylint: disable=g-import-not-at-top
+    by_key = {run_key(self.settings(point, seed)): point for point in points}
+
+    def train(missing: list[dict]) -> list[Run]:
+      chosen = [dict(by_key[run_key(each)], seed=seed) for each in missing]
+      return trials.train_trials(self.base, chosen, self.dataset,
+                                 **self.options)
+
+    return self.store.run_together(
+        [self.settings(point, seed) for point in points], train)
+
+  def __call__(self, point: Mapping[str, Any], seed: int) -> Run:
+    return self.train_together([point], seed)[0]
+
+
+def tune_together(name: str, train: VmappedTrainer, search: QuasiRandom, *,
+                  seeds: Sequence[int] = (0,), **tune_options) -> dict:
+  """`tune`, with the search's trials trained first, together
+  (`train.train_together(search.points(), seeds[0])`: one vmapped program
+  for the trials missing from the store), so that the search then reads
+  them from the store; the pick's other seeds train one by one.
+
+  Args:
+    name, seeds, tune_options: as `tune`'s.
+    train: a `VmappedTrainer` (or any `train(point, seed)` with a
+      `train_together(points, seed)`).
+    search: a search whose points are known in advance (`points()`).
+  """
+  train.train_together(search.points(), seeds[0])
+  return tune(name, train, search, seeds=seeds, **tune_options)
 
 
 def stored_trainer(store: RunStore, base) -> Callable[[dict, int], Run]:

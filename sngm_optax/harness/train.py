@@ -74,6 +74,7 @@ from sngm_optax.harness.optimizers import EPOCH_AWARE
 from sngm_optax.harness.optimizers import PER_DEVICE_STATE
 from sngm_optax.harness.optimizers import PeakTimesSchedule
 from sngm_optax.harness.optimizers import SCHEDULES
+from sngm_optax.harness.optimizers import TRACEABLE_SCHEDULES
 from sngm_optax.harness.optimizers import make_adaptive_optimizer
 from sngm_optax.harness.optimizers import make_optimizer
 from sngm_optax.harness.steps import AXIS
@@ -160,6 +161,13 @@ class ProgramSpec:
     growing_microbatch: the microbatch size of a batch that grows, fed one
       microbatch at a time (`steps.AccumulatingTrainStep`); None for a fixed
       batch, fed in one fused step.
+    trials: the steps train trials side by side, a state with a leading
+      trial axis mapped by `jax.vmap` (`"vmap"`) or an unrolled loop
+      (`"unroll"`; see `steps.map_over_trials` and `trials`); None: one run.
+    traced_schedule: the schedule's lengths are hyperparameters in the
+      optimizer state too (`total_samples`, `warmup_samples`: trials of
+      different decay lengths share the program; the spec's own are 0); a
+      schedule of `optimizers.TRACEABLE_SCHEDULES` only.
   """
 
   model: str
@@ -173,6 +181,8 @@ class ProgramSpec:
   optimizer_kwargs: tuple = ()
   adaptive: AdaptiveBatch | None = None
   growing_microbatch: int | None = None
+  trials: str | None = None
+  traced_schedule: bool = False
 
   @classmethod
   def from_config(cls, config: Config, num_train: int, devices,
@@ -202,8 +212,9 @@ class Program:
   tx: optax.GradientTransformation
   train_step: Callable
   eval_step: Callable
-  # The learning-rate schedule at peak 1, a function of samples seen.
-  unit_schedule: Callable
+  # The learning-rate schedule at peak 1, a function of samples seen (None
+  # when its lengths are traced: `ProgramSpec.traced_schedule`).
+  unit_schedule: Callable | None
   # K fixed-batch steps per dispatch (`lax.scan`); None for adaptive runs.
   scan_steps: Callable | None = None
 
@@ -223,14 +234,23 @@ def build_program(spec: ProgramSpec) -> Program:
   schedule counts samples, not steps: its `total_samples` and
   `warmup_samples` are in samples, and it is evaluated at the hyperparameter
   `samples_seen` (the samples before the step), which the train step
-  advances by each step's batch.
+  advances by each step's batch. With `spec.traced_schedule`, the lengths
+  are the hyperparameters `total_samples` and `warmup_samples` too.
   """
   devices = spec.devices
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   network = models.make_model(spec.model, spec.num_classes,
                               **dict(spec.model_kwargs))
-  unit_schedule = SCHEDULES[spec.schedule](1.0, spec.total_samples,
-                                           spec.warmup_samples)
+  lengths = {}
+  if spec.traced_schedule:
+    if spec.schedule not in TRACEABLE_SCHEDULES:
+      raise ValueError(f"schedule {spec.schedule!r} cannot take traced "
+                       f"lengths; use one of {sorted(TRACEABLE_SCHEDULES)}")
+    unit_schedule = None
+    lengths = {"total_samples": 1.0, "warmup_samples": 0.0}
+  else:
+    unit_schedule = SCHEDULES[spec.schedule](1.0, spec.total_samples,
+                                             spec.warmup_samples)
   optimizer, kwargs, adaptive = (spec.optimizer, dict(spec.optimizer_kwargs),
                                  spec.adaptive)
 
@@ -238,11 +258,14 @@ def build_program(spec: ProgramSpec) -> Program:
   if adaptive is not None:
     test, max_batch, initial_batch, microbatch, statistics = adaptive
 
-  def optimizer_with_peak(learning_rate, weight_decay, samples_seen):
+  def optimizer_with_peak(learning_rate, weight_decay, samples_seen,
+                          total_samples=None, warmup_samples=None):
     # The schedule's value at the samples seen; it keeps its peak, from
     # which TR takes lambda_0 = 0.1 * peak.
-    scheduled = PeakTimesSchedule(
-        learning_rate, lambda count: unit_schedule(samples_seen))
+    unit = unit_schedule or SCHEDULES[spec.schedule](1.0, total_samples,
+                                                     warmup_samples)
+    scheduled = PeakTimesSchedule(learning_rate,
+                                  lambda count: unit(samples_seen))
     if adaptive is None:
       return make_optimizer(optimizer, scheduled, axis_name=AXIS,
                             weight_decay=weight_decay, **kwargs)
@@ -255,23 +278,25 @@ def build_program(spec: ProgramSpec) -> Program:
 
   tx = optax.inject_hyperparams(optimizer_with_peak)(
       learning_rate=1.0, weight_decay=0.0,
-      samples_seen=jnp.zeros((), jnp.int32))
+      samples_seen=jnp.zeros((), jnp.int32), **lengths)
   per_device = optimizer in PER_DEVICE_STATE
   if per_device:
     tx = sngm_optax.per_device_state(tx)
   apply_fn = network.apply
   growing_microbatch = spec.growing_microbatch
   if growing_microbatch is None:
-    train_step = make_train_step(mesh, per_device, statistics)
+    train_step = make_train_step(mesh, per_device, statistics,
+                                 trials=spec.trials)
   else:
     train_step = AccumulatingTrainStep(mesh, growing_microbatch, per_device,
                                        statistics)
   return Program(mesh=mesh, apply_fn=apply_fn, init_fn=jax.jit(network.init),
                  tx=tx, train_step=train_step,
-                 eval_step=make_eval_step(mesh, apply_fn),
+                 eval_step=make_eval_step(mesh, apply_fn, spec.trials),
                  unit_schedule=unit_schedule,
                  scan_steps=None if growing_microbatch or adaptive
-                 else make_train_step(mesh, per_device, scan=True))
+                 else make_train_step(mesh, per_device, scan=True,
+                                      trials=spec.trials))
 
 
 # ----------------------------------------------------------------------------
@@ -284,6 +309,19 @@ def load_dataset(config: Config) -> data_lib.Dataset:
     return data_lib.load_npz(config.data_path)
   return data_lib.load_mnist1d(config.num_samples, config.data_seed,
                                config.cache_dir)
+
+
+def evaluation_splits(config: Config, dataset: data_lib.Dataset) -> tuple[
+    data_lib.Dataset, list, tuple | None]:
+  """`(training set, splits, validation)`: the training set less `config`'s
+  validation split, the `(name, x, y)` splits evaluated (test, then val) and
+  the validation `(x, y)` (None without one)."""
+  splits, validation = [("test", dataset.x_test, dataset.y_test)], None
+  if config.val_fraction > 0:
+    dataset, validation = dataset.split_validation(config.val_fraction,
+                                                   seed=config.data_seed)
+    splits.append(("val", *validation))
+  return dataset, splits, validation
 
 
 def _step_budget(config: Config, num_train: int) -> tuple[int, int, int]:
@@ -467,11 +505,12 @@ def _unstack(batches: dict) -> list[dict]:
 
 def _run_steps(program: Program, state, dataset: data_lib.Dataset,
                indices: np.ndarray, num_steps: int, microbatch_size: int,
-               num_slots: int, scan_steps: int,
-               sharding: NamedSharding) -> tuple[Any, list[dict]]:
+               num_slots: int, scan_steps: int, sharding: NamedSharding,
+               *step_args) -> tuple[Any, list[dict]]:
   """Runs `num_steps` steps on consecutive equal slices of `indices`, each
   fed in `num_slots` microbatches (one step's may be padded with weight-0
-  ones; several steps' must fill them).
+  ones; several steps' must fill them). Each step also gets `step_args`
+  (vmapped trials' `active`).
 
   Several steps go to the device as one stacked chunk and run as one scan
   when `num_steps == scan_steps > 1`, else one dispatch a step on slices of
@@ -480,7 +519,7 @@ def _run_steps(program: Program, state, dataset: data_lib.Dataset,
   """
   if num_steps == 1:  # e.g. an adaptive run's step, maybe padded
     state, metrics = program.train_step(state, _make_batch(
-        dataset, indices, microbatch_size, num_slots, sharding))
+        dataset, indices, microbatch_size, num_slots, sharding), *step_args)
     return state, [jax.device_get(metrics)]
   shape = (num_steps, num_slots, microbatch_size)
   x = _rows(dataset.x, indices)
@@ -490,11 +529,11 @@ def _run_steps(program: Program, state, dataset: data_lib.Dataset,
        "weight": np.ones(shape, np.float32)},
       NamedSharding(program.mesh, P(None, None, AXIS)))
   if num_steps == scan_steps > 1:
-    state, metrics = program.scan_steps(state, chunk)
+    state, metrics = program.scan_steps(state, chunk, *step_args)
   else:
     outputs = []
     for batch in _unstack(chunk):
-      state, metrics = program.train_step(state, batch)
+      state, metrics = program.train_step(state, batch, *step_args)
       outputs.append(metrics)
     metrics = _stack(outputs)
   metrics = jax.device_get(metrics)  # a few arrays, not one per step
@@ -648,12 +687,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   compile_seconds_before = compile_clock.seconds
 
   # --- Data.
-  dataset = load_dataset(config) if dataset is None else dataset
-  splits, validation = [("test", dataset.x_test, dataset.y_test)], None
-  if config.val_fraction > 0:
-    dataset, validation = dataset.split_validation(config.val_fraction,
-                                                   seed=config.data_seed)
-    splits.append(("val", *validation))
+  dataset, splits, validation = evaluation_splits(
+      config, load_dataset(config) if dataset is None else dataset)
   num_train = dataset.num_train
   _check_fits_data(config, num_train)
   sampler = data_lib.EpochSampler(num_train, seed=config.seed)
