@@ -2419,5 +2419,107 @@ def _step_verdict() -> str:
       + " on this CPU.")
 
 
+# ----------------------------------------------------------------------------
+# The large-batch step's efficiency (step_efficiency.py), vmapped trials
+# (vmapped_trials.py) and the resnet's cost (resnet_cost.py).
+
+
+def _command_at(record: dict) -> str:
+  return f"`{record['command']}` at {record['code_version']}"
+
+
+@block("step-efficiency")
+def _step_efficiency() -> str:
+  lines = []
+  for name, where in (("step_efficiency", "one core (`taskset -c 1`)"),
+                      ("step_efficiency_two_cores", "both cores")):
+    record = load(name)
+    matmul = record["matmul"]["flops_per_s"]
+    rows = [[label, f"{step['flops_per_s'] / 1e9:.1f}",
+             percent(step["fraction_of_matmul"]),
+             f"{step['speedup_over_before']:.2f}×",
+             f"{step['samples_per_s']:,.0f}"]
+            for label, step in record["steps"].items()]
+    loop = record["harness_loop"]
+    lines += [
+        f"On {where}: {_command_at(record)}; a 1024×1024 float32 matmul runs "
+        f"at {matmul / 1e9:.1f} GFLOP/s in the same run; load average "
+        f"{record['load_average_before'][0]:.1f} before, "
+        f"{record['load_average_after'][0]:.1f} after (1 min). FLOP/s count "
+        f"the `nn.Conv` step's {record['model_flops'] / 1e6:,.0f} MFLOP "
+        "(XLA's cost analysis) for every formulation.", "",
+        table(["step (CNN, B = "
+               f"{record['budget']['batch_size']:,}, sgd(momentum))",
+               "GFLOP/s", "of the matmul (%)", "speed-up", "samples/s"],
+              rows, "lrrrr"), "",
+        "The harness loop against the bare jitted step, same number of "
+        "steps: " + "; ".join(
+            f"{label}: {entry['loop_over_bare']:.2f}×"
+            for label, entry in loop.items()) + ".", ""]
+  return "\n".join(lines)
+
+
+@block("vmapped-trials")
+def _vmapped_trials() -> str:
+  record = load("vmapped_trials")
+  rows = []
+  for row in record["rows"]:
+    one = row["one_by_one"]
+    cells = [f"{row['batch_size']:,}", str(row["steps"]),
+             f"{one['run_time_s']:.1f} / {one['compile_time_s']:.1f}"]
+    for how in ("vmap", "unroll", "per_trial"):
+      entry = row[how]
+      cells.append(f"{entry['run_time_s']:.1f} / {entry['compile_time_s']:.1f}"
+                   f" (×{entry['run_time_speedup']:.2f} run, "
+                   f"×{entry['compile_time_speedup']:.1f} compile)")
+    rows.append(cells)
+  trials = record["rows"][0]["trials"]
+  return "\n".join([
+      f"{_command_at(record)}; {trials} trials of the CNN with sngm, run / "
+      "compile seconds (speed-up over one by one); "
+      f"{_common.load_text(record['machine'])}.", "",
+      table(["B", "steps", "one by one", "one program, vmap",
+             "one program, unrolled", "one compile, trials in turn"],
+            rows, "rrrrrr")])
+
+
+@block("resnet-cost")
+def _resnet_cost() -> str:
+  record = load("resnet_cost")
+  rows = [[f"{row['batch_size']:,}", f"{row['step_ms']['cnn']:.2f}",
+           f"{row['step_ms']['resnet']:.2f}", f"{row['ratio']:.2f}",
+           f"{row['cpu_ratio']:.2f}"] for row in record["step_cost"]]
+  params = record["step_cost"][0]["params"]
+  budget = record["budget"]
+  accuracy = {}
+  for run in record["runs"]:
+    accuracy.setdefault(run["model"], {}).setdefault(
+        run["learning_rate"], []).append(run["test_accuracy"])
+  best = {model: max(((lr, sweep.summarize(values))
+                      for lr, values in by_lr.items()),
+                      key=lambda item: item[1].mean)
+          for model, by_lr in accuracy.items()}
+  said = sweep.verdict(best["resnet"][1], best["cnn"][1])
+  return "\n".join([
+      f"{_command_at(record)} (the CNN of that commit: `nn.Conv`); "
+      f"{_common.load_text(record['machine'])}. Parameters: CNN "
+      f"{params['cnn']:,}, resnet {params['resnet']:,}.", "",
+      table(["B", "CNN ms/step", "resnet ms/step", "ratio (wall)",
+             "ratio (CPU time)"], rows, "rrrrr"), "",
+      f"Accuracy on {budget['num_train']:,} training examples, "
+      f"{budget['epochs']:g} epochs at B = {budget['batch_size']}, "
+      f"{budget['optimizer']}, the best of the learning rates "
+      f"{', '.join(f'{lr:g}' for lr in budget['learning_rates'])} on the "
+      f"test set, {budget['seeds']} seeds: resnet "
+      f"{mean_sd(best['resnet'][1])} % (lr {best['resnet'][0]:g}), CNN "
+      f"{mean_sd(best['cnn'][1])} % (lr {best['cnn'][0]:g}): the resnet "
+      f"{_VERDICT_PHRASE[said.word]} the CNN by the rule (gap "
+      f"{100 * said.gap:+.1f} points, spread {100 * said.spread:.1f})."])
+
+
+_VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
+                   "behind": "is behind", "no verdict": "has no verdict against"}
+
+
 if __name__ == "__main__":
   sys.exit(main())
