@@ -78,6 +78,14 @@ def _measure_checkout(checkout: pathlib.Path, argv: list[str]) -> list[dict]:
   return json.loads(child.stdout.splitlines()[-1])
 
 
+def _describe(checkout: pathlib.Path) -> str:
+  """`git describe` of `checkout` ("+dirty" with uncommitted changes)."""
+  described = subprocess.run(
+      ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=12"],
+      cwd=checkout, capture_output=True, text=True, check=True)
+  return described.stdout.strip()
+
+
 def _summary(rows: list[dict]) -> dict:
   later = rows[1:]
   return {"runs": rows, "first_run_compile_s": rows[0]["compile_s"],
@@ -123,7 +131,7 @@ def main() -> None:
               "learning_rates": args.learning_rates,
               "weight_decays": args.weight_decays, "epochs": 1},
       contenders=list(checkouts), checkouts={
-          name: str(path) for name, path in checkouts.items()},
+          name: _describe(path) for name, path in checkouts.items()},
       jax=jax.__version__, **results)
   _common.write_json(args.out, record)
   for name, result in results.items():

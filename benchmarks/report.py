@@ -2517,6 +2517,32 @@ def _resnet_cost() -> str:
       f"{100 * said.gap:+.1f} points, spread {100 * said.spread:.1f})."])
 
 
+
+@block("grid-compile-time")
+def _grid_compile_time() -> str:
+  record = load("grid_compile_time")
+  budget = record["budget"]
+  rows = []
+  for name in ("before", "after"):
+    if name not in record:
+      continue
+    result = record[name]
+    rows.append([name, f"{result['first_run_compile_s']:.1f}",
+                 f"{result['later_runs_compile_s']:.1f}",
+                 str(result["later_runs_backend_compiles"])])
+  trials = len(budget["learning_rates"]) * len(budget["weight_decays"])
+  return "\n".join([
+      f"{_command_at(record)} (before: the harness at "
+      f"{record['checkouts'].get('before')}); "
+      f"{budget['optimizer']}, the {budget['model'].upper()}, B = "
+      f"{budget['batch_size']:,}, a grid of "
+      f"{len(budget['learning_rates'])} learning rates × "
+      f"{len(budget['weight_decays'])} weight decays ({trials} runs); "
+      f"{_common.load_text(record['machine'])}.", "",
+      table(["harness", "compile s, first run",
+             f"compile s, the other {trials - 1} runs",
+             "XLA compilations, the other runs"], rows, "lrrr")])
+
 _VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
                    "behind": "is behind", "no verdict": "has no verdict against"}
 
