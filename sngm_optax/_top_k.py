@@ -23,13 +23,13 @@ SELECTIONS = ("exact", "approx", "sampled")
 # is the sample's (hits + 4 sqrt(hits))-th largest, so the count passing it is
 # k (1 + 4/sqrt(hits)), give or take k/sqrt(hits): fewer than k, or more than
 # the buffer of k (1 + 8/sqrt(hits)) (either would trigger the exact
-# fallback), are ~4-sigma events. The candidates are compacted in two
-# stages: the blocks holding one (jnp.nonzero over size/block flags), then the
-# candidates within those blocks, into the static buffer.
+# fallback), are ~4-sigma events. The candidates are compacted in one pass
+# over the vector: a 32-bit word of candidate flags per 32 entries, then each
+# buffer slot finds its word (prefix sums of the words' popcounts) and its bit.
 _SAMPLE_HITS = 1024
 _MAX_SAMPLES = 2**16  # a larger sample costs more than it saves (timed)
 _MIN_HITS = 64
-_MAX_BLOCK = 16
+_WORD = 32  # entries per word of candidate flags
 
 
 def check_selection(selection: str) -> None:
@@ -56,8 +56,7 @@ def num_selected(size: int, density: float) -> int:
 class _SampledPlan(NamedTuple):
   samples: int  # sample size
   rank: int  # the threshold is the sample's rank-th largest magnitude
-  buffer: int  # static number of candidates kept (and of candidate blocks)
-  block: int  # entries per block in the first compaction
+  buffer: int  # static number of candidates kept
 
 
 def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
@@ -67,36 +66,87 @@ def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
   buffer = math.ceil(k * (1 + 8 / math.sqrt(hits)))
   if hits < _MIN_HITS or 8 * samples > size or 8 * buffer > size:
     return None
-  block = 1
-  while 2 * block <= _MAX_BLOCK and 8 * buffer * 2 * block <= size:
-    block *= 2
-  return _SampledPlan(
-      samples, round(hits + 4 * math.sqrt(hits)), buffer, block
-  )
+  return _SampledPlan(samples, round(hits + 4 * math.sqrt(hits)), buffer)
 
 
-def _compact(is_candidate, size, plan):
-  """Positions of the first `plan.buffer` candidates; `size` pads the rest."""
-  whole = (size // plan.block) * plan.block
-  per_block = jnp.any(
-      is_candidate[:whole].reshape(-1, plan.block), axis=1
-  )
+def _candidate_words(magnitude, threshold):
+  """Bit j of word w flags entry `32 w + j` as a candidate (>= threshold).
+
+  NaNs count as candidates, so that they are sent, as `lax.top_k` would.
+  One pass over `magnitude`; the last word is padded with zero bits.
+  """
+  size = magnitude.shape[0]
+  whole = size // _WORD * _WORD
+  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(_WORD, dtype=jnp.uint32))
+
+  def pack(entries):
+    flags = (entries >= threshold) | jnp.isnan(entries)
+    return jnp.sum(jnp.where(flags, bits[: entries.shape[-1]], jnp.uint32(0)),
+                   axis=-1, dtype=jnp.uint32)
+
+  words = pack(magnitude[:whole].reshape(-1, _WORD))
   if whole < size:
-    per_block = jnp.append(per_block, jnp.any(is_candidate[whole:]))
-  blocks = jnp.nonzero(
-      per_block, size=plan.buffer, fill_value=per_block.shape[0]
-  )[0]
-  positions = (blocks[:, None] * plan.block + jnp.arange(plan.block)).reshape(
-      -1
-  )
-  inside = positions < size
-  positions = jnp.minimum(positions, size - 1)
-  in_blocks = inside & is_candidate[positions]
-  return jnp.where(
-      jnp.arange(plan.buffer) < jnp.sum(in_blocks),
-      positions[jnp.nonzero(in_blocks, size=plan.buffer, fill_value=0)[0]],
-      size,
-  )
+    words = jnp.append(words, pack(magnitude[whole:]))
+  return words
+
+
+def _compact_words(words, capacity):
+  """Positions of the first `capacity` flagged entries, and the flag count.
+
+  Slot s holds the s-th flag in ascending order of position: its word is the
+  last whose exclusive prefix count of flags is <= s, its bit the
+  (s - that count)-th set bit of the word (a binary search on popcounts).
+  Slots past the count hold garbage; the caller masks them.
+  """
+  counts = lax.population_count(words).astype(jnp.int32)
+  inclusive = jnp.cumsum(counts)
+  exclusive = inclusive - counts
+  slots = jnp.arange(capacity, dtype=jnp.int32)
+  word_of_slot = jnp.cumsum(
+      jnp.zeros(capacity, jnp.int32).at[exclusive].add(1, mode="drop")
+  ) - 1
+  rank = slots - exclusive[word_of_slot]
+  word = words[word_of_slot]
+  bit = jnp.zeros(capacity, jnp.uint32)
+  for step in (16, 8, 4, 2, 1):
+    below = lax.population_count(
+        word & ((jnp.uint32(1) << (bit + step)) - 1)
+    ).astype(jnp.int32)
+    bit = jnp.where(below <= rank, bit + step, bit)
+  return word_of_slot * _WORD + bit.astype(jnp.int32), inclusive[-1]
+
+
+def _as_ordered_bits(magnitude):
+  """The integer view of floats >= 0: increasing with them, NaN above inf.
+
+  Every NaN maps to the bits of inf plus one; returns that view and the bits
+  of inf.
+  """
+  width = magnitude.dtype.itemsize
+  int_dtype = jnp.dtype(f"int{8 * width}")
+  bits = lax.bitcast_convert_type(magnitude, int_dtype)
+  infinity = lax.bitcast_convert_type(
+      jnp.asarray(jnp.inf, magnitude.dtype), int_dtype)
+  return jnp.minimum(bits, infinity + 1), infinity
+
+
+def _kth_largest_bits(bits, rank, high):
+  """The `rank`-th largest of integers in [0, `high`), by bisection.
+
+  Entries below 0 (padding) are never counted; with fewer than `rank`
+  entries >= 0 the result is 0.
+  """
+
+  def halve(_, bounds):
+    # count(bits >= low) >= rank > count(bits >= high) throughout.
+    low, high = bounds
+    middle = low + (high - low) // 2
+    enough = jnp.sum(bits >= middle) >= rank
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  low, _ = lax.fori_loop(0, 8 * bits.dtype.itemsize, halve,
+                         (jnp.zeros((), bits.dtype), high))
+  return low
 
 
 def _kth_largest(magnitude, rank):
@@ -107,56 +157,69 @@ def _kth_largest(magnitude, rank):
   every number; the result is then inf): 32 passes over a float32 sample,
   where XLA:CPU's sort or top-k of 64k entries takes ~50 ms.
   """
-  width = magnitude.dtype.itemsize
-  bits = lax.bitcast_convert_type(magnitude, jnp.dtype(f"int{8 * width}"))
-  infinity = lax.bitcast_convert_type(
-      jnp.asarray(jnp.inf, magnitude.dtype), bits.dtype)
-
-  def halve(_, bounds):
-    # count(bits >= low) >= rank > count(bits >= high) throughout.
-    low, high = bounds
-    middle = low + (high - low) // 2
-    enough = jnp.sum(bits >= middle) >= rank
-    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
-
-  low, _ = lax.fori_loop(0, 8 * width, halve,
-                         (jnp.zeros((), bits.dtype), infinity + 1))
-  return lax.bitcast_convert_type(low, magnitude.dtype)
+  bits, infinity = _as_ordered_bits(magnitude)
+  return lax.bitcast_convert_type(
+      _kth_largest_bits(bits, rank, infinity + 1), magnitude.dtype)
 
 
 def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   """Top-k indices among the entries above a sampled threshold.
 
-  Returns the indices and whether they are certainly the exact top k: that is
-  when at least k entries pass the threshold (so the k largest all pass) and
-  no more than the buffer holds.
+  Returns the indices (ascending) and whether they are certainly the exact
+  top k: that is when at least k entries pass the threshold (so the k
+  largest all pass) and no more than the buffer holds.
   """
   size = magnitude.shape[0]
   sample = magnitude[jax.random.randint(key, (plan.samples,), 0, size)]
   threshold = _kth_largest(sample, plan.rank)
-  # NaNs count as candidates so that they are sent, as `lax.top_k` would.
-  is_candidate = (magnitude >= threshold) | jnp.isnan(magnitude)
-  count = jnp.sum(is_candidate, dtype=jnp.int32)
-  is_exact = (count >= k) & (count <= plan.buffer)
-  positions = _compact(is_candidate, size, plan)
-  # Padding reads as -inf; positions are ascending, so ties go to the lower
-  # index, as in `lax.top_k`.
-  values = jnp.where(
-      positions < size, magnitude[jnp.minimum(positions, size - 1)], -jnp.inf
+  positions, count = _compact_words(
+      _candidate_words(magnitude, threshold), plan.buffer
   )
-  return positions[lax.top_k(values, k)[1]].astype(jnp.int32), is_exact
+  is_exact = (count >= k) & (count <= plan.buffer)
+  # The exact k-th largest of the candidates, in the bits' integer view
+  # (increasing for magnitudes >= 0, NaN above inf); padding reads as -1.
+  bits, infinity = _as_ordered_bits(
+      magnitude[jnp.clip(positions, 0, size - 1)]
+  )
+  bits = jnp.where(jnp.arange(plan.buffer) < count, bits, -1)
+  kth = _kth_largest_bits(bits, k, infinity + 2)
+  above, tied = bits > kth, bits == kth
+  # Ties go to the lower index, as in `lax.top_k`: positions are ascending.
+  taken = above | (
+      tied & (jnp.cumsum(tied, dtype=jnp.int32) <= k - jnp.sum(above))
+  )
+  destination = jnp.where(taken, jnp.cumsum(taken, dtype=jnp.int32) - 1, k)
+  indices = jnp.zeros(k, jnp.int32).at[destination].set(
+      positions, mode="drop"
+  )
+  return indices, is_exact
 
 
-def _top_k_sampled(magnitude, k, key):
+def _magnitude(vector):
+  """|vector| in at least float32: exact and order-preserving.
+
+  XLA's CPU top-k of bfloat16 is a generic sort, ~30x slower
+  (benchmarks/README.md).
+  """
+  return jnp.abs(vector).astype(jnp.promote_types(vector.dtype, jnp.float32))
+
+
+def _exact_top_k(vector, k):
+  return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)
+
+
+def _top_k_sampled(vector, k, key):
   """Exact top-k indices, usually found among sampled-threshold candidates."""
-  plan = _sampled_plan(magnitude.shape[0], k)
+  plan = _sampled_plan(vector.shape[0], k)
   if plan is None:
-    return lax.top_k(magnitude, k)[1].astype(jnp.int32)
-  indices, is_exact = _top_k_from_sampled_threshold(magnitude, k, key, plan)
+    return _exact_top_k(vector, k)
+  indices, is_exact = _top_k_from_sampled_threshold(
+      _magnitude(vector), k, key, plan
+  )
+  # The fallback takes `vector`, not its magnitude: an operand of the
+  # conditional is materialized, and |vector| need not be otherwise.
   return lax.cond(
-      is_exact,
-      lambda: indices,
-      lambda: lax.top_k(magnitude, k)[1].astype(jnp.int32),
+      is_exact, lambda _: indices, lambda v: _exact_top_k(v, k), vector
   )
 
 
@@ -210,18 +273,13 @@ def top_k_by_magnitude(
         f"expected a 1-D vector and 1 <= k <= its size, got shape "
         f"{vector.shape} and k={k}"
     )
-  # Exact in float32 and order-preserving; XLA's CPU top-k of bfloat16 is a
-  # generic sort, ~30x slower (benchmarks/README.md).
-  magnitude = jnp.abs(vector).astype(
-      jnp.promote_types(vector.dtype, jnp.float32)
-  )
   if k == vector.shape[0]:
     return jnp.arange(k, dtype=jnp.int32)
   if selection == "approx":
-    return lax.approx_max_k(magnitude, k, recall_target=0.95)[1].astype(
-        jnp.int32
-    )
+    return lax.approx_max_k(
+        _magnitude(vector), k, recall_target=0.95
+    )[1].astype(jnp.int32)
   if selection == "sampled":
     key = jax.random.key(0) if key is None else key
-    return _top_k_sampled(magnitude, k, key)
-  return lax.top_k(magnitude, k)[1].astype(jnp.int32)
+    return _top_k_sampled(vector, k, key)
+  return _exact_top_k(vector, k)
