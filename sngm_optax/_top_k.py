@@ -69,51 +69,13 @@ def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
   return _SampledPlan(samples, round(hits + 4 * math.sqrt(hits)), buffer)
 
 
-def _candidate_words(magnitude, threshold):
-  """Bit j of word w flags entry `32 w + j` as a candidate (>= threshold).
+def _magnitude(vector):
+  """|vector| in at least float32: exact and order-preserving.
 
-  NaNs count as candidates, so that they are sent, as `lax.top_k` would.
-  One pass over `magnitude`; the last word is padded with zero bits.
+  XLA's CPU top-k of bfloat16 is a generic sort, ~30x slower
+  (benchmarks/README.md).
   """
-  size = magnitude.shape[0]
-  whole = size // _WORD * _WORD
-  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(_WORD, dtype=jnp.uint32))
-
-  def pack(entries):
-    flags = (entries >= threshold) | jnp.isnan(entries)
-    return jnp.sum(jnp.where(flags, bits[: entries.shape[-1]], jnp.uint32(0)),
-                   axis=-1, dtype=jnp.uint32)
-
-  words = pack(magnitude[:whole].reshape(-1, _WORD))
-  if whole < size:
-    words = jnp.append(words, pack(magnitude[whole:]))
-  return words
-
-
-def _compact_words(words, capacity):
-  """Positions of the first `capacity` flagged entries, and the flag count.
-
-  Slot s holds the s-th flag in ascending order of position: its word is the
-  last whose exclusive prefix count of flags is <= s, its bit the
-  (s - that count)-th set bit of the word (a binary search on popcounts).
-  Slots past the count hold garbage; the caller masks them.
-  """
-  counts = lax.population_count(words).astype(jnp.int32)
-  inclusive = jnp.cumsum(counts)
-  exclusive = inclusive - counts
-  slots = jnp.arange(capacity, dtype=jnp.int32)
-  word_of_slot = jnp.cumsum(
-      jnp.zeros(capacity, jnp.int32).at[exclusive].add(1, mode="drop")
-  ) - 1
-  rank = slots - exclusive[word_of_slot]
-  word = words[word_of_slot]
-  bit = jnp.zeros(capacity, jnp.uint32)
-  for step in (16, 8, 4, 2, 1):
-    below = lax.population_count(
-        word & ((jnp.uint32(1) << (bit + step)) - 1)
-    ).astype(jnp.int32)
-    bit = jnp.where(below <= rank, bit + step, bit)
-  return word_of_slot * _WORD + bit.astype(jnp.int32), inclusive[-1]
+  return jnp.abs(vector).astype(jnp.promote_types(vector.dtype, jnp.float32))
 
 
 def _as_ordered_bits(magnitude):
@@ -130,22 +92,27 @@ def _as_ordered_bits(magnitude):
   return jnp.minimum(bits, infinity + 1), infinity
 
 
-def _kth_largest_bits(bits, rank, high):
-  """The `rank`-th largest of integers in [0, `high`), by bisection.
+def _kth_largest_bits(source, rank, high, to_bits=None):
+  """The `rank`-th largest of integers `to_bits(source)` in [0, `high`).
 
-  Entries below 0 (padding) are never counted; with fewer than `rank`
-  entries >= 0 the result is 0.
+  By bisection: 8·itemsize halvings of the range, each one pass over
+  `source` that counts the entries at or above the middle. The integers are
+  computed inside each pass (XLA fuses them into it) and counted through
+  words of flags (a plain sum over a large vector is split by XLA:CPU into
+  a tree that materializes it): no buffer of `source`'s size. Entries
+  below 0 (padding) are never counted; with fewer than `rank` entries
+  >= 0 the result is 0.
   """
+  to_bits = (lambda x: x) if to_bits is None else to_bits
+  dtype = jax.eval_shape(to_bits, source).dtype
 
-  def halve(_, bounds):
-    # count(bits >= low) >= rank > count(bits >= high) throughout.
-    low, high = bounds
+  # count(bits >= low) >= rank > count(bits >= high) throughout. Unrolled:
+  # in a loop, XLA would hoist `to_bits(source)` out, into a buffer.
+  low, high = jnp.zeros((), dtype), jnp.asarray(high, dtype)
+  for _ in range(8 * dtype.itemsize):
     middle = low + (high - low) // 2
-    enough = jnp.sum(bits >= middle) >= rank
-    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
-
-  low, _ = lax.fori_loop(0, 8 * bits.dtype.itemsize, halve,
-                         (jnp.zeros((), bits.dtype), high))
+    enough = jnp.sum(_popcount(_pack(to_bits(source) >= middle))) >= rank
+    low, high = jnp.where(enough, middle, low), jnp.where(enough, high, middle)
   return low
 
 
@@ -162,6 +129,90 @@ def _kth_largest(magnitude, rank):
       _kth_largest_bits(bits, rank, infinity + 1), magnitude.dtype)
 
 
+def _pack(flags):
+  """Bit j of word w is `flags[32 w + j]`; the last word is padded with 0s.
+
+  One pass over `flags` (a boolean expression, fused by XLA), d/32 words out.
+  """
+  size = flags.shape[0]
+  whole = size // _WORD * _WORD
+  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(_WORD, dtype=jnp.uint32))
+
+  def pack(part):
+    return jnp.sum(jnp.where(part, bits[: part.shape[-1]], jnp.uint32(0)),
+                   axis=-1, dtype=jnp.uint32)  # distinct bits: an or
+
+  words = pack(flags[:whole].reshape(-1, _WORD))
+  if whole < size:
+    words = jnp.append(words, pack(flags[whole:]))
+  return words
+
+
+def _popcount(words):
+  return lax.population_count(words).astype(jnp.int32)
+
+
+def _set_bit(words, rank):
+  """Position (uint32) of the `rank`-th (from 0) set bit of each word.
+
+  A binary search on the popcounts of the lower bits; where a word has
+  `rank` set bits or fewer, the result is 31.
+  """
+  bit = jnp.zeros(words.shape, jnp.uint32)
+  for step in (16, 8, 4, 2, 1):
+    below = _popcount(words & ((jnp.uint32(1) << (bit + step)) - 1))
+    bit = jnp.where(below <= rank, bit + step, bit)
+  return bit
+
+
+def _compact(words, capacity):
+  """Positions of the first `capacity` set bits of `words`, and their count.
+
+  Slot s holds the s-th set bit in ascending order of position: its word is
+  the last whose exclusive prefix count of set bits is <= s (a scatter of
+  the d/32 prefix counts, then a prefix sum over the slots), its bit the
+  (s - that count)-th set bit of the word. Slots past the count hold
+  garbage; the caller masks them.
+  """
+  counts = _popcount(words)
+  inclusive = jnp.cumsum(counts)
+  exclusive = inclusive - counts
+  word_of_slot = jnp.cumsum(
+      jnp.zeros(capacity, jnp.int32).at[exclusive].add(1, mode="drop")
+  ) - 1
+  rank = jnp.arange(capacity, dtype=jnp.int32) - exclusive[word_of_slot]
+  bit = _set_bit(words[word_of_slot], rank)
+  return word_of_slot * _WORD + bit.astype(jnp.int32), inclusive[-1]
+
+
+def _first_set_bits(words, count):
+  """`words` with only their first `count` set bits (in position order)."""
+  counts = _popcount(words)
+  exclusive = jnp.cumsum(counts) - counts
+  keep = jnp.clip(count - exclusive, 0, counts)  # set bits kept per word
+  last = _set_bit(words, keep - 1)  # the last bit kept, where keep > 0
+  # 2 << 31 is 0 in uint32, so the mask is then all ones.
+  below_last = (jnp.uint32(2) << last) - 1
+  return jnp.where(keep > 0, words & below_last, jnp.uint32(0))
+
+
+def _top_k_by_bisection(vector, k):
+  """The exact top k (ascending indices, ties to the lower index), no sort.
+
+  The k-th largest magnitude by bisection (32 passes over `vector`, read
+  only), then the entries above it and the first ties, compacted through
+  words of flags: no buffer of the vector's size is needed.
+  """
+  def to_bits(vector):
+    return _as_ordered_bits(_magnitude(vector))[0]
+
+  bits, infinity = _as_ordered_bits(_magnitude(vector))
+  kth = _kth_largest_bits(vector, k, infinity + 2, to_bits)
+  above = _pack(bits > kth)
+  ties = _first_set_bits(_pack(bits == kth), k - jnp.sum(_popcount(above)))
+  return _compact(above | ties, k)[0]
+
+
 def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   """Top-k indices among the entries above a sampled threshold.
 
@@ -170,20 +221,19 @@ def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   largest all pass) and no more than the buffer holds.
   """
   size = magnitude.shape[0]
-  sample = magnitude[jax.random.randint(key, (plan.samples,), 0, size)]
-  threshold = _kth_largest(sample, plan.rank)
-  positions, count = _compact_words(
-      _candidate_words(magnitude, threshold), plan.buffer
-  )
+  bits, infinity = _as_ordered_bits(magnitude)
+  sample = bits[jax.random.randint(key, (plan.samples,), 0, size)]
+  threshold = _kth_largest_bits(sample, plan.rank, infinity + 2)
+  positions, count = _compact(_pack(bits >= threshold), plan.buffer)
   is_exact = (count >= k) & (count <= plan.buffer)
-  # The exact k-th largest of the candidates, in the bits' integer view
-  # (increasing for magnitudes >= 0, NaN above inf); padding reads as -1.
-  bits, infinity = _as_ordered_bits(
-      magnitude[jnp.clip(positions, 0, size - 1)]
+  # The exact k-th largest of the candidates; padding reads as -1.
+  candidates = jnp.where(
+      jnp.arange(plan.buffer) < count,
+      bits[jnp.clip(positions, 0, size - 1)],
+      -1,
   )
-  bits = jnp.where(jnp.arange(plan.buffer) < count, bits, -1)
-  kth = _kth_largest_bits(bits, k, infinity + 2)
-  above, tied = bits > kth, bits == kth
+  kth = _kth_largest_bits(candidates, k, infinity + 2)
+  above, tied = candidates > kth, candidates == kth
   # Ties go to the lower index, as in `lax.top_k`: positions are ascending.
   taken = above | (
       tied & (jnp.cumsum(tied, dtype=jnp.int32) <= k - jnp.sum(above))
@@ -195,31 +245,18 @@ def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   return indices, is_exact
 
 
-def _magnitude(vector):
-  """|vector| in at least float32: exact and order-preserving.
-
-  XLA's CPU top-k of bfloat16 is a generic sort, ~30x slower
-  (benchmarks/README.md).
-  """
-  return jnp.abs(vector).astype(jnp.promote_types(vector.dtype, jnp.float32))
-
-
-def _exact_top_k(vector, k):
-  return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)
-
-
 def _top_k_sampled(vector, k, key):
   """Exact top-k indices, usually found among sampled-threshold candidates."""
   plan = _sampled_plan(vector.shape[0], k)
   if plan is None:
-    return _exact_top_k(vector, k)
+    return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)
   indices, is_exact = _top_k_from_sampled_threshold(
       _magnitude(vector), k, key, plan
   )
-  # The fallback takes `vector`, not its magnitude: an operand of the
-  # conditional is materialized, and |vector| need not be otherwise.
+  # The fallback takes `vector`, not its magnitude (an operand of the
+  # conditional is materialized), and needs no buffer of its size.
   return lax.cond(
-      is_exact, lambda _: indices, lambda v: _exact_top_k(v, k), vector
+      is_exact, lambda _: indices, lambda v: _top_k_by_bisection(v, k), vector
   )
 
 
@@ -282,4 +319,4 @@ def top_k_by_magnitude(
   if selection == "sampled":
     key = jax.random.key(0) if key is None else key
     return _top_k_sampled(vector, k, key)
-  return _exact_top_k(vector, k)
+  return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)
