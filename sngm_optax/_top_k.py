@@ -3,7 +3,7 @@
 The selection step of sparse communication (:func:`gmc`, :func:`dgc`): each
 worker sends the `num_selected(d, density)` entries of largest magnitude.
 Every method returns exactly `k` distinct int32 indices, so the exchanged
-buffers have a static size.
+buffers have a static size; 'exact' and 'sampled' return the same set.
 """
 
 import math
@@ -92,26 +92,45 @@ def _as_ordered_bits(magnitude):
   return jnp.minimum(bits, infinity + 1), infinity
 
 
-def _kth_largest_bits(source, rank, high, to_bits=None):
-  """The `rank`-th largest of integers `to_bits(source)` in [0, `high`).
+def _kth_largest_bits(bits, rank, high):
+  """The `rank`-th largest of integers in [0, `high`), by bisection.
 
-  By bisection: 8·itemsize halvings of the range, each one pass over
-  `source` that counts the entries at or above the middle. The integers are
-  computed inside each pass (XLA fuses them into it) and counted through
-  words of flags (a plain sum over a large vector is split by XLA:CPU into
-  a tree that materializes it): no buffer of `source`'s size. Entries
-  below 0 (padding) are never counted; with fewer than `rank` entries
-  >= 0 the result is 0.
+  Entries below 0 (padding) are never counted; with fewer than `rank`
+  entries >= 0 the result is 0.
   """
-  to_bits = (lambda x: x) if to_bits is None else to_bits
-  dtype = jax.eval_shape(to_bits, source).dtype
 
-  # count(bits >= low) >= rank > count(bits >= high) throughout. Unrolled:
-  # in a loop, XLA would hoist `to_bits(source)` out, into a buffer.
-  low, high = jnp.zeros((), dtype), jnp.asarray(high, dtype)
-  for _ in range(8 * dtype.itemsize):
+  def halve(_, bounds):
+    # count(bits >= low) >= rank > count(bits >= high) throughout.
+    low, high = bounds
     middle = low + (high - low) // 2
-    enough = jnp.sum(_popcount(_pack(to_bits(source) >= middle))) >= rank
+    enough = jnp.sum(bits >= middle, dtype=jnp.int32) >= rank
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  low, _ = lax.fori_loop(0, 8 * bits.dtype.itemsize, halve,
+                         (jnp.zeros((), bits.dtype), high))
+  return low
+
+
+def _kth_largest_magnitude_bits(vector, rank):
+  """The ordered bits (see `_as_ordered_bits`) of the `rank`-th largest |entry|.
+
+  By bisection over [0, inf] (a NaN counts as inf here) on the integer
+  view of |v| (exact, denormals included: a float comparison would flush
+  them to zero). Each step is one read-only pass over `vector`, counted
+  through words of flags (XLA:CPU splits a plain sum over a large vector
+  into a tree that materializes it). Unrolled: in a loop, XLA would hoist
+  the integer view out, into a buffer of the vector's size.
+  """
+  def ordered_bits():
+    return _as_ordered_bits(jnp.abs(vector))
+
+  _, infinity = ordered_bits()
+  low, high = jnp.zeros_like(infinity), infinity + 1
+  for _ in range(8 * vector.dtype.itemsize):
+    # count(bits >= low) >= rank > count(bits >= high) throughout.
+    middle = low + (high - low) // 2
+    count = jnp.sum(_popcount(_pack(ordered_bits()[0] >= middle)))
+    enough = count >= rank
     low, high = jnp.where(enough, middle, low), jnp.where(enough, high, middle)
   return low
 
@@ -199,15 +218,15 @@ def _first_set_bits(words, count):
 def _top_k_by_bisection(vector, k):
   """The exact top k (ascending indices, ties to the lower index), no sort.
 
-  The k-th largest magnitude by bisection (32 passes over `vector`, read
-  only), then the entries above it and the first ties, compacted through
-  words of flags: no buffer of the vector's size is needed.
+  The k-th largest magnitude by bisection (8·itemsize read-only passes over
+  `vector`), then the entries above it and the first ties, compacted
+  through words of flags: no buffer of the vector's size is needed. In the
+  vector's own dtype, where |v| is exact.
   """
-  def to_bits(vector):
-    return _as_ordered_bits(_magnitude(vector))[0]
-
-  bits, infinity = _as_ordered_bits(_magnitude(vector))
-  kth = _kth_largest_bits(vector, k, infinity + 2, to_bits)
+  if not jnp.issubdtype(vector.dtype, jnp.floating):
+    vector = _magnitude(vector)
+  kth = _kth_largest_magnitude_bits(vector, k)
+  bits, _ = _as_ordered_bits(jnp.abs(vector))
   above = _pack(bits > kth)
   ties = _first_set_bits(_pack(bits == kth), k - jnp.sum(_popcount(above)))
   return _compact(above | ties, k)[0]
@@ -278,15 +297,20 @@ def top_k_by_magnitude(
     random sample of `m = min(1024 · size / k, 65536)` entries holds about
     `h = m · k / size` of the top k; its `(h + 4 √h)`-th largest magnitude
     (found by bisection on the bits, not by a sort) is a threshold that
-    `k (1 + 4/√h)` entries pass, give or take `k/√h`. The candidates are
-    compacted into a static buffer of `k (1 + 8/√h)`
-    (`jnp.nonzero(..., size=)`, first over blocks of up to 16 entries, then
-    within those blocks) and the top k of the buffer are taken. When fewer
-    than k entries pass, or more than the buffer holds (each a ~4-sigma
-    event), it falls back to `'exact'` under `jax.lax.cond`; so the result
-    is always the exact top k (ties to the lower index, as `lax.top_k`),
-    only the time differs. Where `h < 64`, or the sample or the buffer would
-    exceed 1/8 of the vector, `'exact'` is used.
+    `k (1 + 4/√h)` entries pass, give or take `k/√h`. One pass over the
+    vector packs a 32-bit word of flags (entry >= threshold) per 32
+    entries; the candidates are compacted from the words into a static
+    buffer of `k (1 + 8/√h)` (prefix sums of the words' popcounts, then
+    the rank of each bit in its word), and the exact k-th largest of the
+    buffer (again by bisection) picks the k sent, with no top-k or sort.
+    When fewer than k entries pass, or more than the buffer holds (each a
+    ~4-sigma event), it falls back under `jax.lax.cond` to an exact top k
+    by bisection over the whole vector (32 read-only passes, no sort). So
+    the result is always the exact top k: the same set as `'exact'`, ties
+    to the lower index as in `lax.top_k`, in ascending order of index
+    rather than of magnitude; only the time differs (~1.5 passes over the
+    vector, against a sort of it). Where `h < 64`, or the sample or the
+    buffer would exceed 1/8 of the vector, `'exact'` is used.
 
   Args:
     vector: a 1-D array.
