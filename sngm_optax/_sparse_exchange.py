@@ -25,6 +25,7 @@ AxisName = str | tuple[str, ...]
 EXCHANGES = ("auto", "sparse", "dense")
 
 _INDEX_BYTES = 4  # int32 indices
+_MAX_UNROLLED_WORKERS = 64  # beyond, the K scatters run in a loop
 _MAX_ENTRIES = 2**31 - 1  # int32 indices must address every entry
 VALUE_DTYPES = ("float32", "bfloat16", "float16")
 # A density schedule's float32 value may sit just above the level it names.
@@ -299,12 +300,19 @@ def _sparse_sum(index, sent, value_dtype, axis_name, size):
   # One scatter per worker, in worker order: within a worker the indices
   # are distinct, so the sum is deterministic and identical on all workers
   # on every backend (one scatter-add of all K·k entries would leave the
-  # order of the additions to the backend: atomics on a GPU). Unrolled: a
-  # loop would carry the total in a buffer of its own (16 MB more for a 4M
-  # tree, which XLA:CPU then maps afresh at every step).
+  # order of the additions to the backend: atomics on a GPU).
+  def add_worker(i, total):
+    return total.at[all_index[i]].add(all_values[i], unique_indices=True)
+
   total = jnp.zeros((size,), sent.dtype)
-  for worker_index, worker_values in zip(all_index, all_values):
-    total = total.at[worker_index].add(worker_values, unique_indices=True)
+  num_workers = all_index.shape[0]
+  if num_workers > _MAX_UNROLLED_WORKERS:
+    return lax.fori_loop(0, num_workers, add_worker, total)
+  # Unrolled, the scatters work in place in the total; a loop would carry
+  # it in a buffer of its own (16 MB more for a 4M tree, which XLA:CPU
+  # maps afresh at every step once its temporaries pass 32 MiB).
+  for i in range(num_workers):
+    total = add_worker(i, total)
   return total
 
 
