@@ -67,6 +67,11 @@ def transformer_like():
   return shapes + [(d,), (d,)]
 
 
+def layers_4m():
+  """4M parameters in 40 leaves: 20 kernels of 640x300 and 20 vectors of 8000."""
+  return [(640, 300)] * 20 + [(8000,)] * 20
+
+
 CLAIM = ("sngm costs at most 1.25x optax.sgd(momentum) per update and gmc "
          "at most 2x under pmap, on trees of 1M-100M parameters; each "
          "update's fraction of a copy's bandwidth")
@@ -75,7 +80,9 @@ TREES = {
     "flat_1m": lambda: [(1_000_000,)],
     "resnet50_like": resnet50_like,
     "transformer_like": transformer_like,
+    "layers_4m": layers_4m,  # only when asked for (issue 27's sparse tree)
 }
+DEFAULT_TREES = ["flat_1m", "resnet50_like", "transformer_like"]
 
 # name -> (factory, passes over the params' bytes an ideal update makes).
 # SGD with momentum: read g, m, p; write m, p = 5. A global norm adds a read of
@@ -124,7 +131,14 @@ PER_DEVICE_OPTIMIZERS = {
         0.1, density=0.01, axis_name=AXIS, selection="exact"), 8),
     "gmc(density=0.01, selection='sampled')": (lambda: sngm_optax.gmc(
         0.1, density=0.01, axis_name=AXIS, selection="sampled"), 8),
+    # Only when asked for: DGC adds its local momentum (read and write m) = 10.
+    "dgc(density=0.01, selection='exact')": (lambda: sngm_optax.dgc(
+        0.1, density=0.01, axis_name=AXIS, selection="exact"), 10),
+    "dgc(density=0.01, selection='sampled')": (lambda: sngm_optax.dgc(
+        0.1, density=0.01, axis_name=AXIS, selection="sampled"), 10),
 }
+DEFAULT_PER_DEVICE_OPTIMIZERS = [
+    name for name in PER_DEVICE_OPTIMIZERS if not name.startswith("dgc")]
 
 
 def make_tree(shapes, dtype, seed):
@@ -210,13 +224,13 @@ def time_pmapped_update(factory, params, grads, repeats, num_devices):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--trees", nargs="+", default=list(TREES),
+  parser.add_argument("--trees", nargs="+", default=DEFAULT_TREES,
                       choices=list(TREES))
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                       choices=list(OPTIMIZERS))
   parser.add_argument("--per-device-optimizers", nargs="*",
-                      default=list(PER_DEVICE_OPTIMIZERS),
+                      default=DEFAULT_PER_DEVICE_OPTIMIZERS,
                       choices=list(PER_DEVICE_OPTIMIZERS))
   parser.add_argument("--per-device-trees", nargs="*",
                       default=["flat_1m", "resnet50_like"], choices=list(TREES),

@@ -25,6 +25,7 @@ AxisName = str | tuple[str, ...]
 EXCHANGES = ("auto", "sparse", "dense")
 
 _INDEX_BYTES = 4  # int32 indices
+_MAX_UNROLLED_WORKERS = 64  # beyond, the K scatters run in a loop
 _MAX_ENTRIES = 2**31 - 1  # int32 indices must address every entry
 VALUE_DTYPES = ("float32", "bfloat16", "float16")
 # A density schedule's float32 value may sit just above the level it names.
@@ -221,14 +222,28 @@ def _selected_sizes(leaves, density, per_layer):
 
 def zero_sent(tree, exchanged: Exchanged):
   """Zeros the entries of `tree` at the flat positions that were sent."""
-  flat, leaves, treedef = _flatten(tree)
+  if exchanged.sent_index is None and exchanged.sent_mask is None:
+    return jax.tree.map(jnp.zeros_like, tree)
   if exchanged.sent_mask is not None:
+    flat, leaves, treedef = _flatten(tree)
     flat = jnp.where(exchanged.sent_mask, 0, flat)
-  elif exchanged.sent_index is None:
-    flat = jnp.zeros_like(flat)
-  else:
-    flat = flat.at[exchanged.sent_index].set(0, unique_indices=True)
-  return _unflatten(flat, leaves, treedef)
+    return _unflatten(flat, leaves, treedef)
+  # A bit per entry, set where sent, read leaf by leaf: no pass to flatten
+  # `tree` and back (only the bitmap, d/32 words, is indexed).
+  index = exchanged.sent_index
+  leaves, treedef = jax.tree.flatten(tree)
+  size = sum(leaf.size for leaf in leaves)
+  words = jnp.zeros(-(-size // 32), jnp.uint32).at[index >> 5].add(
+      jnp.uint32(1) << (index & 31).astype(jnp.uint32)
+  )  # distinct indices: distinct bits, so the sum is their bitwise or
+  out, offset = [], 0
+  for leaf in leaves:
+    position = offset + lax.iota(jnp.int32, leaf.size)
+    is_sent = (words[position >> 5] >> (position & 31).astype(jnp.uint32)) & 1
+    out.append(jnp.where(is_sent.reshape(leaf.shape) == 1,
+                         jnp.zeros((), leaf.dtype), leaf))
+    offset += leaf.size
+  return jax.tree.unflatten(treedef, out)
 
 
 def _select(flat, leaves, density, per_layer, selection, key):
@@ -282,21 +297,40 @@ def _sparse_sum(index, sent, value_dtype, axis_name, size):
       (index, sent.astype(value_dtype)), axis_name, to="invarying"
   )
   all_values = all_values.astype(sent.dtype)
-
   # One scatter per worker, in worker order: within a worker the indices
-  # are distinct, so the sum is deterministic and identical on all workers.
+  # are distinct, so the sum is deterministic and identical on all workers
+  # on every backend (one scatter-add of all K·k entries would leave the
+  # order of the additions to the backend: atomics on a GPU).
   def add_worker(i, total):
     return total.at[all_index[i]].add(all_values[i], unique_indices=True)
 
-  return lax.fori_loop(
-      0, all_index.shape[0], add_worker, jnp.zeros((size,), sent.dtype)
-  )
+  total = jnp.zeros((size,), sent.dtype)
+  num_workers = all_index.shape[0]
+  if num_workers > _MAX_UNROLLED_WORKERS:
+    return lax.fori_loop(0, num_workers, add_worker, total)
+  # Unrolled, the scatters work in place in the total; a loop would carry
+  # it in a buffer of its own (16 MB more for a 4M tree, which XLA:CPU
+  # maps afresh at every step once its temporaries pass 32 MiB).
+  for i in range(num_workers):
+    total = add_worker(i, total)
+  return total
 
 
 def _flatten(tree):
+  """The leaves of `tree` in one vector of their common dtype."""
   leaves, treedef = jax.tree.flatten(tree)
   dtype = jnp.result_type(*leaves)
-  flat = jnp.concatenate([leaf.reshape(-1).astype(dtype) for leaf in leaves])
+  # Each leaf written in place into one buffer: XLA:CPU computes a leaf
+  # given as an expression (v = e + ...) straight into it, where a
+  # concatenate would first materialize every leaf (a pass and a
+  # buffer of the vector's size more).
+  flat = jnp.zeros(sum(leaf.size for leaf in leaves), dtype)
+  offset = 0
+  for leaf in leaves:
+    flat = lax.dynamic_update_slice(
+        flat, leaf.reshape(-1).astype(dtype), (offset,)
+    )
+    offset += leaf.size
   return flat, leaves, treedef
 
 

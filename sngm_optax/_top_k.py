@@ -3,7 +3,7 @@
 The selection step of sparse communication (:func:`gmc`, :func:`dgc`): each
 worker sends the `num_selected(d, density)` entries of largest magnitude.
 Every method returns exactly `k` distinct int32 indices, so the exchanged
-buffers have a static size.
+buffers have a static size; 'exact' and 'sampled' return the same set.
 """
 
 import math
@@ -23,13 +23,13 @@ SELECTIONS = ("exact", "approx", "sampled")
 # is the sample's (hits + 4 sqrt(hits))-th largest, so the count passing it is
 # k (1 + 4/sqrt(hits)), give or take k/sqrt(hits): fewer than k, or more than
 # the buffer of k (1 + 8/sqrt(hits)) (either would trigger the exact
-# fallback), are ~4-sigma events. The candidates are compacted in two
-# stages: the blocks holding one (jnp.nonzero over size/block flags), then the
-# candidates within those blocks, into the static buffer.
+# fallback), are ~4-sigma events. The candidates are compacted in one pass
+# over the vector: a 32-bit word of candidate flags per 32 entries, then each
+# buffer slot finds its word (prefix sums of the words' popcounts) and its bit.
 _SAMPLE_HITS = 1024
 _MAX_SAMPLES = 2**16  # a larger sample costs more than it saves (timed)
 _MIN_HITS = 64
-_MAX_BLOCK = 16
+_WORD = 32  # entries per word of candidate flags
 
 
 def check_selection(selection: str) -> None:
@@ -56,8 +56,7 @@ def num_selected(size: int, density: float) -> int:
 class _SampledPlan(NamedTuple):
   samples: int  # sample size
   rank: int  # the threshold is the sample's rank-th largest magnitude
-  buffer: int  # static number of candidates kept (and of candidate blocks)
-  block: int  # entries per block in the first compaction
+  buffer: int  # static number of candidates kept
 
 
 def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
@@ -67,36 +66,73 @@ def _sampled_plan(size: int, k: int) -> _SampledPlan | None:
   buffer = math.ceil(k * (1 + 8 / math.sqrt(hits)))
   if hits < _MIN_HITS or 8 * samples > size or 8 * buffer > size:
     return None
-  block = 1
-  while 2 * block <= _MAX_BLOCK and 8 * buffer * 2 * block <= size:
-    block *= 2
-  return _SampledPlan(
-      samples, round(hits + 4 * math.sqrt(hits)), buffer, block
-  )
+  return _SampledPlan(samples, round(hits + 4 * math.sqrt(hits)), buffer)
 
 
-def _compact(is_candidate, size, plan):
-  """Positions of the first `plan.buffer` candidates; `size` pads the rest."""
-  whole = (size // plan.block) * plan.block
-  per_block = jnp.any(
-      is_candidate[:whole].reshape(-1, plan.block), axis=1
-  )
-  if whole < size:
-    per_block = jnp.append(per_block, jnp.any(is_candidate[whole:]))
-  blocks = jnp.nonzero(
-      per_block, size=plan.buffer, fill_value=per_block.shape[0]
-  )[0]
-  positions = (blocks[:, None] * plan.block + jnp.arange(plan.block)).reshape(
-      -1
-  )
-  inside = positions < size
-  positions = jnp.minimum(positions, size - 1)
-  in_blocks = inside & is_candidate[positions]
-  return jnp.where(
-      jnp.arange(plan.buffer) < jnp.sum(in_blocks),
-      positions[jnp.nonzero(in_blocks, size=plan.buffer, fill_value=0)[0]],
-      size,
-  )
+def _magnitude(vector):
+  """|vector| in at least float32: exact and order-preserving.
+
+  XLA's CPU top-k of bfloat16 is a generic sort, ~30x slower
+  (benchmarks/README.md).
+  """
+  return jnp.abs(vector).astype(jnp.promote_types(vector.dtype, jnp.float32))
+
+
+def _as_ordered_bits(magnitude):
+  """The integer view of floats >= 0: increasing with them, NaN above inf.
+
+  Every NaN maps to the bits of inf plus one; returns that view and the bits
+  of inf.
+  """
+  width = magnitude.dtype.itemsize
+  int_dtype = jnp.dtype(f"int{8 * width}")
+  bits = lax.bitcast_convert_type(magnitude, int_dtype)
+  infinity = lax.bitcast_convert_type(
+      jnp.asarray(jnp.inf, magnitude.dtype), int_dtype)
+  return jnp.minimum(bits, infinity + 1), infinity
+
+
+def _kth_largest_bits(bits, rank, high):
+  """The `rank`-th largest of integers in [0, `high`), by bisection.
+
+  Entries below 0 (padding) are never counted; with fewer than `rank`
+  entries >= 0 the result is 0.
+  """
+
+  def halve(_, bounds):
+    # count(bits >= low) >= rank > count(bits >= high) throughout.
+    low, high = bounds
+    middle = low + (high - low) // 2
+    enough = jnp.sum(bits >= middle, dtype=jnp.int32) >= rank
+    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+  low, _ = lax.fori_loop(0, 8 * bits.dtype.itemsize, halve,
+                         (jnp.zeros((), bits.dtype), high))
+  return low
+
+
+def _kth_largest_magnitude_bits(vector, rank):
+  """The ordered bits (see `_as_ordered_bits`) of the `rank`-th largest |entry|.
+
+  By bisection over [0, inf] (a NaN counts as inf here) on the integer
+  view of |v| (exact, denormals included: a float comparison would flush
+  them to zero). Each step is one read-only pass over `vector`, counted
+  through words of flags (XLA:CPU splits a plain sum over a large vector
+  into a tree that materializes it). Unrolled: in a loop, XLA would hoist
+  the integer view out, into a buffer of the vector's size.
+  """
+  def ordered_bits():
+    return _as_ordered_bits(jnp.abs(vector))
+
+  _, infinity = ordered_bits()
+  low, high = jnp.zeros_like(infinity), infinity + 1
+  for _ in range(8 * vector.dtype.itemsize):
+    # count(bits >= low) >= rank > count(bits >= high) throughout.
+    middle = low + (high - low) // 2
+    count = jnp.sum(_popcount(_pack(ordered_bits()[0] >= middle)))
+    enough = count >= rank
+    low, high = jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+  return low
 
 
 def _kth_largest(magnitude, rank):
@@ -107,56 +143,139 @@ def _kth_largest(magnitude, rank):
   every number; the result is then inf): 32 passes over a float32 sample,
   where XLA:CPU's sort or top-k of 64k entries takes ~50 ms.
   """
-  width = magnitude.dtype.itemsize
-  bits = lax.bitcast_convert_type(magnitude, jnp.dtype(f"int{8 * width}"))
-  infinity = lax.bitcast_convert_type(
-      jnp.asarray(jnp.inf, magnitude.dtype), bits.dtype)
+  bits, infinity = _as_ordered_bits(magnitude)
+  return lax.bitcast_convert_type(
+      _kth_largest_bits(bits, rank, infinity + 1), magnitude.dtype)
 
-  def halve(_, bounds):
-    # count(bits >= low) >= rank > count(bits >= high) throughout.
-    low, high = bounds
-    middle = low + (high - low) // 2
-    enough = jnp.sum(bits >= middle) >= rank
-    return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
 
-  low, _ = lax.fori_loop(0, 8 * width, halve,
-                         (jnp.zeros((), bits.dtype), infinity + 1))
-  return lax.bitcast_convert_type(low, magnitude.dtype)
+def _pack(flags):
+  """Bit j of word w is `flags[32 w + j]`; the last word is padded with 0s.
+
+  One pass over `flags` (a boolean expression, fused by XLA), d/32 words out.
+  """
+  size = flags.shape[0]
+  whole = size // _WORD * _WORD
+  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(_WORD, dtype=jnp.uint32))
+
+  def pack(part):
+    return jnp.sum(jnp.where(part, bits[: part.shape[-1]], jnp.uint32(0)),
+                   axis=-1, dtype=jnp.uint32)  # distinct bits: an or
+
+  words = pack(flags[:whole].reshape(-1, _WORD))
+  if whole < size:
+    words = jnp.append(words, pack(flags[whole:]))
+  return words
+
+
+def _popcount(words):
+  return lax.population_count(words).astype(jnp.int32)
+
+
+def _set_bit(words, rank):
+  """Position (uint32) of the `rank`-th (from 0) set bit of each word.
+
+  A binary search on the popcounts of the lower bits; where a word has
+  `rank` set bits or fewer, the result is 31.
+  """
+  bit = jnp.zeros(words.shape, jnp.uint32)
+  for step in (16, 8, 4, 2, 1):
+    below = _popcount(words & ((jnp.uint32(1) << (bit + step)) - 1))
+    bit = jnp.where(below <= rank, bit + step, bit)
+  return bit
+
+
+def _compact(words, capacity):
+  """Positions of the first `capacity` set bits of `words`, and their count.
+
+  Slot s holds the s-th set bit in ascending order of position: its word is
+  the last whose exclusive prefix count of set bits is <= s (a scatter of
+  the d/32 prefix counts, then a prefix sum over the slots), its bit the
+  (s - that count)-th set bit of the word. Slots past the count hold
+  garbage; the caller masks them.
+  """
+  counts = _popcount(words)
+  inclusive = jnp.cumsum(counts)
+  exclusive = inclusive - counts
+  word_of_slot = jnp.cumsum(
+      jnp.zeros(capacity, jnp.int32).at[exclusive].add(1, mode="drop")
+  ) - 1
+  rank = jnp.arange(capacity, dtype=jnp.int32) - exclusive[word_of_slot]
+  bit = _set_bit(words[word_of_slot], rank)
+  return word_of_slot * _WORD + bit.astype(jnp.int32), inclusive[-1]
+
+
+def _first_set_bits(words, count):
+  """`words` with only their first `count` set bits (in position order)."""
+  counts = _popcount(words)
+  exclusive = jnp.cumsum(counts) - counts
+  keep = jnp.clip(count - exclusive, 0, counts)  # set bits kept per word
+  last = _set_bit(words, keep - 1)  # the last bit kept, where keep > 0
+  # 2 << 31 is 0 in uint32, so the mask is then all ones.
+  below_last = (jnp.uint32(2) << last) - 1
+  return jnp.where(keep > 0, words & below_last, jnp.uint32(0))
+
+
+def _top_k_by_bisection(vector, k):
+  """The exact top k (ascending indices, ties to the lower index), no sort.
+
+  The k-th largest magnitude by bisection (8·itemsize read-only passes over
+  `vector`), then the entries above it and the first ties, compacted
+  through words of flags: no buffer of the vector's size is needed. In the
+  vector's own dtype, where |v| is exact.
+  """
+  if not jnp.issubdtype(vector.dtype, jnp.floating):
+    vector = _magnitude(vector)
+  kth = _kth_largest_magnitude_bits(vector, k)
+  bits, _ = _as_ordered_bits(jnp.abs(vector))
+  above = _pack(bits > kth)
+  ties = _first_set_bits(_pack(bits == kth), k - jnp.sum(_popcount(above)))
+  return _compact(above | ties, k)[0]
 
 
 def _top_k_from_sampled_threshold(magnitude, k, key, plan):
   """Top-k indices among the entries above a sampled threshold.
 
-  Returns the indices and whether they are certainly the exact top k: that is
-  when at least k entries pass the threshold (so the k largest all pass) and
-  no more than the buffer holds.
+  Returns the indices (ascending) and whether they are certainly the exact
+  top k: that is when at least k entries pass the threshold (so the k
+  largest all pass) and no more than the buffer holds.
   """
   size = magnitude.shape[0]
-  sample = magnitude[jax.random.randint(key, (plan.samples,), 0, size)]
-  threshold = _kth_largest(sample, plan.rank)
-  # NaNs count as candidates so that they are sent, as `lax.top_k` would.
-  is_candidate = (magnitude >= threshold) | jnp.isnan(magnitude)
-  count = jnp.sum(is_candidate, dtype=jnp.int32)
+  bits, infinity = _as_ordered_bits(magnitude)
+  sample = bits[jax.random.randint(key, (plan.samples,), 0, size)]
+  threshold = _kth_largest_bits(sample, plan.rank, infinity + 2)
+  positions, count = _compact(_pack(bits >= threshold), plan.buffer)
   is_exact = (count >= k) & (count <= plan.buffer)
-  positions = _compact(is_candidate, size, plan)
-  # Padding reads as -inf; positions are ascending, so ties go to the lower
-  # index, as in `lax.top_k`.
-  values = jnp.where(
-      positions < size, magnitude[jnp.minimum(positions, size - 1)], -jnp.inf
+  # The exact k-th largest of the candidates; padding reads as -1.
+  candidates = jnp.where(
+      jnp.arange(plan.buffer) < count,
+      bits[jnp.clip(positions, 0, size - 1)],
+      -1,
   )
-  return positions[lax.top_k(values, k)[1]].astype(jnp.int32), is_exact
+  kth = _kth_largest_bits(candidates, k, infinity + 2)
+  above, tied = candidates > kth, candidates == kth
+  # Ties go to the lower index, as in `lax.top_k`: positions are ascending.
+  taken = above | (
+      tied & (jnp.cumsum(tied, dtype=jnp.int32) <= k - jnp.sum(above))
+  )
+  destination = jnp.where(taken, jnp.cumsum(taken, dtype=jnp.int32) - 1, k)
+  indices = jnp.zeros(k, jnp.int32).at[destination].set(
+      positions, mode="drop"
+  )
+  return indices, is_exact
 
 
-def _top_k_sampled(magnitude, k, key):
+def _top_k_sampled(vector, k, key):
   """Exact top-k indices, usually found among sampled-threshold candidates."""
-  plan = _sampled_plan(magnitude.shape[0], k)
+  plan = _sampled_plan(vector.shape[0], k)
   if plan is None:
-    return lax.top_k(magnitude, k)[1].astype(jnp.int32)
-  indices, is_exact = _top_k_from_sampled_threshold(magnitude, k, key, plan)
+    return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)
+  indices, is_exact = _top_k_from_sampled_threshold(
+      _magnitude(vector), k, key, plan
+  )
+  # The fallback takes `vector`, not its magnitude (an operand of the
+  # conditional is materialized), and needs no buffer of its size.
   return lax.cond(
-      is_exact,
-      lambda: indices,
-      lambda: lax.top_k(magnitude, k)[1].astype(jnp.int32),
+      is_exact, lambda _: indices, lambda v: _top_k_by_bisection(v, k), vector
   )
 
 
@@ -178,15 +297,20 @@ def top_k_by_magnitude(
     random sample of `m = min(1024 · size / k, 65536)` entries holds about
     `h = m · k / size` of the top k; its `(h + 4 √h)`-th largest magnitude
     (found by bisection on the bits, not by a sort) is a threshold that
-    `k (1 + 4/√h)` entries pass, give or take `k/√h`. The candidates are
-    compacted into a static buffer of `k (1 + 8/√h)`
-    (`jnp.nonzero(..., size=)`, first over blocks of up to 16 entries, then
-    within those blocks) and the top k of the buffer are taken. When fewer
-    than k entries pass, or more than the buffer holds (each a ~4-sigma
-    event), it falls back to `'exact'` under `jax.lax.cond`; so the result
-    is always the exact top k (ties to the lower index, as `lax.top_k`),
-    only the time differs. Where `h < 64`, or the sample or the buffer would
-    exceed 1/8 of the vector, `'exact'` is used.
+    `k (1 + 4/√h)` entries pass, give or take `k/√h`. One pass over the
+    vector packs a 32-bit word of flags (entry >= threshold) per 32
+    entries; the candidates are compacted from the words into a static
+    buffer of `k (1 + 8/√h)` (prefix sums of the words' popcounts, then
+    the rank of each bit in its word), and the exact k-th largest of the
+    buffer (again by bisection) picks the k sent, with no top-k or sort.
+    When fewer than k entries pass, or more than the buffer holds (each a
+    ~4-sigma event), it falls back under `jax.lax.cond` to an exact top k
+    by bisection over the whole vector (32 read-only passes, no sort). So
+    the result is always the exact top k: the same set as `'exact'`, ties
+    to the lower index as in `lax.top_k`, in ascending order of index
+    rather than of magnitude; only the time differs (~1.5 passes over the
+    vector, against a sort of it). Where `h < 64`, or the sample or the
+    buffer would exceed 1/8 of the vector, `'exact'` is used.
 
   Args:
     vector: a 1-D array.
@@ -210,18 +334,13 @@ def top_k_by_magnitude(
         f"expected a 1-D vector and 1 <= k <= its size, got shape "
         f"{vector.shape} and k={k}"
     )
-  # Exact in float32 and order-preserving; XLA's CPU top-k of bfloat16 is a
-  # generic sort, ~30x slower (benchmarks/README.md).
-  magnitude = jnp.abs(vector).astype(
-      jnp.promote_types(vector.dtype, jnp.float32)
-  )
   if k == vector.shape[0]:
     return jnp.arange(k, dtype=jnp.int32)
   if selection == "approx":
-    return lax.approx_max_k(magnitude, k, recall_target=0.95)[1].astype(
-        jnp.int32
-    )
+    return lax.approx_max_k(
+        _magnitude(vector), k, recall_target=0.95
+    )[1].astype(jnp.int32)
   if selection == "sampled":
     key = jax.random.key(0) if key is None else key
-    return _top_k_sampled(magnitude, k, key)
-  return lax.top_k(magnitude, k)[1].astype(jnp.int32)
+    return _top_k_sampled(vector, k, key)
+  return lax.top_k(_magnitude(vector), k)[1].astype(jnp.int32)

@@ -69,6 +69,36 @@ def test_sampled_selection_falls_back_to_exact():
   assert not is_exact
   assert len(set(indices.tolist())) == 10_000
   assert set(hot.tolist()) <= set(indices.tolist())
+  # The zeros sent besides are the lowest-indexed, as with lax.top_k.
+  np.testing.assert_array_equal(np.sort(indices),
+                                _reference_top_k(vector, 10_000))
+
+
+def _reference_top_k(vector, k):
+  """NumPy: the k largest |entries| (NaN above inf), ties to the lower index."""
+  magnitude = np.abs(np.asarray(vector, np.float64))
+  order = np.lexsort((np.arange(magnitude.size),
+                      -np.nan_to_num(magnitude, nan=0.0, posinf=np.inf),
+                      -np.isnan(magnitude).astype(int)))
+  return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("size, ties", [(1000, False), (1003, True),
+                                        (33, True)])
+def test_exact_fallback_by_bisection_matches_a_sort(size, ties):
+  # The fallback of 'sampled': ties (rounded entries, zeros), NaN and inf,
+  # sizes that are not a multiple of the 32-entry words.
+  rng = np.random.default_rng(size)
+  vector = rng.normal(size=size).astype(np.float32)
+  if ties:
+    vector = np.round(vector, 1)
+    vector[: size // 4] = 0.0
+    vector[5], vector[9], vector[11] = np.nan, -np.inf, np.inf
+  select = jax.jit(_top_k._top_k_by_bisection, static_argnums=1)
+  for k in (1, size // 3, size - 1):
+    np.testing.assert_array_equal(
+        np.asarray(select(jnp.asarray(vector), k)),
+        _reference_top_k(vector, k), err_msg=f"k={k}")
 
 
 @pytest.mark.parametrize("selection", _top_k.SELECTIONS)
