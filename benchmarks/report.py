@@ -2543,6 +2543,46 @@ def _grid_compile_time() -> str:
              f"compile s, the other {trials - 1} runs",
              "XLA compilations, the other runs"], rows, "lrrr")])
 
+
+_SPARSE_UPDATE_FILES = {"before": ("update_cost_gmc_fast_before_bb71a70",),
+                        "after": ("update_cost_gmc_fast",
+                                  "update_cost_gmc_fast_resnet")}
+_SPARSE_UPDATE_LIMIT = 2.0  # issue 27: gmc and dgc at most 2x the dense one
+
+
+@block("sparse-update-cost")
+def _sparse_update_cost() -> str:
+  ratios, records = {}, {}
+  for when, names in _SPARSE_UPDATE_FILES.items():
+    for name in names:
+      record = records[name] = load(name)
+      for row in record["rows"]:
+        if row["mode"] != "jit" and row["optimizer"].startswith(("gmc",
+                                                                  "dgc")):
+          ratios[(row["tree"], row["optimizer"], when)] = row[
+              "cpu_ratio_to_sgd_momentum"]
+  keys = sorted({(tree, optimizer) for tree, optimizer, _ in ratios})
+  rows = []
+  for tree, optimizer in keys:
+    after = ratios.get((tree, optimizer, "after"))
+    verdict = ("–" if after is None else "yes" if after <= _SPARSE_UPDATE_LIMIT
+               else "no")
+    rows.append([tree, f"`{optimizer}`",
+                 f"{ratios[(tree, optimizer, 'before')]:.2f}"
+                 if (tree, optimizer, "before") in ratios else "–",
+                 "not measured" if after is None else f"{after:.2f}",
+                 verdict])
+  runs = [f"{when}: {_command_at(records[name])}, "
+          f"{_common.load_text(records[name]['machine'])}"
+          for when, names in _SPARSE_UPDATE_FILES.items() for name in names]
+  return "\n".join([
+      "CPU time of one update under `pmap` over 8 simulated workers, density "
+      "1 %, float32, over `pmean` + `optax.sgd(momentum)` in the same run "
+      f"(median of per-round ratios); the limit is {_SPARSE_UPDATE_LIMIT:g}×.",
+      "", table(["tree", "update", "before", "after",
+                 f"≤ {_SPARSE_UPDATE_LIMIT:g}×"], rows, "llrrl"), "",
+      *[f"- {run}." for run in runs]])
+
 _VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
                    "behind": "is behind", "no verdict": "has no verdict against"}
 
