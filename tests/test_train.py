@@ -117,28 +117,7 @@ def test_injected_peak_learning_rate_matches_plain_optax(dataset):
                                       dataset=dataset, quiet=True)
              for lr in (0.05, 0.3)]
   assert train.build_program.cache_info().misses - before.misses <= 1
-  model = models.make_model("mlp")
-  params = jax.jit(model.init)(jax.random.key(0), dataset.x[:1])["params"]
-  # 1600 examples / 400 = 4 steps, warmup 0.5 epoch = 2 steps.
-  tx = optax.sgd(optax.warmup_cosine_decay_schedule(0.0, 0.3, 2, 4, 0.0))
-  opt_state = tx.init(params)
-  sampler = data.EpochSampler(dataset.num_train, seed=0)
-
-  @jax.jit
-  def sgd_step(params, opt_state, x, y):
-    def mean_loss(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    updates, opt_state = tx.update(jax.grad(mean_loss)(params), opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  for _ in range(4):
-    idx = sampler.next_batch(400)
-    params, opt_state = sgd_step(params, opt_state, dataset.x[idx],
-                                 dataset.y[idx])
-  logits = jax.jit(model.apply)({"params": params}, dataset.x_test)
-  expected = optax.softmax_cross_entropy_with_integer_labels(
-      logits, dataset.y_test).mean()
+  expected = _plain_sgd_test_loss(dataset, 0.3, 0.0)
   np.testing.assert_allclose(results[1]["final"]["test_loss"], expected,
                              rtol=1e-4)
   assert abs(results[0]["final"]["test_loss"] - expected) > 1e-3
