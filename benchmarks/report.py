@@ -2491,14 +2491,10 @@ def _resnet_cost() -> str:
            f"{row['cpu_ratio']:.2f}"] for row in record["step_cost"]]
   params = record["step_cost"][0]["params"]
   budget = record["budget"]
-  accuracy = {}
-  for run in record["runs"]:
-    accuracy.setdefault(run["model"], {}).setdefault(
-        run["learning_rate"], []).append(run["test_accuracy"])
-  best = {model: max(((lr, sweep.summarize(values))
-                      for lr, values in by_lr.items()),
-                      key=lambda item: item[1].mean)
-          for model, by_lr in accuracy.items()}
+  # The script's pick per model: the learning rate of the best mean.
+  best = {entry["name"]: (entry["learning_rate"], sweep.Summary(
+      entry["mean"], entry["sd"], entry["seeds"]))
+          for entry in record["contenders"]}
   said = sweep.verdict(best["resnet"][1], best["cnn"][1])
   return "\n".join([
       f"{_command_at(record)} (the CNN of that commit: `nn.Conv`); "

@@ -21,7 +21,6 @@ Two measurements, written to `benchmarks/results/resnet_cost.json`:
 import argparse
 import os
 import pathlib
-import statistics
 
 import _common
 
@@ -131,12 +130,12 @@ def best_by_model(runs: list[dict]) -> dict:
       if run["model"] == model:
         by_rate.setdefault(run["learning_rate"], []).append(
             run["test_accuracy"])
-    rate = max(by_rate, key=lambda r: statistics.mean(by_rate[r]))
-    values = by_rate[rate]
-    best[model] = {"learning_rate": rate,
-                   "mean": statistics.mean(values),
-                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                   "seeds": len(values)}
+    summaries = {rate: sweep.summarize(values)
+                 for rate, values in by_rate.items()}
+    rate = max(summaries, key=lambda r: summaries[r].mean)
+    summary = summaries[rate]
+    best[model] = {"learning_rate": rate, "mean": summary.mean,
+                   "sd": summary.sd, "seeds": summary.n}
   return best
 
 
