@@ -76,6 +76,15 @@ def _msgd(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
       optax.sgd(learning_rate, momentum=momentum, **kw)))
 
 
+def _nesterov(learning_rate, axis_name, weight_decay=0.0, momentum=0.9, **kw):
+  return _msgd(learning_rate, axis_name, weight_decay, momentum,
+               nesterov=True, **kw)
+
+
+def _sngm_nesterov(learning_rate, axis_name, weight_decay=0.0, **kw):
+  return _sngm(learning_rate, axis_name, weight_decay, nesterov=True, **kw)
+
+
 def _sgd(learning_rate, axis_name, weight_decay=0.0, **kw):
   return _msgd(learning_rate, axis_name, weight_decay, momentum=0.0, **kw)
 
@@ -226,8 +235,10 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "lamb": _lamb,
     "lars": _lars,
     "msgd": _msgd,   # heavy-ball momentum SGD
+    "nesterov": _nesterov,   # momentum SGD with Nesterov momentum
     "sgd": _sgd,
     "sngm": _sngm,
+    "sngm_nesterov": _sngm_nesterov,
     "tr_adam": _tr_adam,   # trajectory-regularized (small batches)
     "tr_sgd": _tr_sgd,
 }

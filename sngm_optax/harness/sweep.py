@@ -72,6 +72,9 @@ SPREAD_RULE = (
 # Config fields that do not change what a run computes: left out of its key.
 NOT_IN_KEY = ("cache_dir", "checkpoint_dir", "checkpoint_every_steps",
               "checkpoint_at_epoch_end", "keep_checkpoints", "max_steps")
+# Config fields added after runs were stored: left out of a run's settings
+# while at this value (their default), so that stored runs keep their keys.
+KEY_UNLESS = {"evals_per_epoch": 1}
 
 
 # ----------------------------------------------------------------------------
@@ -805,9 +808,11 @@ def rerun(name: str, train: Callable[[dict, int], Run], point: Mapping[str,
 
 
 def config_settings(config) -> dict:
-  """A `Config`'s settings as a run's: every field but `NOT_IN_KEY`."""
+  """A `Config`'s settings as a run's: every field but `NOT_IN_KEY`, and
+  but the fields of `KEY_UNLESS` at their default."""
   settings = dataclasses.asdict(config)
-  return {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
+  return {k: v for k, v in settings.items() if k not in NOT_IN_KEY
+          and not (k in KEY_UNLESS and v == KEY_UNLESS[k])}
 
 
 def train_config(config, dataset, *, settings: Mapping[str, Any] | None = None,
