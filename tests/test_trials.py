@@ -150,6 +150,32 @@ def test_early_stop_when_every_trial_still_training_reached_the_target(
     assert run.extra["program"]["stopped_early"]
 
 
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_without_test_every_eval_the_test_split_is_in_the_last_record_only(
+    dataset, early_stop):
+  # The first trial ends at its own length (10 steps), the second at 20 or,
+  # with early_stop, at the first evaluation at or above the target.
+  points = [{"learning_rate": 0.2, "epochs": 2.0}, {"learning_rate": 0.3}]
+  full = trials.train_trials(_base(epochs=4.0), points, dataset,
+                             eval_every=2)
+  target = max(r["val_accuracy"] for r in full[1].curve[:7])
+  options = dict(target=target, early_stop=True) if early_stop else {}
+  runs = trials.train_trials(_base(epochs=4.0), points, dataset,
+                             eval_every=2, test_every_eval=False, **options)
+  if early_stop:
+    assert runs[1].extra["program"]["stopped_early"]
+    assert runs[1].final["steps"] < 20
+  for run, whole in zip(runs, full):
+    assert run.settings["test_every_eval"] is False
+    assert [r["val_accuracy"] for r in run.curve] == [
+        r["val_accuracy"] for r in whole.curve[:len(run.curve)]]
+    assert all("test_accuracy" not in r for r in run.curve[:-1])
+    last = whole.curve[len(run.curve) - 1]
+    assert run.final["test_accuracy"] == last["test_accuracy"]
+    assert run.final["test_loss"] == pytest.approx(last["test_loss"],
+                                                   rel=1e-6)
+
+
 def test_a_diverging_trial_is_diverged_and_leaves_the_others_alone(dataset):
   points = [{"learning_rate": 0.2}, {"learning_rate": 1e5},
             {"learning_rate": 0.3}]

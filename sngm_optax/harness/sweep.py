@@ -871,7 +871,8 @@ class VmappedTrainer:
     base: the `Config` the points change.
     dataset: the data.
     options: `train_trials`'s keyword arguments (`eval_every`, `target`,
-      `max_steps`, `early_stop`, `warmup_fraction`).
+      `max_steps`, `early_stop`, `test_every_eval`, `warmup_fraction`,
+      `trials_per_program`, ...).
   """
 
   store: RunStore
@@ -888,7 +889,7 @@ class VmappedTrainer:
     """The run settings of `point` trained with `seed`."""
     from sngm_optax.harness import trials  # pylint: disable=g-import-not-at-top
     options = {k: v for k, v in self.options.items()
-               if k != "warmup_fraction"}
+               if k in trials.SETTINGS_OPTIONS}
     return trials.trial_settings(self._config(point, seed), **options)
 
   def train_together(self, points: Sequence[Mapping[str, Any]],

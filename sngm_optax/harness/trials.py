@@ -82,6 +82,11 @@ from sngm_optax.harness.steps import AXIS
 # schedule's lengths only with a schedule of TRACEABLE_SCHEDULES.
 TRACED_FIELDS = ("learning_rate", "weight_decay")
 LENGTH_FIELDS = ("epochs", "warmup_epochs")
+# `train_trials`'s options that are in a trial's settings (`trial_settings`);
+# the others (warmup_fraction: already in the Config; trial_map,
+# trials_per_program, quiet: the same results) are not.
+SETTINGS_OPTIONS = ("eval_every", "max_steps", "target", "early_stop",
+                    "test_every_eval")
 
 
 def default_trial_map(platform: str) -> str:
@@ -113,14 +118,18 @@ def trial_config(base: Config, point: Mapping[str, Any],
 
 
 def trial_settings(config: Config, *, eval_every: int, max_steps: int = 0,
-                   target: float | None = None,
-                   early_stop: bool = False) -> dict:
+                   target: float | None = None, early_stop: bool = False,
+                   test_every_eval: bool = True) -> dict:
   """A trial's run settings: `sweep.config_settings(config)` plus what a
-  trial adds to it (a step budget, the evaluation interval, the target and
-  whether the program stops early), each of which changes its record."""
-  return {**sweep.config_settings(config), "eval_every": eval_every,
-          "step_budget": max_steps, "target": target,
-          "early_stop": early_stop}
+  trial adds to it (a step budget, the evaluation interval, the target,
+  whether the program stops early and, when not, whether every evaluation
+  covers the test split), each of which changes its record."""
+  settings = {**sweep.config_settings(config), "eval_every": eval_every,
+              "step_budget": max_steps, "target": target,
+              "early_stop": early_stop}
+  if not test_every_eval:
+    settings["test_every_eval"] = False
+  return settings
 
 
 def _program_key(config: Config) -> str:
@@ -135,7 +144,7 @@ def _program_key(config: Config) -> str:
 def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
                  dataset: data_lib.Dataset, *, eval_every: int,
                  target: float | None = None, max_steps: int = 0,
-                 early_stop: bool = False,
+                 early_stop: bool = False, test_every_eval: bool = True,
                  warmup_fraction: float | None = None,
                  trial_map: str = "auto", trials_per_program: int = 0,
                  quiet: bool = True) -> list[sweep.Run]:
@@ -154,6 +163,10 @@ def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
     max_steps: each trial's step budget (0: its epochs only).
     early_stop: stop a program at the first evaluation where every trial
       still training has reached `target`.
+    test_every_eval: evaluate the test split at every evaluation; if False
+      and there is a validation split, only at each trial's last record
+      (the validation split alone decides the target, at a fraction of
+      the cost of evaluating both).
     warmup_fraction: `trial_config`'s.
     trial_map: how the step maps over the trials, `"vmap"`, `"unroll"` or
       `"auto"` (`default_trial_map`); it does not change the results (to
@@ -176,7 +189,8 @@ def train_trials(base_config: Config, points: Sequence[Mapping[str, Any]],
   if early_stop and target is None:
     raise ValueError("early_stop needs a target")
   options = dict(eval_every=eval_every, max_steps=max_steps, target=target,
-                 early_stop=early_stop, trial_map=trial_map)
+                 early_stop=early_stop, test_every_eval=test_every_eval,
+                 trial_map=trial_map)
   configs = [trial_config(base_config, point, warmup_fraction)
              for point in points]
   groups: dict[str, list[int]] = {}
@@ -218,7 +232,7 @@ def _target_metric(record: Mapping[str, Any]) -> float:
 def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
                   eval_every: int, max_steps: int = 0,
                   target: float | None = None, early_stop: bool = False,
-                  trial_map: str = "auto",
+                  test_every_eval: bool = True, trial_map: str = "auto",
                   quiet: bool = True) -> tuple[list[sweep.Run], Any]:
   """`train_trials` of Configs that share one program (differ only in the
   traced fields), with the trials' final `TrainState` (stacked).
@@ -242,6 +256,9 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
 
   # --- Data, devices, the program and the trials' states.
   dataset, splits, _ = train.evaluation_splits(config, dataset)
+  splits_every_eval, splits_at_end = splits, []
+  if not test_every_eval and len(splits) > 1:  # test, then val
+    splits_every_eval, splits_at_end = splits[1:], splits[:1]
   num_train, batch_size = dataset.num_train, config.batch_size
   train._check_fits_data(config, num_train)  # pylint: disable=protected-access
   devices = train._mesh_devices(config)  # pylint: disable=protected-access
@@ -308,7 +325,7 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
     record_now = active & alive & (due | (end_steps == step))
     if record_now.any():
       evaluated = train._evaluate_splits(  # pylint: disable=protected-access
-          program.eval_step, state, splits, eval_chunk)
+          program.eval_step, state, splits_every_eval, eval_chunk)
       seen = step_metrics[-1]["samples_seen"]
       for index in np.flatnonzero(record_now):
         record = train._record_epoch(  # pylint: disable=protected-access
@@ -330,8 +347,16 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
               f"{int(record_now.sum())} training, best accuracy {best:.4f}",
               flush=True)
     still_training = alive & (step < end_steps)
-    if early_stop and due and all(
-        reached[i] is not None for i in np.flatnonzero(still_training)):
+    stop = early_stop and due and all(
+        reached[i] is not None for i in np.flatnonzero(still_training))
+    last_records = record_now & (stop | (end_steps == step))
+    if last_records.any() and splits_at_end:
+      evaluated = train._evaluate_splits(  # pylint: disable=protected-access
+          program.eval_step, state, splits_at_end, eval_chunk)
+      for index in np.flatnonzero(last_records):
+        curves[index][-1].update({name: float(value[index])
+                                  for name, value in evaluated.items()})
+    if stop:
       stopped_early = bool(still_training.any())
       break
 
@@ -347,7 +372,8 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
   for index, trial in enumerate(configs):
     settings = trial_settings(trial, eval_every=eval_every,
                               max_steps=max_steps, target=target,
-                              early_stop=early_stop)
+                              early_stop=early_stop,
+                              test_every_eval=test_every_eval)
     fields = dict(curve=curves[index], run_time_s=run_time / num_trials,
                   compile_time_s=compile_time / num_trials,
                   code_version=sweep.code_version(),
