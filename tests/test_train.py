@@ -325,6 +325,33 @@ def test_scanned_steps_give_the_per_step_run(dataset):
   np.testing.assert_allclose(scanned[:2], per_step[:2], rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [48, 1024])
+def test_evals_per_epoch_adds_records_between_the_epochs_ends(
+    dataset, batch_size):
+  # 1600 training examples: quarters of 400 examples. B = 48 passes each
+  # one (9 steps at 432, ...); B = 1024 passes two at once at 2048, which
+  # records once.
+  runs = [train.train_and_evaluate(
+      _config(model="mlp", optimizer="msgd", learning_rate=0.05,
+              batch_size=batch_size, epochs=2, warmup_epochs=0.0,
+              evals_per_epoch=k), dataset=dataset, quiet=True)
+          for k in (1, 4)]
+  per_epoch, quarters = (run["history"] for run in runs)
+  seen = [record["samples_seen"] for record in quarters]
+  quarter = 400
+  crossings = sorted({-(-n // batch_size) * batch_size
+                      for n in range(quarter, 2 * 1600 + 1, quarter)})
+  assert seen == crossings
+  # The training is the same: the epoch ends' records agree.
+  at_epoch_ends = [r for r in quarters
+                   if r["samples_seen"] in {p["samples_seen"]
+                                            for p in per_epoch}]
+  assert len(at_epoch_ends) == len(per_epoch) == 2
+  for mine, reference in zip(at_epoch_ends, per_epoch):
+    assert mine["test_loss"] == pytest.approx(reference["test_loss"],
+                                              rel=1e-5)
+
+
 def test_steps_per_dispatch_scans_only_small_batches_on_cpu():
   choice = lambda platform="cpu", **changes: train.steps_per_dispatch(
       _config(**changes), platform)

@@ -166,6 +166,11 @@ class Config:
       doc="devices to split the batch over (0: all local devices)")
   eval_batch_size: int = _option(4096, check=POSITIVE_INT,
                                  doc="examples per evaluation chunk")
+  evals_per_epoch: int = _option(
+      1, check=POSITIVE_INT,
+      doc="evaluate (one history record) this many times an epoch, at "
+          "equal numbers of samples (a step past several of these points "
+          "records once)")
   max_nonfinite_steps: int = _option(
       5, check=POSITIVE_INT,
       doc="stop after this many consecutive steps with a non-finite loss")

@@ -460,20 +460,29 @@ def _optimizer_kwargs(config: Config, num_train: int) -> dict:
   return kwargs
 
 
+def _evaluation_index(config: Config, samples_seen: int,
+                      num_train: int) -> int:
+  """How many of the run's evaluation points (`config.evals_per_epoch` an
+  epoch, at equal numbers of samples) `samples_seen` samples have passed."""
+  return samples_seen * config.evals_per_epoch // num_train
+
+
 def _steps_until_host(config: Config, step: int, total_steps: int,
-                      samples_seen: int, epochs_recorded: int,
-                      num_train: int, scan_steps: int) -> int:
+                      samples_seen: int, num_train: int,
+                      scan_steps: int) -> int:
   """Steps to run before the loop needs the host again: at most one scan
-  (`scan_steps`) or else `STEPS_PER_SYNC`, ending at the next epoch end, due
-  checkpoint or stop; 1 in an adaptive run, whose next batch size depends on
-  this step's metrics."""
+  (`scan_steps`) or else `STEPS_PER_SYNC`, ending at the next evaluation
+  (an epoch's end, or `config.evals_per_epoch` an epoch), due checkpoint or
+  stop; 1 in an adaptive run, whose next batch size depends on this step's
+  metrics."""
   if not config.fixed_batch:
     return 1
   batch_size = config.batch_size
   limit = scan_steps if scan_steps > 1 else STEPS_PER_SYNC
-  to_epoch_end = -(-((epochs_recorded + 1) * num_train - samples_seen)
-                   // batch_size)
-  counts = [limit, total_steps - step, to_epoch_end]
+  next_evaluation = -(-(_evaluation_index(config, samples_seen, num_train)
+                        + 1) * num_train // config.evals_per_epoch)
+  to_evaluation = -(-(next_evaluation - samples_seen) // batch_size)
+  counts = [limit, total_steps - step, to_evaluation]
   every = config.checkpoint_every_steps
   if every:
     counts.append(every - step % every)
@@ -665,9 +674,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
       `config.checkpoint_dir` (bit-identical to an uninterrupted run).
 
   Returns:
-    A JSON-serializable dict: `config`, `history` (one entry per epoch with
-    `epoch`, `samples_seen`, `steps`, `batch_size`, `learning_rate` (the
-    schedule's value at `samples_seen`), `train_loss`, `test_loss`,
+    A JSON-serializable dict: `config`, `history` (one entry per epoch,
+    or `evals_per_epoch` an epoch, with `epoch`, `samples_seen`, `steps`,
+    `batch_size`, `learning_rate` (the schedule's value at
+    `samples_seen`), `train_loss`, `test_loss`,
     `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
     `final` (the last entry, None if stopped before the first epoch
     ended), `steps`, `samples_seen`, `wall_time_s`, `compile_time_s` (the
@@ -734,9 +744,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
   done = False
   while not done:
     batch_size = schedule.next_batch_size(sampler.samples_seen)
+    seen_before = sampler.samples_seen
     num_steps = _steps_until_host(config, step, total_steps,
-                                  sampler.samples_seen, len(history),
-                                  num_train, scan_steps)
+                                  sampler.samples_seen, num_train,
+                                  scan_steps)
     state, step_metrics = _run_steps(
         program, state, dataset, sampler.next_batch(batch_size * num_steps),
         num_steps, config.microbatch_size, schedule.num_slots(batch_size),
@@ -753,10 +764,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     _show_step(bar, batch_size, metrics,
                sampler.samples_seen / (time.perf_counter() - start_time))
 
-    # --- Evaluation, at each epoch's end.
+    # --- Evaluation, at each epoch's end (or evals_per_epoch an epoch).
     done = schedule.done(step, sampler.samples_seen)
-    epoch_ended = sampler.samples_seen // num_train > len(history) or done
-    if epoch_ended:
+    seen = sampler.samples_seen
+    epoch_ended = done or seen // num_train > seen_before // num_train
+    if done or (_evaluation_index(config, seen, num_train)
+                > _evaluation_index(config, seen_before, num_train)):
       # The learning rate at the optimizer's own count of samples.
       record = _record_epoch(
           sampler.samples_seen, num_train, step, batch_size, epoch_losses,
