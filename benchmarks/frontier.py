@@ -46,6 +46,7 @@ _common.force_host_devices(8)  # the noise-scale reference run's devices
 
 from sngm_optax.harness import config as config_lib  # noqa: E402
 from sngm_optax.harness import sweep  # noqa: E402
+from sngm_optax.harness import trials  # noqa: E402
 
 CLAIM = ("steps to a validation target against the batch size, each "
          "optimizer tuned with the same number of trials at every batch "
@@ -231,14 +232,122 @@ def tune_point(point: Point, stop_after=None, train=True) -> dict:
 
 
 def _work(job) -> str:
-  point, stop_after = job
   try:
-    result = tune_point(point, stop_after)
+    if isinstance(job, Adaptive):
+      name, result = job.name, tune_adaptive(job)
+    else:
+      name = f"{job.optimizer} B={job.batch_size}"
+      result = tune_point(job, job.settings.stop_time)
   except sweep.DeadlineReached:
-    return f"{point.optimizer} B={point.batch_size}: stopped (deadline)"
+    return f"{name}: stopped (deadline)"
   steps = [seed["steps_to_target"] for seed in result["seeds"]]
-  return (f"{point.optimizer} B={point.batch_size}: steps to target "
-          f"{steps}")
+  return f"{name}: steps to target {steps}"
+
+
+# ----------------------------------------------------------------------------
+# Adaptive batches on the same plane: SNGM with a batch-size test
+# (benchmarks/adaptive_batch.py's strongest settings), from B = 32 up to the
+# frontier's largest batch, searched as a fixed point is (the same trials
+# over the same ranges, the decay's length in samples), steps to target read
+# from `ADAPTIVE_EVALS_PER_EPOCH` evaluations an epoch.
+
+GROWTH_OPTIONS = {"max_growth_factor": 2.0, "smoothing": 0.9,
+                  "test_interval": 10}
+ADAPTIVE = {
+    "sngm norm eta=0.5 +options": ("norm", {"eta": 0.5, **GROWTH_OPTIONS}),
+    "sngm norm eta=0.5 (paper rule)": ("norm", {"eta": 0.5}),
+    "sngm inner product theta=0.5 +options": (
+        "inner_product", {"theta": 0.5, **GROWTH_OPTIONS}),
+}
+ADAPTIVE_OPTIMIZER = "sngm"
+ADAPTIVE_INITIAL_BATCH = 32
+ADAPTIVE_DEVICES = 4  # the test's per-device statistics
+ADAPTIVE_EVALS_PER_EPOCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+  """One adaptive contender: a batch-size test in front of SNGM."""
+
+  name: str
+  settings: argparse.Namespace
+
+  @property
+  def max_batch_size(self) -> int:
+    return max(self.settings.batch_sizes)
+
+  def search(self) -> sweep.QuasiRandom:
+    learning_rate, weight_decay = SEARCH_SPACE[ADAPTIVE_OPTIMIZER]
+    longest = self.settings.budget_epochs
+    return sweep.QuasiRandom(
+        {"learning_rate": learning_rate, "weight_decay": weight_decay,
+         "epochs": sweep.Range(longest * SHORTEST_DECAY, longest)},
+        trial_budget=self.settings.trials, seed=0)
+
+  def base(self) -> config_lib.Config:
+    test, options = ADAPTIVE[self.name]
+    return config_lib.Config(
+        model=self.settings.model, optimizer=ADAPTIVE_OPTIMIZER,
+        adaptive_batch=test, optimizer_kwargs=options,
+        batch_size=ADAPTIVE_INITIAL_BATCH,
+        max_batch_size=self.max_batch_size,
+        num_samples=self.settings.num_samples,
+        val_fraction=self.settings.val_fraction,
+        data_seed=self.settings.data_seed, schedule="warmup_linear",
+        num_devices=ADAPTIVE_DEVICES,
+        evals_per_epoch=ADAPTIVE_EVALS_PER_EPOCH)
+
+  def store_path(self) -> pathlib.Path:
+    slug = "".join(c if c.isalnum() or c in "=." else "_" for c in self.name)
+    return (pathlib.Path(self.settings.out)
+            / f"{WORKLOADS[self.settings.workload].out}_runs" / "adaptive"
+            / f"{slug}.jsonl")
+
+  def budget(self) -> dict:
+    return {"model": self.settings.model, "name": self.name,
+            "num_samples": self.settings.num_samples,
+            "val_fraction": self.settings.val_fraction,
+            "target": self.settings.target}
+
+  def trainer(self, train=True):
+    """`train(point, seed)`: the run with its steps to target, trained
+    (unless `train` is False) or read from the store."""
+    store = sweep.RunStore(self.store_path(), self.budget(),
+                           stop_after=self.settings.stop_time)
+    base, target = self.base(), self.settings.target
+
+    def run(point, seed):
+      config = trials.trial_config(base, dict(point, seed=seed),
+                                   WARMUP_FRACTION)
+      settings = {**sweep.config_settings(config), "target": target}
+      if not train:
+        found = store.get(settings)
+        if found is None:
+          raise _Missing(f"{store.path}: no run of {point}, seed {seed}")
+        return found
+      return store.run(settings, lambda _: with_steps_to_target(
+          sweep.train_config(config, _dataset(self.settings),
+                             settings=settings), target))
+
+    return run
+
+
+def with_steps_to_target(run: sweep.Run, target: float) -> sweep.Run:
+  """`run` with `steps_to_target` and `samples_to_target` in its final
+  metrics: the first evaluation at or above `target` (None: never)."""
+  if run.final is None:
+    return run
+  hits = [r for r in run.curve if r["val_accuracy"] >= target]
+  final = dict(run.final,
+               steps_to_target=hits[0]["steps"] if hits else None,
+               samples_to_target=hits[0]["samples_seen"] if hits else None)
+  return dataclasses.replace(run, final=final)
+
+
+def tune_adaptive(contender: Adaptive, train=True) -> dict:
+  return sweep.tune(contender.name, contender.trainer(train),
+                    contender.search(), seeds=SEEDS, score=_score,
+                    report="steps_to_target")
 
 
 def points_of(args) -> list[Point]:
@@ -250,8 +359,7 @@ def points_of(args) -> list[Point]:
 
 
 def run(args) -> None:
-  stop_after = _stop_time(args.stop_after)
-  jobs = [(point, stop_after) for point in points_of(args)]
+  jobs = [*points_of(args), *adaptive_of(args)]
   if args.workers <= 1:
     results = map(_work, jobs)
   else:
@@ -259,6 +367,10 @@ def run(args) -> None:
     results = pool.imap_unordered(_work, jobs)
   for line in results:
     print(line, flush=True)
+
+
+def adaptive_of(args) -> list[Adaptive]:
+  return [Adaptive(name, args) for name in args.adaptive]
 
 
 def _stop_time(text: str | None):
@@ -274,20 +386,17 @@ def _stop_time(text: str | None):
 # The report: frontier.json from the stores.
 
 
-def point_record(point: Point) -> dict:
-  """One entry of `points`: the point's search, pick and seeds, or what it
-  still misses."""
-  record = {"optimizer": point.optimizer, "batch_size": point.batch_size,
-            "trials": point.settings.trials,
-            "step_budget": point.budget_steps, "eval_every": point.eval_every}
+def _tuned_record(tune, store: sweep.RunStore) -> dict:
+  """A search's record for the JSON: its pick, the pick's seeds (steps and
+  samples to target, test accuracy) and every trial; `complete` False with
+  what is `missing` while the store lacks a run."""
   try:
-    result = tune_point(point, train=False)
+    result = tune()
   except (_Missing, FileNotFoundError) as missing:
-    return {**record, "complete": False, "missing": str(missing)}
-  store = sweep.RunStore(point.store_path(), point.budget())
+    return {"complete": False, "missing": str(missing)}
   runs = {run.key: run for run in store}
   seeds = [runs[seed["key"]] for seed in result["seeds"]]
-  record.update(
+  record = dict(
       complete=True, pick=result["pick"] and result["pick"]["point"],
       search=result["search"], collapsed=result["collapsed"],
       trials_reached=sum(t["score"] is not None for t in result["trials"]),
@@ -306,9 +415,41 @@ def point_record(point: Point) -> dict:
   return record
 
 
+def point_record(point: Point) -> dict:
+  """One entry of `points`."""
+  return {"optimizer": point.optimizer, "batch_size": point.batch_size,
+          "trials": point.settings.trials,
+          "step_budget": point.budget_steps, "eval_every": point.eval_every,
+          **_tuned_record(lambda: tune_point(point, train=False),
+                          sweep.RunStore(point.store_path(), point.budget()))}
+
+
+def adaptive_record(contender: Adaptive) -> dict:
+  """One entry of `adaptive`, with the pick's batch sizes at its target."""
+  test, options = ADAPTIVE[contender.name]
+  store = sweep.RunStore(contender.store_path(), contender.budget())
+  record = {"name": contender.name, "optimizer": ADAPTIVE_OPTIMIZER,
+            "test": test, "options": options,
+            "initial_batch_size": ADAPTIVE_INITIAL_BATCH,
+            "max_batch_size": contender.max_batch_size,
+            "num_devices": ADAPTIVE_DEVICES,
+            "evals_per_epoch": ADAPTIVE_EVALS_PER_EPOCH,
+            "trials": contender.settings.trials,
+            **_tuned_record(lambda: tune_adaptive(contender, train=False),
+                            store)}
+  if record["complete"] and record["pick"]:
+    train = contender.trainer(train=False)
+    record["batch_size_at_target"] = [
+        next((r["batch_size"] for r in run.curve
+              if r["steps"] == run.final["steps_to_target"]), None)
+        for run in (train(record["pick"], seed) for seed in SEEDS)]
+  return record
+
+
 def report(args) -> None:
   workload = WORKLOADS[args.workload]
   points = [point_record(point) for point in points_of(args)]
+  adaptive = [adaptive_record(each) for each in adaptive_of(args)]
   complete = [p for p in points if p["complete"]]
   print(f"{len(complete)} of {len(points)} points complete")
   budget = {"model": args.model, "num_samples": args.num_samples,
@@ -322,7 +463,7 @@ def report(args) -> None:
             "eval_every_large_batch": EVAL_EVERY_LARGE_BATCH}
   payload = sweep.results_record(
       workload.out, claim=CLAIM,
-      command=_common.command_line(args, exclude=("stop_after", "workers")),
+      command=command(args),
       machine=_common.machine_description(), budget=budget,
       contenders=list(args.optimizers), trial_budget=args.trials,
       target=args.target, target_metric="val_accuracy",
@@ -330,21 +471,103 @@ def report(args) -> None:
       search_space={name: [dataclasses.asdict(r) for r in ranges]
                     for name, ranges in SEARCH_SPACE.items()
                     if name in args.optimizers},
-      points=points, complete=len(complete) == len(points),
-      compute_s=sum(p.get("run_time_s", 0.0) for p in complete))
+      points=points, adaptive=adaptive,
+      complete=all(p["complete"] for p in points + adaptive),
+      compute_s=sum(p.get("run_time_s", 0.0) for p in points + adaptive))
   path = _common.write_json(pathlib.Path(args.out) / f"{workload.out}.json",
                             payload)
   print(f"wrote {path}")
+  plot(payload, path.with_suffix(".png"))
   for point in complete:
     print(f"{point['optimizer']:>14s} B={point['batch_size']:<6d} "
           f"reached {point['trials_reached']}/{point['trials']}, steps "
           f"{point['steps_to_target']}, pick {point['pick']}")
 
 
-def main():
+def command(args) -> str:
+  """The `run` command that trains these results (the defaults left out
+  where they are long: the results directory and the adaptive list)."""
+  exclude = ["stage", "stop_after", "stop_time", "workers"]
+  if args.out == str(_common.RESULTS):
+    exclude.append("out")
+  if args.adaptive == list(ADAPTIVE):
+    exclude.append("adaptive")
+  options = _common.command_line(args, exclude=exclude).split(" ", 2)[2:]
+  return " ".join(["python benchmarks/frontier.py run", *options])
+
+
+def _mean_sd(values) -> tuple[float, float] | None:
+  summary = sweep.summarize(values)
+  return None if summary is None else (summary.mean, summary.sd)
+
+
+def plot(payload: dict, path: pathlib.Path) -> None:
+  """Steps to target against B (log-log, with perfect scaling from the
+  first optimizer's smallest batch), samples to target against B, and
+  steps against samples with the adaptive picks on the same plane."""
+  plt = _common.pyplot()
+  if plt is None:
+    return
+  figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  by_optimizer: dict[str, list[dict]] = {}
+  for point in payload["points"]:
+    if point["complete"]:
+      by_optimizer.setdefault(point["optimizer"], []).append(point)
+  for optimizer, points in by_optimizer.items():
+    rows = [(p["batch_size"], _mean_sd(p["steps_to_target"]),
+             _mean_sd(p["samples_to_target"])) for p in points]
+    rows = [row for row in rows if row[1] is not None]
+    if not rows:
+      continue
+    sizes = [row[0] for row in rows]
+    line = axes[0].errorbar(sizes, [r[1][0] for r in rows],
+                            yerr=[r[1][1] for r in rows], marker="o",
+                            capsize=2, label=optimizer)
+    color = line[0].get_color()
+    axes[1].errorbar(sizes, [r[2][0] for r in rows],
+                     yerr=[r[2][1] for r in rows], marker="o", capsize=2,
+                     color=color, label=optimizer)
+    axes[2].plot([r[2][0] for r in rows], [r[1][0] for r in rows],
+                 marker="o", color=color, label=optimizer)
+  first = next((p for p in payload["points"] if p["complete"]
+                and _mean_sd(p["steps_to_target"])), None)
+  if first is not None:
+    sizes = payload["budget"]["batch_sizes"]
+    steps = _mean_sd(first["steps_to_target"])[0]
+    axes[0].plot(sizes, [steps * first["batch_size"] / b for b in sizes],
+                 "k--", linewidth=1,
+                 label=f"perfect scaling from {first['optimizer']}")
+  for adaptive in payload["adaptive"]:
+    steps = adaptive.get("complete") and _mean_sd(
+        adaptive["steps_to_target"])
+    if steps:
+      samples = _mean_sd(adaptive["samples_to_target"])
+      axes[2].errorbar([samples[0]], [steps[0]], xerr=[samples[1]],
+                       yerr=[steps[1]], marker="*", markersize=12,
+                       linestyle="none", label=adaptive["name"])
+  target = f"{100 * payload['target']:g} % validation accuracy"
+  for axis, (x, y) in zip(axes, [("batch size", "steps to target"),
+                                 ("batch size", "samples to target"),
+                                 ("samples to target", "steps to target")]):
+    axis.set_xscale("log", base=2 if x == "batch size" else 10)
+    axis.set_yscale("log")
+    axis.set_xlabel(x)
+    axis.set_ylabel(y)
+    axis.grid(True, which="both", alpha=0.3)
+  axes[0].set_title(f"steps to {target}")
+  axes[1].set_title("samples to target")
+  axes[2].set_title("steps against samples (stars: adaptive batches)")
+  for axis, size in ((axes[0], 7), (axes[2], 6)):
+    if axis.get_legend_handles_labels()[0]:
+      axis.legend(fontsize=size)
+  _common.save_figure(figure, path)
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("stage", choices=("run", "report"))
   parser.add_argument("--workload", choices=list(WORKLOADS), default="cnn")
+  parser.add_argument("--model", help="default: the workload's")
   parser.add_argument("--optimizers", nargs="+", choices=list(SEARCH_SPACE))
   parser.add_argument("--batch-sizes", nargs="+", type=int)
   parser.add_argument("--trials", type=int, default=TRIALS)
@@ -354,17 +577,23 @@ def main():
   parser.add_argument("--num-samples", type=int, default=100_000)
   parser.add_argument("--val-fraction", type=float, default=0.1)
   parser.add_argument("--data-seed", type=int, default=0)
+  parser.add_argument("--adaptive", nargs="+",
+                      choices=[*ADAPTIVE, "none"],
+                      help="adaptive contenders (default: all of them)")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--stop-after", help="HH:MM (UTC): start no run after")
   parser.add_argument("--out", default=str(_common.RESULTS),
                       help="results directory: <workload>.json and the "
                            "stores <workload>_runs/")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   workload = WORKLOADS[args.workload]
-  args.model = workload.model
+  args.model = args.model or workload.model
   args.optimizers = args.optimizers or list(workload.optimizers)
   args.batch_sizes = args.batch_sizes or list(workload.batch_sizes)
   args.target = workload.target if args.target is None else args.target
+  args.adaptive = (list(ADAPTIVE) if args.adaptive is None
+                   else [] if args.adaptive == ["none"] else args.adaptive)
+  args.stop_time = _stop_time(args.stop_after)
   if args.stage == "run":
     run(args)
   else:
