@@ -396,7 +396,9 @@ def _tuned_record(tune, store: sweep.RunStore) -> dict:
     return {"complete": False, "missing": str(missing)}
   runs = {run.key: run for run in store}
   seeds = [runs[seed["key"]] for seed in result["seeds"]]
+  used = [runs[t["key"]] for t in result["trials"]] + seeds
   record = dict(
+      code_versions=sorted({run.code_version for run in used}),
       complete=True, pick=result["pick"] and result["pick"]["point"],
       search=result["search"], collapsed=result["collapsed"],
       trials_reached=sum(t["score"] is not None for t in result["trials"]),
@@ -473,7 +475,9 @@ def report(args) -> None:
                     if name in args.optimizers},
       points=points, adaptive=adaptive,
       complete=all(p["complete"] for p in points + adaptive),
-      compute_s=sum(p.get("run_time_s", 0.0) for p in points + adaptive))
+      compute_s=sum(p.get("run_time_s", 0.0) for p in points + adaptive),
+      run_code_versions=sorted({v for p in points + adaptive
+                                for v in p.get("code_versions", [])}))
   path = _common.write_json(pathlib.Path(args.out) / f"{workload.out}.json",
                             payload)
   print(f"wrote {path}")

@@ -2583,5 +2583,310 @@ _VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
                    "behind": "is behind", "no verdict": "has no verdict against"}
 
 
+# ----------------------------------------------------------------------------
+# The steps-to-target frontier (frontier.py).
+
+FRONTIER_LABELS = {**LABELS, "nesterov": "Nesterov", "adamw": "AdamW"}
+# A point reaches the target when at least this many of its seeds do (so
+# that the spread rule can compare it).
+FRONTIER_MIN_SEEDS = 2
+PERFECT_SCALING_RULE = (
+    "doubling the batch keeps perfect scaling while twice the steps at 2B "
+    "are level with or fewer than the steps at B by the spread rule (the "
+    "steps at least halve, within the seeds' spread); the largest batch in "
+    "perfect scaling is the last one reached that way from the smallest "
+    "batch that reaches the target")
+
+
+def _steps(point: dict, field: str = "steps_to_target"):
+  """The point's summary over the seeds that reached the target; None when
+  fewer than `FRONTIER_MIN_SEEDS` did (or the point is incomplete)."""
+  if not point.get("complete"):
+    return None
+  values = [v for v in point[field] if v is not None]
+  if len(values) < FRONTIER_MIN_SEEDS:
+    return None
+  return sweep.summarize(values)
+
+
+def _frontier_curves(record: dict) -> dict[str, dict[int, dict]]:
+  curves: dict[str, dict[int, dict]] = {}
+  for point in record["points"]:
+    curves.setdefault(point["optimizer"], {})[point["batch_size"]] = point
+  return curves
+
+
+def _scaled(summary: sweep.Summary, factor: float) -> sweep.Summary:
+  return sweep.Summary(factor * summary.mean, factor * summary.sd,
+                       summary.n)
+
+
+def perfect_scaling_limit(curve: dict[int, dict]) -> int | None:
+  """`PERFECT_SCALING_RULE`'s largest batch in perfect scaling."""
+  sizes = sorted(b for b in curve if _steps(curve[b]) is not None)
+  if not sizes:
+    return None
+  limit = sizes[0]
+  for batch in sizes[1:]:
+    if batch != 2 * limit:
+      break
+    doubled = _scaled(_steps(curve[batch]), 2.0)
+    if sweep.verdict(doubled, _steps(curve[limit]),
+                     higher_is_better=False).word == "behind":
+      break
+    limit = batch
+  return limit
+
+
+def _steps_cell(point: dict) -> str:
+  if not point.get("complete"):
+    return "…"
+  reached = sum(v is not None for v in point["steps_to_target"])
+  summary = _steps(point)
+  if summary is None:
+    return f"– ({reached}/{len(point['steps_to_target'])})"
+  cell = f"{summary.mean:,.0f} ± {summary.sd:,.0f}"
+  return cell + ("" if reached == len(point["steps_to_target"])
+                 else f" ({reached}/{len(point['steps_to_target'])})")
+
+
+def frontier_setting(record: dict) -> str:
+  budget = record["budget"]
+  curves = _frontier_curves(record)
+  done = sum(p["complete"] for p in record["points"])
+  reference = curves.get("msgd", {}).get(256)
+  samples = reference and _steps(reference, "samples_to_target")
+  num_train = (budget["num_samples"] * 4 // 5) * (1 - budget["val_fraction"])
+  reason = record["target_reason"]
+  if samples is not None:
+    reason += (f"; momentum SGD at B = 256 reaches it in "
+               f"{samples.mean / num_train:.1f} ± {samples.sd / num_train:.1f}"
+               " epochs here")
+  ranges = "; ".join(
+      f"{FRONTIER_LABELS.get(name, name)}: learning rate "
+      f"{lr['low']:g}–{lr['high']:g}, weight decay {wd['low']:g}–{wd['high']:g}"
+      for name, (lr, wd) in record["search_space"].items())
+  return "\n".join([
+      f"- Command: `{record['command']}` at "
+      f"{', '.join(record['run_code_versions']) or '–'}, on "
+      f"{record['machine']['cpu_count']} CPU cores, 2 worker processes; "
+      f"{record['compute_s'] / 3600:.1f} h of run time in the stores "
+      f"({done} of {len(record['points'])} points complete"
+      + ("" if record["complete"] else "; the run resumes where it stopped")
+      + ").",
+      f"- Data and model: MNIST-1D with {budget['num_samples']:,} examples "
+      f"({num_train:,.0f} trained on, a validation split of "
+      f"{budget['val_fraction']:.0%} of the training set, the test set "
+      f"apart), the harness's `{budget['model']}`.",
+      f"- Target: {percent(record['target'])} % validation accuracy: "
+      f"{reason}.",
+      f"- Search at every point: {record['trial_budget']} scrambled Halton "
+      "trials over the peak learning rate (log), the weight decay (log) and "
+      "the length of a linear decay (log, from 1/"
+      f"{round(1 / budget['shortest_decay'])} of the step budget to all of "
+      "it), with a linear warm-up of "
+      f"{budget['warmup_fraction']:.0%} of the decay; {ranges}.",
+      f"- Step budget: the larger of {budget['budget_epochs']:g} epochs and "
+      f"{budget['budget_steps']:,} steps; evaluation "
+      f"{budget['evals_per_epoch']} times an epoch, and at most "
+      f"{budget['eval_every_large_batch']} steps apart from B = 4,096; steps "
+      "to target = the first evaluation at or above it.",
+      f"- The pick (fewest steps to target) is rerun on seeds "
+      f"{', '.join(map(str, budget['seeds'][1:]))}; a point reaches the "
+      f"target when at least {FRONTIER_MIN_SEEDS} of its "
+      f"{len(budget['seeds'])} seeds do, and its steps are their mean ± sd."])
+
+
+def frontier_table(record: dict) -> str:
+  curves = _frontier_curves(record)
+  sizes = record["budget"]["batch_sizes"]
+  rows = [[FRONTIER_LABELS.get(name, name),
+           *[_steps_cell(curve[b]) if b in curve else "" for b in sizes]]
+          for name, curve in curves.items()]
+  reached = [[FRONTIER_LABELS.get(name, name),
+              *[f"{curve[b]['trials_reached']}/{curve[b]['trials']}"
+                if curve.get(b, {}).get("complete") else "…" for b in sizes]]
+             for name, curve in curves.items()]
+  return "\n".join([
+      "Steps to target (mean ± sd over the seeds that reached it; (k/3): "
+      "only k seeds did; –: fewer than 2; …: not yet run):", "",
+      table(["optimizer", *[f"B = {b:,}" for b in sizes]], rows,
+            "l" + "r" * len(sizes)), "",
+      "Trials of the search that reached the target:", "",
+      table(["optimizer", *[f"{b:,}" for b in sizes]], reached,
+            "l" + "r" * len(sizes))])
+
+
+def _largest_reaching(curve: dict[int, dict]) -> int | None:
+  sizes = [b for b, point in curve.items() if _steps(point) is not None]
+  return max(sizes) if sizes else None
+
+
+def _steps_phrase(summary) -> str:
+  return f"{summary.mean:,.0f} ± {summary.sd:,.0f} steps"
+
+
+def _versus_steps(a: str, a_point: dict, b: str, b_point: dict | None) -> str:
+  a_steps = _steps(a_point)
+  b_steps = None if b_point is None else _steps(b_point)
+  if a_steps is None and b_steps is None:
+    return f"neither {a} nor {b} reaches the target"
+  if a_steps is None:
+    return f"only {b} reaches the target ({_steps_phrase(b_steps)})"
+  if b_steps is None:
+    return f"only {a} reaches the target ({_steps_phrase(a_steps)})"
+  said = sweep.verdict(a_steps, b_steps, higher_is_better=False)
+  return (f"{a} {_VERDICT_PHRASE[said.word]} {b}: "
+          f"{_steps_phrase(a_steps)} against {_steps_phrase(b_steps)}")
+
+
+def frontier_findings(record: dict) -> list[str]:
+  """The generated verdicts, one line each."""
+  curves = _frontier_curves(record)
+  label = lambda name: FRONTIER_LABELS.get(name, name)  # noqa: E731
+  lines = []
+  for name, curve in curves.items():
+    limit, largest = perfect_scaling_limit(curve), _largest_reaching(curve)
+    incomplete = sum(not p["complete"] for p in curve.values())
+    if incomplete == len(curve):
+      lines.append(f"{label(name)}: not yet run.")
+      continue
+    note = (f" ({_plural(incomplete, 'point')} not yet run)" if incomplete
+            else "")
+    if largest is None:
+      lines.append(f"{label(name)}: no batch reaches the target{note}.")
+      continue
+    lines.append(f"{label(name)}: perfect scaling up to B = {limit:,}; the "
+                 f"largest batch that reaches the target is B = "
+                 f"{largest:,}{note}.")
+  sngm, msgd = curves.get("sngm", {}), curves.get("msgd", {})
+  shared = sorted(set(sngm) & set(msgd))
+  if shared:
+    words = {}
+    for batch in shared:
+      if sngm[batch]["complete"] and msgd[batch]["complete"]:
+        words[batch] = _versus_steps("SNGM", sngm[batch], "momentum SGD",
+                                     msgd[batch])
+    if words:
+      lines.append("SNGM against momentum SGD (the paper's theorem: at the "
+                   "same gradient computations, a larger usable batch): "
+                   + "; ".join(f"B = {b:,}: {w}" for b, w in words.items())
+                   + ".")
+  largest_batches = sorted(record["budget"]["batch_sizes"])[-3:]
+  for other in ("lars", "lamb"):
+    if other in curves and sngm:
+      words = [f"B = {b:,}: " + _versus_steps("SNGM", sngm[b], label(other),
+                                              curves[other].get(b))
+               for b in largest_batches
+               if b in sngm and sngm[b]["complete"]
+               and curves[other].get(b, {}).get("complete")]
+      if words:
+        lines.append(f"SNGM against {label(other)} at the largest batches: "
+                     + "; ".join(words) + ".")
+  lines += _frontier_adaptive_findings(record)
+  edges = [f"{label(p['optimizer'])} at {p['batch_size']:,} "
+           f"({', '.join(p['search']['on_edge'])})"
+           for p in record["points"]
+           if p.get("complete") and p["search"]["on_edge"]]
+  lines.append(("Picks within 10 % of a range's end (reported, not "
+                "extended: the ranges are the same at every point): "
+                + "; ".join(edges) + ".") if edges else
+               "No pick lies within 10 % of an end of its ranges.")
+  return lines
+
+
+def _frontier_adaptive_findings(record: dict) -> list[str]:
+  """Whether each adaptive pick lies beyond the fixed-batch frontier: fewer
+  steps than every fixed point (any optimizer) that reaches the target with
+  no more samples, by the spread rule."""
+  fixed = [(p, _steps(p), _steps(p, "samples_to_target"))
+           for p in record["points"] if _steps(p) is not None]
+  lines = []
+  for adaptive in record.get("adaptive", []):
+    steps = _steps(adaptive)
+    if steps is None:
+      state = ("not yet run" if not adaptive.get("complete")
+               else "does not reach the target")
+      lines.append(f"{adaptive['name']}: {state}.")
+      continue
+    samples = _steps(adaptive, "samples_to_target")
+    cheaper = [(p, s) for p, s, e in fixed if e.mean <= samples.mean]
+    behind = [p for p, s in cheaper if sweep.verdict(
+        steps, s, higher_is_better=False).word != "beats"]
+    where = (f"{_steps_phrase(steps)} and {samples.mean:,.0f} samples to "
+             "target")
+    if not cheaper:
+      lines.append(f"{adaptive['name']}: {where}; every fixed batch that "
+                   "reaches the target uses more samples, so it lies on the "
+                   "frontier's low-sample end.")
+    elif behind:
+      names = ", ".join(f"{FRONTIER_LABELS.get(p['optimizer'], p['optimizer'])}"
+                        f" at {p['batch_size']:,}" for p in behind[:4])
+      lines.append(f"{adaptive['name']}: {where}: not beyond the fixed-batch "
+                   f"frontier (not fewer steps, by the rule, than {names}"
+                   + (", ..." if len(behind) > 4 else "")
+                   + ", which use no more samples).")
+    else:
+      lines.append(f"{adaptive['name']}: {where}: beyond the fixed-batch "
+                   f"frontier (fewer steps than all {len(cheaper)} fixed "
+                   "points that use no more samples).")
+  return lines
+
+
+def frontier_noise_scale(record: dict) -> str:
+  noise = record.get("noise_scale")
+  if not noise:
+    return "The noise-scale reference run is not in the results yet."
+  curves = _frontier_curves(record)
+  knee = perfect_scaling_limit(curves.get("msgd", {}))
+  late = noise["late_noise_scale"]
+  rows = [[f"{r['epoch']:.2f}", f"{r['samples_seen']:,}",
+           f"{r['noise_scale']:,.0f}"] for r in noise["rows"]]
+  low, high = noise["suggested_batch_range"]
+  text = [f"Along {noise['reference']} (`sngm_optax.noise_scale_monitor` "
+          f"on {noise['num_devices']} devices), B_simple against samples "
+          "seen:", "", table(["epoch", "samples seen", "B_simple"], rows,
+                             "rrr"), "",
+          f"Late in training (the median of the last third) B_simple is "
+          f"{late:,.0f}, which suggests batches of {low:,} to {high:,}."]
+  if knee is not None:
+    text.append(f"Momentum SGD's measured knee (its largest batch in "
+                f"perfect scaling) is B = {knee:,}: B_simple is "
+                f"{late / knee:.2g}× it.")
+  return "\n".join(text)
+
+
+@block("frontier-setting")
+def _frontier_setting() -> str:
+  return frontier_setting(load("frontier"))
+
+
+@block("frontier-table")
+def _frontier_table() -> str:
+  return frontier_table(load("frontier"))
+
+
+@block("frontier-findings")
+def _frontier_findings_block() -> str:
+  record = load("frontier")
+  return "\n".join([f"The rule for perfect scaling: {PERFECT_SCALING_RULE}.",
+                     "", *[f"- {line}" for line in frontier_findings(record)],
+                     "", frontier_noise_scale(record)])
+
+
+@block("frontier-readme")
+def _frontier_readme() -> str:
+  record = load("frontier")
+  budget = record["budget"]
+  return "\n".join([
+      f"Steps to {percent(record['target'])} % validation accuracy on "
+      f"MNIST-1D ({budget['num_samples']:,} examples, the "
+      f"`{budget['model']}`), each optimizer tuned with "
+      f"{record['trial_budget']} trials at every batch size, 3 seeds "
+      "(`benchmarks/frontier.py`; the tables and the protocol are in "
+      "benchmarks/README.md):", "", frontier_table(record).split("\n\n")[1],
+      "", *[f"- {line}" for line in frontier_findings(record)]])
+
+
 if __name__ == "__main__":
   sys.exit(main())
