@@ -31,17 +31,21 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, length, in_features", [
-    (5, 2, "SAME", 40, 1), (3, 2, "SAME", 11, 4), (4, 3, "SAME", 13, 2),
-    (3, 1, "SAME", 9, 3), (3, 2, "VALID", 11, 3), (1, 1, "VALID", 6, 2)])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, length, in_features, use_bias", [
+        (5, 2, "SAME", 40, 1, True), (3, 2, "SAME", 11, 4, True),
+        (4, 3, "SAME", 13, 2, True), (3, 1, "SAME", 9, 3, True),
+        (3, 2, "VALID", 11, 3, True), (1, 1, "VALID", 6, 2, True),
+        (1, 2, "SAME", 10, 3, False)])
 def test_patch_conv_equals_flax_conv(kernel, stride, padding, length,
-                                     in_features):
+                                     in_features, use_bias):
   # Same parameters from the same key; same outputs and gradients (with
   # respect to the parameters and the input) to float32 rounding, in both
   # layouts. One jitted call computes everything (one compilation a case).
-  flax_conv = nn.Conv(6, (kernel,), strides=(stride,), padding=padding)
+  flax_conv = nn.Conv(6, (kernel,), strides=(stride,), padding=padding,
+                      use_bias=use_bias)
   convs = {layout: models.PatchConv(6, kernel, strides=stride,
-                                    padding=padding,
+                                    padding=padding, use_bias=use_bias,
                                     batch_minor=layout == "batch_minor")
            for layout in ("batch_major", "batch_minor")}
   x = jax.random.normal(jax.random.key(1), (5, length, in_features))
