@@ -31,17 +31,21 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, length, in_features", [
-    (5, 2, "SAME", 40, 1), (3, 2, "SAME", 11, 4), (4, 3, "SAME", 13, 2),
-    (3, 1, "SAME", 9, 3), (3, 2, "VALID", 11, 3), (1, 1, "VALID", 6, 2)])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, length, in_features, use_bias", [
+        (5, 2, "SAME", 40, 1, True), (3, 2, "SAME", 11, 4, True),
+        (4, 3, "SAME", 13, 2, True), (3, 1, "SAME", 9, 3, True),
+        (3, 2, "VALID", 11, 3, True), (1, 1, "VALID", 6, 2, True),
+        (1, 2, "SAME", 10, 3, False)])
 def test_patch_conv_equals_flax_conv(kernel, stride, padding, length,
-                                     in_features):
+                                     in_features, use_bias):
   # Same parameters from the same key; same outputs and gradients (with
   # respect to the parameters and the input) to float32 rounding, in both
   # layouts. One jitted call computes everything (one compilation a case).
-  flax_conv = nn.Conv(6, (kernel,), strides=(stride,), padding=padding)
+  flax_conv = nn.Conv(6, (kernel,), strides=(stride,), padding=padding,
+                      use_bias=use_bias)
   convs = {layout: models.PatchConv(6, kernel, strides=stride,
-                                    padding=padding,
+                                    padding=padding, use_bias=use_bias,
                                     batch_minor=layout == "batch_minor")
            for layout in ("batch_major", "batch_minor")}
   x = jax.random.normal(jax.random.key(1), (5, length, in_features))
@@ -113,6 +117,90 @@ def test_cnn_equals_the_flax_conv_cnn(batch):
                              rtol=1e-5, atol=1e-5)
   _assert_trees_close(results["patches"][1], results["flax"][1],
                       rtol=1e-4, atol=1e-6)
+
+
+def _perturbed(tree, key, scale):
+  """`tree` plus noise, so that no leaf is a special value (BatchNorm's
+  zero-initialized scales would zero the gradients of the residual
+  branches)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+      for leaf, k in zip(leaves, keys)])
+
+
+# The default size, and a deeper, narrower one: identity shortcuts (depth 2)
+# and an odd length (stage 3: 5 -> 3).
+@pytest.mark.parametrize("model_kwargs", [
+    {}, {"width": 8, "depth": 2, "stages": 3, "widening": 2}])
+def test_resnet_equals_the_flax_conv_resnet(model_kwargs):
+  # PatchConvs on [length, channels, batch] against nn.Conv: the same
+  # parameter and batch_stats trees and values from the same key; with the
+  # same variables, the same train-mode logits and updated running
+  # statistics, eval-mode logits and gradient of the train-mode loss.
+  reference = models.ResNet(reference=True, **model_kwargs)
+  model = models.ResNet(**model_kwargs)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(12, 40)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+  variables = reference.init(jax.random.key(0), x[:1])
+  _assert_trees_close(model.init(jax.random.key(0), x[:1]), variables,
+                      rtol=0, atol=0)
+  params = _perturbed(variables["params"], jax.random.key(1), 0.3)
+  stats = variables["batch_stats"]
+  stats = {"train": stats, "eval": jax.tree.map(
+      lambda s: jnp.abs(s), _perturbed(stats, jax.random.key(2), 0.5))}
+
+  @jax.jit
+  def everything(params, stats):
+    def loss(network, params):
+      logits, updates = network.apply(
+          {"params": params, "batch_stats": stats["train"]}, x, train=True,
+          mutable=["batch_stats"])
+      return (optax.softmax_cross_entropy_with_integer_labels(
+          logits, y).mean(), (logits, updates["batch_stats"]))
+    results = {}
+    for name, network in (("patches", model), ("flax", reference)):
+      grads, (logits, new_stats) = jax.grad(
+          functools.partial(loss, network), has_aux=True)(params)
+      results[name] = {
+          "train": logits, "batch_stats": new_stats, "grads": grads,
+          "eval": network.apply({"params": params,
+                                 "batch_stats": stats["eval"]}, x)}
+    return results
+
+  results = everything(params, stats)
+  _assert_trees_close(results["patches"], results["flax"], rtol=1e-5,
+                      atol=1e-5)
+
+
+def test_resnet_cross_device_batch_norm_equals_the_flax_conv_resnet():
+  # BatchNorm's axis_name in the batch-minor layout: the statistics of both
+  # "devices" (a vmapped axis) as nn.Conv's model computes them.
+  kwargs = dict(width=4, cross_device_batch_norm=True, axis_name="devices")
+  reference = models.ResNet(reference=True, **kwargs)
+  model = models.ResNet(**kwargs)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 40))
+  variables = reference.init(jax.random.key(0), x[0, :1])
+  variables = {"params": _perturbed(variables["params"], jax.random.key(2),
+                                    0.3),
+               "batch_stats": variables["batch_stats"]}
+
+  @jax.jit
+  def train_mode(x):
+    return {name: jax.vmap(lambda x, network=network: network.apply(
+        variables, x, train=True, mutable=["batch_stats"]),
+                           axis_name="devices")(x)
+            for name, network in (("patches", model), ("flax", reference))}
+
+  results = train_mode(x)
+  _assert_trees_close(results["patches"], results["flax"], rtol=1e-5,
+                      atol=1e-5)
+  # Normalized over both devices' examples: the same statistics on each.
+  _assert_trees_close(*[jax.tree.map(lambda s, i=i: s[i],
+                                     results["patches"][1])
+                        for i in (0, 1)], rtol=0, atol=0)
 
 
 def test_make_model_rejects_unknown_names():

@@ -2,9 +2,11 @@
 
 `MLP`, `CNN` and `ResNet` are `flax.linen` modules used by the training
 loop in `sngm_optax.harness.train` (pick one by name with `make_model`). The
-CNN's convolutions are `PatchConv`s, `flax.linen.Conv` computed as one
-matmul over patches, with `nn.Conv`'s parameters and results (several times
-faster on a CPU; see `CNN`). `ResNet` has BatchNorm: it takes `train=True`
+convolutions of the CNN and the ResNet are `PatchConv`s, `flax.linen.Conv`
+computed as one matmul over patches on `[length, channels, batch]` arrays,
+with `nn.Conv`'s parameters and results (several times faster on a CPU; see
+`CNN`); `reference=True` gives either model its `nn.Conv` formulation, to
+check and time against. `ResNet` has BatchNorm: it takes `train=True`
 to normalize over the batch and update its running statistics
 (`mutable=["batch_stats"]`), and uses the running averages otherwise.
 `NnxMLP` is the same MLP written with `flax.nnx`, to show the optimizers
@@ -27,6 +29,7 @@ True
 """
 
 import functools
+import itertools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -64,8 +67,9 @@ def _window(length: int, kernel: int, stride: int,
   return out, total // 2, total - total // 2
 
 
-def conv1d_batch_minor(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray,
-                       stride: int = 1, padding: str = "SAME") -> jnp.ndarray:
+def conv1d_batch_minor(x: jnp.ndarray, kernel: jnp.ndarray,
+                       bias: jnp.ndarray | None, stride: int = 1,
+                       padding: str = "SAME") -> jnp.ndarray:
   """A 1-D convolution on `[length, features, batch]` arrays, as a matmul.
 
   The patches `P[o] = x[stride * o : stride * o + k]` (each a `[k * in,
@@ -78,7 +82,7 @@ def conv1d_batch_minor(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray,
   Args:
     x: `[length, in_features, batch]`.
     kernel: `[k, in_features, out_features]` (`flax.linen.Conv`'s layout).
-    bias: `[out_features]`.
+    bias: `[out_features]`, or None for none.
     stride: the stride.
     padding: `"SAME"` or `"VALID"`, as in `jax.lax.conv_general_dilated`.
 
@@ -95,23 +99,24 @@ def conv1d_batch_minor(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray,
   weights = jnp.broadcast_to(kernel.reshape(k * in_features, out_features).T,
                              (out, out_features, k * in_features))
   y = jax.lax.dot_general(weights, patches, (((2,), (1,)), ((0,), (0,))))
-  return y + bias[:, None]
+  return y if bias is None else y + bias[:, None]
 
 
 class PatchConv(nn.Module):
   """`flax.linen.Conv` in 1-D, computed as one matmul over patches.
 
   Same parameters (`kernel` of shape `(k, in_features, features)` from
-  `lecun_normal`, `bias` of zeros: the same tree and, from the same key, the
-  same values) and the same results, to float32 rounding, as
-  `nn.Conv(features, (k,), strides=(stride,), padding=padding)`. See
-  `conv1d_batch_minor` for the computation.
+  `lecun_normal`, `bias` of zeros unless `use_bias=False`: the same tree
+  and, from the same key, the same values) and the same results, to float32
+  rounding, as `nn.Conv(features, (k,), strides=(stride,), padding=padding,
+  use_bias=use_bias)`. See `conv1d_batch_minor` for the computation.
 
   Attributes:
     features: output features.
     kernel_size: the window, an int or a 1-tuple.
     strides: the stride, an int or a 1-tuple.
     padding: `"SAME"` (`nn.Conv`'s default) or `"VALID"`.
+    use_bias: add a learned bias (`nn.Conv`'s default).
     batch_minor: inputs and outputs are `[length, features, batch]` (the
       layout the computation uses) instead of `nn.Conv`'s `[batch, length,
       features]`; a stack of such layers transposes only once.
@@ -121,6 +126,7 @@ class PatchConv(nn.Module):
   kernel_size: int | Sequence[int]
   strides: int | Sequence[int] = 1
   padding: str = "SAME"
+  use_bias: bool = True
   batch_minor: bool = False
 
   @nn.compact
@@ -135,7 +141,8 @@ class PatchConv(nn.Module):
     in_features = x.shape[1] if self.batch_minor else x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (kernel_size, in_features, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,))
+            if self.use_bias else None)
     if self.batch_minor:
       return conv1d_batch_minor(x, kernel, bias, stride, self.padding)
     y = conv1d_batch_minor(jnp.transpose(x, (1, 2, 0)), kernel, bias, stride,
@@ -149,6 +156,12 @@ def _one(value: int | Sequence[int], name: str) -> tuple[int]:
     raise ValueError(f"PatchConv is 1-D: {name} must be an int or a 1-tuple, "
                      f"got {value}")
   return value
+
+
+def _conv_layer(reference: bool) -> Callable[..., nn.Module]:
+  """`nn.Conv` (reference), or `PatchConv` on `[length, channels, batch]`."""
+  return (nn.Conv if reference
+          else functools.partial(PatchConv, batch_minor=True))
 
 
 class CNN(nn.Module):
@@ -183,8 +196,7 @@ class CNN(nn.Module):
   reference: bool = False
 
   def setup(self):
-    conv = (nn.Conv if self.reference
-            else functools.partial(PatchConv, batch_minor=True))
+    conv = _conv_layer(self.reference)
     # The attribute names are the parameter tree's keys: nn.Conv's
     # automatic names in a compact module.
     self.Conv_0 = conv(self.channels, (5,), strides=(2,))  # pylint: disable=invalid-name
@@ -222,6 +234,29 @@ class CNN(nn.Module):
     return self.Dense_0(x.reshape((x.shape[0], -1)))
 
 
+def _named_convs(reference: bool, features: int) -> Callable[..., nn.Module]:
+  """Makes bias-free convolutions `conv(kernel, strides)` named `Conv_0`,
+  `Conv_1`, ... in the order they are made: `nn.Conv`'s automatic names in
+  a compact module (which a `PatchConv` would not get), so that both
+  formulations have the same parameter tree."""
+  layer, count = _conv_layer(reference), itertools.count()
+
+  def conv(kernel: int, strides: int = 1) -> nn.Module:
+    return layer(features, (kernel,), strides=(strides,), use_bias=False,
+                 name=f"Conv_{next(count)}")
+  return conv
+
+
+def _batch_norm(train: bool, reference: bool,
+                axis_name: str | None) -> Callable[..., nn.BatchNorm]:
+  """The models' BatchNorm: over the batch and the length in training, of
+  the channel axis (last for `reference`, else that of `[length, channels,
+  batch]`)."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train,
+                           momentum=0.9, axis=-1 if reference else 1,
+                           axis_name=axis_name)
+
+
 class ResidualBlock(nn.Module):
   """Two kernel-3 convolutions with BatchNorm, and the shortcut (ResNet v1).
 
@@ -236,22 +271,26 @@ class ResidualBlock(nn.Module):
     strides: 2 halves the length (first block of a stage), else 1.
     axis_name: the device axis BatchNorm averages its statistics over (None:
       each device normalizes over its own examples).
+    reference: `nn.Conv` layers on `[batch, length, channels]` arrays;
+      otherwise `PatchConv`s on `[length, channels, batch]` ones (inputs and
+      outputs in that layout), with the same parameters and results.
   """
 
   channels: int
   strides: int = 1
   axis_name: str | None = None
+  reference: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, axis_name=self.axis_name)
-    conv = functools.partial(nn.Conv, self.channels, use_bias=False)
+    norm = _batch_norm(train, self.reference, self.axis_name)
+    conv = _named_convs(self.reference, self.channels)
     shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.channels:
-      shortcut = norm()(conv((1,), strides=(self.strides,))(x))
-    y = nn.relu(norm()(conv((3,), strides=(self.strides,))(x)))
-    y = norm(scale_init=nn.initializers.zeros)(conv((3,))(y))
+    if self.strides != 1 or x.shape[-1 if self.reference else 1] != (
+        self.channels):
+      shortcut = norm()(conv(1, self.strides)(x))
+    y = nn.relu(norm()(conv(3, self.strides)(x)))
+    y = norm(scale_init=nn.initializers.zeros)(conv(3)(y))
     return nn.relu(y + shortcut)
 
 
@@ -263,12 +302,20 @@ class ResNet(nn.Module):
   defaults), each `depth` `ResidualBlock`s, the first of stride 2 (20 ->
   10 -> 5), then global average pooling and a linear classifier: 19.4k
   parameters at the defaults. Most of them work at length 5, where they
-  are cheap: a training step costs 2.2-2.7x the `CNN`'s at B = 128-4096 on
-  a CPU, and 10 epochs on 4,000 MNIST-1D examples reach 94.8 % test
+  are cheap. 10 epochs on 4,000 MNIST-1D examples reach 94.8 % test
   accuracy against the CNN's 89.2 % (sngm, each at its best learning rate;
   `benchmarks/resnet_cost.py`). BatchNorm's momentum is 0.9, as in flax's
   ImageNet ResNet. Call it with `train=True` and `mutable=["batch_stats"]`
   to train.
+
+  As in the `CNN`, the convolutions are `PatchConv`s and the network works
+  on `[length, channels, batch]` arrays from the stem to the pooling (one
+  transpose in, one out), BatchNorm normalizing the channel axis over the
+  length and the batch. The parameter and `batch_stats` trees are those of
+  `nn.Conv` and `nn.BatchNorm` layers on `[batch, length, channels]`
+  (`reference=True`), and the outputs, running statistics and gradients
+  the same to float32 rounding. The batch is not split into chunks as in
+  the CNN: BatchNorm normalizes over all of it.
 
   BatchNorm statistics: in training each device normalizes over its own
   examples (flax's default); with `cross_device_batch_norm` over the
@@ -285,6 +332,9 @@ class ResNet(nn.Module):
       `axis_name`) instead of each device's shard.
     axis_name: the device axis of `cross_device_batch_norm` (the harness's
       mesh axis).
+    reference: `nn.Conv` layers on `[batch, length, channels]` arrays (the
+      formulation before `PatchConv`; slower, kept to check and time
+      against).
   """
 
   num_classes: int = 10
@@ -294,22 +344,27 @@ class ResNet(nn.Module):
   widening: int = 4
   cross_device_batch_norm: bool = False
   axis_name: str = "data"
+  reference: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     if x.ndim == 2:  # [batch, length] -> [batch, length, 1 channel]
       x = x[..., None]
+    if not self.reference:
+      x = jnp.transpose(x, (1, 2, 0))  # [length, channels, batch]
     axis_name = self.axis_name if self.cross_device_batch_norm else None
-    x = nn.Conv(self.width, (5,), strides=(2,), use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     axis_name=axis_name)(x)
-    x = nn.relu(x)
+    x = _named_convs(self.reference, self.width)(5, 2)(x)
+    x = nn.relu(_batch_norm(train, self.reference, axis_name)()(x))
     for stage in range(self.stages):
       for block in range(self.depth):
         x = ResidualBlock(self.width * self.widening ** stage,
                           strides=2 if block == 0 else 1,
-                          axis_name=axis_name)(x, train)
-    x = jnp.mean(x, axis=1)
+                          axis_name=axis_name, reference=self.reference)(
+                              x, train)
+    if self.reference:
+      x = jnp.mean(x, axis=1)
+    else:
+      x = jnp.mean(x, axis=0).T  # [channels, batch] -> [batch, channels]
     return nn.Dense(self.num_classes)(x)
 
 
