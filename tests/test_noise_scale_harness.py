@@ -17,6 +17,7 @@ from sngm_optax.harness import config as config_lib
 from sngm_optax.harness import data
 from sngm_optax.harness import models
 from sngm_optax.harness import noise_scale
+from sngm_optax.harness import sweep
 from sngm_optax.harness import train
 from sngm_optax.harness import trials
 
@@ -118,6 +119,13 @@ def test_config_refuses_what_the_monitor_cannot_measure(changes, message):
     _config(monitor_noise_scale=True, **changes)
   assert message in str(error.value)
   _config(**changes)  # fine without the monitor
+
+
+def test_stored_runs_keep_their_keys():
+  # Off, the field is left out of a run's settings (sweep.KEY_UNLESS).
+  assert "monitor_noise_scale" not in sweep.config_settings(_config())
+  assert sweep.config_settings(_config(monitor_noise_scale=True))[
+      "monitor_noise_scale"] is True
 
 
 def test_one_device_is_refused(dataset):
