@@ -5,9 +5,10 @@
 place of the device mean, and estimates McCandlish et al.'s simple noise
 scale B_simple = tr(Σ)/|G|² each step from the devices' own gradients
 (B_small = one device's batch, B_big = the global batch; EMAs over about the
-last 100 steps). The result holds one row per evaluation (each epoch's end),
-B_simple late in training and `suggested_batch_range`'s batch sizes for it.
-`sngm-optax noise-scale` is its command line.
+last 100 steps). The result holds one row per evaluation (each epoch's end,
+or `Config.evals_per_epoch` an epoch), B_simple late in training and
+`suggested_batch_range`'s batch sizes for it. `sngm-optax noise-scale` is its
+command line.
 
 Example:
   >>> suggested_batch_range(300.0)
@@ -105,8 +106,8 @@ def measure(config: Config, dataset: data_lib.Dataset | None = None,
 
   Returns:
     A JSON-serializable dict: `rows` (one per evaluation: `epoch`,
-    `samples_seen`, `steps`, `noise_scale` (B_simple after the epoch's
-    last step), `train_loss`, `test_loss`, `test_accuracy` and `val_*` with
+    `samples_seen`, `steps`, `noise_scale` (B_simple after the step
+    before the evaluation), `train_loss`, `test_loss`, `test_accuracy` and `val_*` with
     a validation split), `late_noise_scale` (`late_noise_scale` of the
     rows), `suggested_batch_range` (`[lo, hi]` of `suggested_batch_range`,
     None when B_simple is not positive and finite or there are no rows),
