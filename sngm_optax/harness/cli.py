@@ -1,10 +1,20 @@
-"""Command line: `sngm-optax compare` (the main job) and `sngm-optax train`.
+"""Command line: `sngm-optax compare` (the main job), `sngm-optax train` and
+`sngm-optax noise-scale`.
 
   sngm-optax compare --quick          # ~1.5 minutes on 2 CPU cores
   sngm-optax compare --out runs/cmp   # the benchmark preset (30 epochs)
   sngm-optax train --optimizer sngm --batch-size 4096 --lr 0.4 --epochs 30
   sngm-optax train --optimizer adadagrad_norm --lr 1 --adaptive-batch norm \
       --max-batch-size 1024 --initial-batch-size 32
+  sngm-optax noise-scale --model cnn --num-samples 20000 --epochs 5 \
+      --batch-size 1024 --lr 0.4 --plot runs/noise_scale/noise_scale.png
+
+`noise-scale` trains one run (the options of `train`) with
+`sngm_optax.noise_scale_monitor` in place of the device mean, prints the
+gradient noise scale B_simple at each epoch's end and the batch sizes it
+suggests (`sngm_optax.harness.noise_scale`). The monitor needs 2+ devices:
+on CPU the command makes XLA show `--num-devices` host devices (default 8)
+before JAX starts.
 
 Exit status: 0 done (or stopped by `max_steps`), 1 non-finite loss, 2 bad
 arguments, 75 stopped by SIGTERM after writing a checkpoint (resume with
@@ -15,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 import typing
 
@@ -70,6 +81,17 @@ DATA_FIELDS = ("data_path", "num_samples", "data_seed", "cache_dir")
 # The first batch of an adaptive run when --initial-batch-size is not given
 # (Config's batch_size default is a fixed batch's).
 ADAPTIVE_INITIAL_BATCH_SIZE = 32
+# `noise-scale`'s simulated CPU devices when --num-devices is not given.
+NOISE_SCALE_HOST_DEVICES = 8
+# Config fields without a `noise-scale` flag: the monitor is on, and it
+# measures fixed-batch runs only (Config refuses the others).
+NOT_NOISE_SCALE_FIELDS = ("monitor_noise_scale", "adaptive_batch",
+                          "max_batch_size", "adaptive_statistics",
+                          "batch_ramp")
+# `train`'s and `noise-scale`'s rule when --lr is not given.
+LEARNING_RATE_DEFAULT = (
+    "the benchmark's pick for this optimizer at B=4096, or at B=128 for msgd "
+    "at small batches, scaled by the square root of the batch-size ratio")
 
 
 def _flag(name: str) -> str:
@@ -144,6 +166,22 @@ def _add_data_arguments(parser: argparse.ArgumentParser,
                         _config_fields(DATA_FIELDS), own_defaults)
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser, exclude=(),
+                       own_defaults=None):
+  """Adds a flag per `Config` field but the data's and `exclude`, in a
+  `run` group (returned), and `--set`."""
+  run = parser.add_argument_group("run (the fields of Config)")
+  _add_config_arguments(
+      run, [f for f in _config_fields()
+            if f.name not in DATA_FIELDS + tuple(exclude)], own_defaults)
+  parser.add_argument(
+      "--set", dest="overrides", action="append", default=[],
+      metavar="KEY=VALUE",
+      help="override any Config field, e.g. --set "
+           "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
+  return run
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The `sngm-optax` argument parser."""
   from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
@@ -205,25 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
       "train", help="one training run",
       description="Trains one model with one optimizer and writes "
                   "metrics.json. Options not given take Config's defaults.")
-  own_defaults = {
-      "learning_rate": "the benchmark's pick for this optimizer at B=4096, "
-                       "or at B=128 for msgd at small batches, scaled by the "
-                       "square root of the batch-size ratio",
-      "adaptive_batch": "none; norm for adadagrad and adadagrad_norm"}
-  run = trn.add_argument_group("run (the fields of Config)")
-  _add_config_arguments(
-      run, [f for f in _config_fields() if f.name not in DATA_FIELDS],
-      own_defaults)
+  run = _add_run_arguments(trn, own_defaults={
+      "learning_rate": LEARNING_RATE_DEFAULT,
+      "adaptive_batch": "none; norm for adadagrad and adadagrad_norm"})
   batch_size, = _config_fields(("batch_size",))
   run.add_argument("--initial-batch-size", type=_config_type(batch_size),
                    default=argparse.SUPPRESS,
                    help="first batch size of an adaptive run, i.e. "
                         "batch_size (default "
                         f"{ADAPTIVE_INITIAL_BATCH_SIZE})")
-  trn.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="override any Config field, e.g. --set "
-                        "'optimizer_kwargs={\"momentum\": 0.95}' (repeatable)")
   trn.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR with its saved "
                         "settings (other options but --out, --quiet and "
@@ -232,6 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/train)")
   trn.add_argument("--quiet", action="store_true")
   _add_data_arguments(trn)
+
+  # noise-scale ------------------------------------------------------------
+  nsc = commands.add_parser(
+      "noise-scale",
+      help="the gradient noise scale B_simple along one run, and the batch "
+           "sizes it suggests",
+      description="Trains one model with one optimizer (train's options), "
+                  "with sngm_optax.noise_scale_monitor chained first in "
+                  "place of the device mean, prints B_simple (McCandlish et "
+                  "al.'s simple noise scale, from the per-device and the "
+                  "global batch) at each epoch's end and the batch sizes it "
+                  "suggests, and writes noise_scale.json. It needs 2+ "
+                  "devices: on CPU it simulates them. Options not given "
+                  "take Config's defaults.")
+  _add_run_arguments(nsc, exclude=NOT_NOISE_SCALE_FIELDS, own_defaults={
+      "learning_rate": LEARNING_RATE_DEFAULT,
+      "num_devices": f"{NOISE_SCALE_HOST_DEVICES} simulated devices on CPU, "
+                     "else all local devices"})
+  nsc.add_argument("--plot", default=None, metavar="PATH",
+                   help="also save B_simple against samples seen (log "
+                        "scale) as a PNG at PATH")
+  nsc.add_argument("--out", default="runs/noise_scale",
+                   help="output directory of noise_scale.json (default "
+                        "runs/noise_scale)")
+  nsc.add_argument("--quiet", action="store_true",
+                   help="print only the table and the sentence")
+  _add_data_arguments(nsc)
   return parser
 
 
@@ -271,7 +326,6 @@ def _run_compare(args, parser) -> int:
 
 
 def _run_train(args, parser) -> int:
-  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
   from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
 
   if args.resume is not None:
@@ -285,19 +339,32 @@ def _run_train(args, parser) -> int:
                        ) from None
     return _train_and_report(config_lib.override(config, args.overrides), args,
                              resume=True)
-  given = {f.name: getattr(args, f.name) for f in _config_fields()
-           if hasattr(args, f.name)}
+  given = _given_config_fields(args)
   _apply_adaptive_flags(given, args, parser)
-  if "learning_rate" not in given:
-    optimizer = given.get("optimizer", _config_default("optimizer"))
-    if not (optimizer in compare.LR_GRIDS
-            or optimizer in compare.SMALL_BATCH_GRIDS):
-      parser.error(f"--lr is required for {optimizer} (no benchmark "
-                   "pick to default to)")
-    given["learning_rate"] = compare.suggested_learning_rate(
-        optimizer, given.get("batch_size", _config_default("batch_size")))
+  _default_learning_rate(given, parser)
   config = config_lib.Config(**given)
   return _train_and_report(config_lib.override(config, args.overrides), args)
+
+
+def _given_config_fields(args) -> dict:
+  """The Config fields whose flags were given."""
+  return {f.name: getattr(args, f.name) for f in _config_fields()
+          if hasattr(args, f.name)}
+
+
+def _default_learning_rate(given: dict, parser) -> None:
+  """Sets `given["learning_rate"]` by `LEARNING_RATE_DEFAULT` unless --lr
+  was given."""
+  from sngm_optax.harness import compare  # pylint: disable=g-import-not-at-top
+  if "learning_rate" in given:
+    return
+  optimizer = given.get("optimizer", _config_default("optimizer"))
+  if not (optimizer in compare.LR_GRIDS
+          or optimizer in compare.SMALL_BATCH_GRIDS):
+    parser.error(f"--lr is required for {optimizer} (no benchmark "
+                 "pick to default to)")
+  given["learning_rate"] = compare.suggested_learning_rate(
+      optimizer, given.get("batch_size", _config_default("batch_size")))
 
 
 def _config_default(name: str):
@@ -365,6 +432,60 @@ def _train_and_report(config, args, resume: bool = False) -> int:
   return 0
 
 
+def _use_host_devices(count: int) -> str:
+  """Makes the CPU show `count` XLA devices if JAX has not started yet
+  (`jax_num_cpu_devices`, XLA's `--xla_force_host_platform_device_count`);
+  returns JAX's default platform.
+
+  Raises:
+    ValueError: JAX already runs on the CPU with fewer devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # the backends have started: too late to change
+    pass
+  platform, available = jax.default_backend(), jax.local_device_count()
+  if platform == "cpu" and available < count:
+    raise ValueError(
+        f"JAX has already started with {available} CPU device(s), fewer "
+        f"than {count}: set XLA_FLAGS=--xla_force_host_platform_device_count="
+        f"{count} before Python starts (or ask for --num-devices "
+        f"{available})")
+  return platform
+
+
+def _run_noise_scale(args, parser) -> int:
+  from sngm_optax.harness import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import noise_scale  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from sngm_optax.harness import train  # pylint: disable=g-import-not-at-top
+
+  given = _given_config_fields(args)
+  _default_learning_rate(given, parser)
+  # Before anything starts JAX: the CPU's devices are fixed from then on.
+  count = given.get("num_devices") or NOISE_SCALE_HOST_DEVICES
+  if _use_host_devices(count) == "cpu":
+    given.setdefault("num_devices", count)
+  config = config_lib.override(
+      config_lib.Config(**given, monitor_noise_scale=True), args.overrides)
+  try:
+    result = noise_scale.measure(config, quiet=args.quiet)
+  except steps_lib.NonFiniteLossError as error:
+    print(f"sngm-optax noise-scale: error: {error}", file=sys.stderr)
+    return 1
+  print(noise_scale.format_table(result))
+  print(noise_scale.summary(result))
+  path = os.path.join(args.out, "noise_scale.json")
+  train.write_json(pathlib.Path(path), result)
+  if args.plot:
+    noise_scale.save_plot(result, args.plot)
+  if not args.quiet:
+    plot = f" and {args.plot}" if args.plot else ""
+    print(f"wrote {path}{plot} ({result['wall_time_s']:.0f} s)")
+  return 0
+
+
 def _preempted_line(signal_name: str, result: dict, config) -> str:
   saved = (f"checkpoint in {config.checkpoint_dir}; continue with: "
            f"sngm-optax train --resume {config.checkpoint_dir}"
@@ -378,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
   """Entry point of the `sngm-optax` console script."""
   parser = build_parser()
   args = parser.parse_args(argv)
-  handlers = {"compare": _run_compare, "train": _run_train}
+  handlers = {"compare": _run_compare, "train": _run_train,
+              "noise-scale": _run_noise_scale}
   try:
     return handlers[args.command](args, parser)
   except ValueError as error:

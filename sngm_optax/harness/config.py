@@ -28,6 +28,7 @@ from sngm_optax.harness import models
 from sngm_optax.harness.optimizers import ADAPTIVE_OPTIMIZERS
 from sngm_optax.harness.optimizers import ADAPTIVE_TESTS
 from sngm_optax.harness.optimizers import OPTIMIZERS
+from sngm_optax.harness.optimizers import PER_DEVICE_STATE
 from sngm_optax.harness.optimizers import SCHEDULES
 
 
@@ -215,6 +216,14 @@ class Config:
       doc="fixed-batch steps run per dispatch with lax.scan (1: one "
           "dispatch a step; 0: the measured choice, see "
           "train.steps_per_dispatch)")
+  # --- Measurements.
+  monitor_noise_scale: bool = _option(
+      False, check=BOOL,
+      doc="measure the gradient noise scale B_simple with "
+          "sngm_optax.noise_scale_monitor chained first, in place of the "
+          "device mean (its per-device and global batches are the two batch "
+          "sizes of the estimate, so it needs 2+ devices; a fixed batch and "
+          "a replicated optimizer state)")
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -236,6 +245,7 @@ class Config:
     except TypeError as error:  # an unknown keyword in model_kwargs
       raise ValueError(f"model {self.model!r}: {error}") from None
     self._check_adaptive()
+    self._check_noise_scale()
 
   @property
   def microbatch_size(self) -> int:
@@ -320,6 +330,25 @@ class Config:
           f"max_batch_size={self.max_batch_size} must be at least the initial "
           f"batch_size={self.batch_size} and a multiple of the microbatch "
           f"size {self.microbatch_size} (batch_size / num_microbatches)")
+
+  def _check_noise_scale(self):
+    """Raises ValueError for a run the noise-scale monitor cannot measure
+    (the device count is checked with the devices, `train._mesh_devices`)."""
+    if not self.monitor_noise_scale:
+      return
+    if self.adaptive_batch is not None:
+      raise ValueError(
+          "monitor_noise_scale: an adaptive_batch run reports its own "
+          "noise_scale (the batch-size test's); leave monitor_noise_scale off")
+    if self.batch_ramp is not None:
+      raise ValueError(
+          "monitor_noise_scale needs a fixed batch: the monitor's per-device "
+          "batch size is fixed when the step compiles, not with batch_ramp")
+    if self.optimizer in PER_DEVICE_STATE:
+      raise ValueError(
+          f"monitor_noise_scale: optimizer {self.optimizer!r} exchanges "
+          "sparse per-device updates, not a device mean the monitor could "
+          "replace; use it with another optimizer")
 
 
 # The tests that can run on the moments of the microbatch gradients.

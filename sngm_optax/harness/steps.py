@@ -148,7 +148,10 @@ def _apply_gradients(state, grads, total_weight, loss_sum, correct, moments,
   if adaptive_statistics is not None:
     metrics["next_batch_size"] = optax.tree.get(opt_state,
                                                 "next_batch_size")
-    metrics["noise_scale"] = optax.tree.get(opt_state, "noise_scale")
+  # The batch-size test's, or `noise_scale_monitor`'s (`build_program`).
+  noise_scale = optax.tree.get(opt_state, "noise_scale")
+  if noise_scale is not None:
+    metrics["noise_scale"] = noise_scale
   if per_device:
     metrics["bytes_sent"] = jax.lax.pmean(
         jnp.sum(optax.tree.get(state.opt_state, "bytes_sent")), AXIS)
@@ -270,7 +273,8 @@ def make_train_step(mesh: jax.sharding.Mesh, per_device: bool = False,
   holds a batch-size test: its update gets the step's batch size
   (`batch_size=`) or the moments of the microbatch gradients
   (`gradient_moments=`, one unit per device and nonempty microbatch), and the
-  metrics hold `next_batch_size` and `noise_scale`.
+  metrics hold `next_batch_size` and `noise_scale`; they hold `noise_scale`
+  too whenever the optimizer state has one (`noise_scale_monitor`).
 
   With `trials` (`"vmap"` or `"unroll"`, see `map_over_trials` and the
   module `trials`), every leaf of the state has a leading trial axis, every

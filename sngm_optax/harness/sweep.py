@@ -74,7 +74,7 @@ NOT_IN_KEY = ("cache_dir", "checkpoint_dir", "checkpoint_every_steps",
               "checkpoint_at_epoch_end", "keep_checkpoints", "max_steps")
 # Config fields added after runs were stored: left out of a run's settings
 # while at this value (their default), so that stored runs keep their keys.
-KEY_UNLESS = {"evals_per_epoch": 1}
+KEY_UNLESS = {"evals_per_epoch": 1, "monitor_noise_scale": False}
 
 
 # ----------------------------------------------------------------------------

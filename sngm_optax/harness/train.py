@@ -168,6 +168,10 @@ class ProgramSpec:
       optimizer state too (`total_samples`, `warmup_samples`: trials of
       different decay lengths share the program; the spec's own are 0); a
       schedule of `optimizers.TRACEABLE_SCHEDULES` only.
+    noise_scale_batch_size: with `Config.monitor_noise_scale`, the batch
+      each device contributes to one update (`batch_size / len(devices)`),
+      the small batch of `sngm_optax.noise_scale_monitor`, which then takes
+      the device mean's place; None: no monitor.
   """
 
   model: str
@@ -183,6 +187,7 @@ class ProgramSpec:
   growing_microbatch: int | None = None
   trials: str | None = None
   traced_schedule: bool = False
+  noise_scale_batch_size: int | None = None
 
   @classmethod
   def from_config(cls, config: Config, num_train: int, devices,
@@ -198,7 +203,9 @@ class ProgramSpec:
         optimizer_kwargs=frozen_items(_optimizer_kwargs(config, num_train)),
         adaptive=config.adaptive_settings(len(devices)),
         growing_microbatch=(None if config.fixed_batch
-                            else config.microbatch_size))
+                            else config.microbatch_size),
+        noise_scale_batch_size=(config.batch_size // len(devices)
+                                if config.monitor_noise_scale else None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +243,14 @@ def build_program(spec: ProgramSpec) -> Program:
   `samples_seen` (the samples before the step), which the train step
   advances by each step's batch. With `spec.traced_schedule`, the lengths
   are the hyperparameters `total_samples` and `warmup_samples` too.
+
+  With `spec.noise_scale_batch_size`, the optimizer is
+  `optax.chain(sngm_optax.noise_scale_monitor(noise_scale_batch_size,
+  axis_name=AXIS), <the registry optimizer without axis_name>)`: the monitor
+  returns the device mean, so every registry optimizer (but those of
+  `PER_DEVICE_STATE`) computes what it would on its own (SNGM's global norm
+  is that of the mean, the same on every device), and the state's
+  `noise_scale` is B_simple (the step's metrics report it).
   """
   devices = spec.devices
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
@@ -253,6 +268,7 @@ def build_program(spec: ProgramSpec) -> Program:
                                              spec.warmup_samples)
   optimizer, kwargs, adaptive = (spec.optimizer, dict(spec.optimizer_kwargs),
                                  spec.adaptive)
+  monitor_batch = spec.noise_scale_batch_size
 
   statistics = None
   if adaptive is not None:
@@ -266,15 +282,21 @@ def build_program(spec: ProgramSpec) -> Program:
                                                      warmup_samples)
     scheduled = PeakTimesSchedule(learning_rate,
                                   lambda count: unit(samples_seen))
-    if adaptive is None:
+    if adaptive is not None:
+      return make_adaptive_optimizer(
+          optimizer, scheduled, test=test, max_batch_size=max_batch,
+          initial_batch_size=initial_batch, batch_size_multiple=microbatch,
+          # A unit of the moments is one device's slice of a microbatch.
+          microbatch_size=microbatch // len(devices), axis_name=AXIS,
+          weight_decay=weight_decay, **kwargs)
+    if monitor_batch is None:
       return make_optimizer(optimizer, scheduled, axis_name=AXIS,
                             weight_decay=weight_decay, **kwargs)
-    return make_adaptive_optimizer(
-        optimizer, scheduled, test=test, max_batch_size=max_batch,
-        initial_batch_size=initial_batch, batch_size_multiple=microbatch,
-        # A unit of the moments is one device's slice of a microbatch.
-        microbatch_size=microbatch // len(devices), axis_name=AXIS,
-        weight_decay=weight_decay, **kwargs)
+    # The monitor averages over the devices in the optimizer's place.
+    return optax.chain(
+        sngm_optax.noise_scale_monitor(monitor_batch, axis_name=AXIS),
+        make_optimizer(optimizer, scheduled, axis_name=None,
+                       weight_decay=weight_decay, **kwargs))
 
   tx = optax.inject_hyperparams(optimizer_with_peak)(
       learning_rate=1.0, weight_decay=0.0,
@@ -351,8 +373,8 @@ def _mesh_devices(config: Config) -> list:
   """The first `config.num_devices` local devices (0: all of them).
 
   Raises:
-    ValueError: there are fewer local devices, or the microbatch does not
-      split evenly over them.
+    ValueError: there are fewer local devices, the microbatch does not
+      split evenly over them, or `monitor_noise_scale` has only one.
   """
   available = jax.local_devices()
   num_devices = config.num_devices or len(available)
@@ -363,6 +385,12 @@ def _mesh_devices(config: Config) -> list:
     raise ValueError(
         f"the microbatch of {config.microbatch_size} examples (batch_size / "
         f"num_microbatches) is not divisible by {num_devices} devices")
+  if config.monitor_noise_scale and num_devices < 2:
+    raise ValueError(
+        f"monitor_noise_scale needs at least 2 devices, got {num_devices}: "
+        "on one, the per-device batch (B_small) is the global one (B_big) "
+        "and the two-batch estimate is undefined; on CPU, simulate devices "
+        "with XLA_FLAGS=--xla_force_host_platform_device_count=8")
   return available[:num_devices]
 
 
@@ -678,7 +706,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
     or `evals_per_epoch` an epoch, with `epoch`, `samples_seen`, `steps`,
     `batch_size`, `learning_rate` (the schedule's value at
     `samples_seen`), `train_loss`, `test_loss`,
-    `test_accuracy`, `wall_time_s`, and `val_*` with a validation split),
+    `test_accuracy`, `wall_time_s`, `val_*` with a validation split and
+    `noise_scale` with `Config.monitor_noise_scale`),
     `final` (the last entry, None if stopped before the first epoch
     ended), `steps`, `samples_seen`, `wall_time_s`, `compile_time_s` (the
     part of it JAX spent tracing, lowering and compiling: 0 when every
@@ -775,6 +804,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None,
           sampler.samples_seen, num_train, step, batch_size, epoch_losses,
           schedule, config.learning_rate
           * float(program.unit_schedule(metrics["samples_seen"])))
+      if config.monitor_noise_scale:  # B_simple after the last step
+        record["noise_scale"] = float(metrics["noise_scale"])
       record.update(_evaluate_splits(program.eval_step, state, splits,
                                      eval_chunk))
       record["wall_time_s"] = time.perf_counter() - start_time

@@ -334,6 +334,8 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
             * float(unit_schedules[index](seen[index])))
         record.update({name: float(value[index])
                        for name, value in evaluated.items()})
+        if "noise_scale" in step_metrics[-1]:  # Config.monitor_noise_scale
+          record["noise_scale"] = float(step_metrics[-1]["noise_scale"][index])
         record["wall_time_s"] = time.perf_counter() - start_time
         curves[index].append(record)
         losses[index] = []
