@@ -10,13 +10,21 @@ steps), or at the first evaluation at or above the declared validation
 `target`: its steps to target (null when not reached). The pick at each
 point is the trial with the fewest steps to target, rerun on 2 more seeds.
 
+On the same plane: adaptive batches (`ADAPTIVE`: SNGM with the norm test,
+with and without the controller's growth options, and with the
+inner-product test, from B = 32 up to the largest batch), searched as a
+point is, their steps to target read from 8 evaluations an epoch; and the
+gradient noise scale B_simple along a reference run (momentum SGD's pick at
+B = 256, `sngm_optax.noise_scale_monitor` on 8 devices), to set against the
+measured knee.
+
 The trials train with `trials.train_trials` (one compiled program per
 point, the hyperparameters traced; one trial per program, the fastest on
 CPU) and are stored in one `sweep.RunStore` per point
 (`results/frontier_runs/<optimizer>/B<batch>.jsonl`), so a stopped run resumes
 where it stopped. `run` trains the points in worker processes (2 on the 2
 cores: one process keeps about one core busy); `report` builds
-`frontier.json` and the figures from the stores alone (points still
+`frontier.json` and the figure from the stores alone (points still
 missing runs are listed as incomplete), so partial results can be
 committed as they land.
 
@@ -233,6 +241,11 @@ def tune_point(point: Point, stop_after=None, train=True) -> dict:
 
 def _work(job) -> str:
   try:
+    if isinstance(job, NoiseReference):
+      result = job.measure()
+      return ("noise scale: " + ("no reference pick yet" if result is None
+                                 else f"late B_simple "
+                                 f"{result['late_noise_scale']:.0f}"))
     if isinstance(job, Adaptive):
       name, result = job.name, tune_adaptive(job)
     else:
@@ -350,6 +363,67 @@ def tune_adaptive(contender: Adaptive, train=True) -> dict:
                     report="steps_to_target")
 
 
+# ----------------------------------------------------------------------------
+# The gradient noise scale along a reference run: momentum SGD's pick at the
+# target's reference batch, trained to its decay's end with
+# `sngm_optax.noise_scale_monitor` on `NOISE_DEVICES` devices (B_small = one
+# device's share of the batch).
+
+NOISE_REFERENCE = ("msgd", 256)
+NOISE_DEVICES = 8
+NOISE_EVALS_PER_EPOCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseReference:
+  settings: argparse.Namespace
+
+  def path(self) -> pathlib.Path:
+    return (pathlib.Path(self.settings.out)
+            / f"{WORKLOADS[self.settings.workload].out}_runs"
+            / "noise_scale.json")
+
+  def config(self) -> config_lib.Config | None:
+    """The reference run, None while its point has no pick."""
+    optimizer, batch_size = NOISE_REFERENCE
+    point = Point(optimizer, batch_size, self.settings)
+    try:
+      pick = tune_point(point, train=False)["pick"]
+    except (_Missing, FileNotFoundError):
+      return None
+    if pick is None:
+      return None
+    return dataclasses.replace(
+        trials.trial_config(point.base(), pick["point"], WARMUP_FRACTION),
+        num_devices=NOISE_DEVICES, evals_per_epoch=NOISE_EVALS_PER_EPOCH)
+
+  def load(self) -> dict | None:
+    """The measurement of the current reference run, None if not made."""
+    config = self.config()
+    if config is None or not self.path().exists():
+      return None
+    import json  # pylint: disable=g-import-not-at-top
+    saved = json.loads(self.path().read_text())
+    current = dataclasses.asdict(config)
+    return saved if saved["reference_config"] == current else None
+
+  def measure(self) -> dict | None:
+    from sngm_optax.harness import noise_scale  # pylint: disable=g-import-not-at-top
+    if self.load() is not None:
+      return self.load()
+    config = self.config()
+    if config is None:
+      return None
+    result = noise_scale.measure(config, _dataset(self.settings))
+    optimizer, batch_size = NOISE_REFERENCE
+    result["reference"] = (f"{optimizer} at B = {batch_size}, its pick "
+                           f"(seed {config.seed})")
+    result["code_version"] = sweep.code_version()
+    result["reference_config"] = dataclasses.asdict(config)
+    _common.write_json(self.path(), result)
+    return result
+
+
 def points_of(args) -> list[Point]:
   """Every point, an optimizer's whole frontier after another's (in
   `--optimizers` order), so that partial results hold whole curves."""
@@ -359,7 +433,7 @@ def points_of(args) -> list[Point]:
 
 
 def run(args) -> None:
-  jobs = [*points_of(args), *adaptive_of(args)]
+  jobs = [*points_of(args), *adaptive_of(args), NoiseReference(args)]
   if args.workers <= 1:
     results = map(_work, jobs)
   else:
@@ -474,6 +548,7 @@ def report(args) -> None:
                     for name, ranges in SEARCH_SPACE.items()
                     if name in args.optimizers},
       points=points, adaptive=adaptive,
+      noise_scale=NoiseReference(args).load(),
       complete=all(p["complete"] for p in points + adaptive),
       compute_s=sum(p.get("run_time_s", 0.0) for p in points + adaptive),
       run_code_versions=sorted({v for p in points + adaptive

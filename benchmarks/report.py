@@ -2833,6 +2833,9 @@ def _frontier_adaptive_findings(record: dict) -> list[str]:
   return lines
 
 
+NOISE_ROWS = 12  # rows of the noise-scale table (every k-th evaluation)
+
+
 def frontier_noise_scale(record: dict) -> str:
   noise = record.get("noise_scale")
   if not noise:
@@ -2840,8 +2843,12 @@ def frontier_noise_scale(record: dict) -> str:
   curves = _frontier_curves(record)
   knee = perfect_scaling_limit(curves.get("msgd", {}))
   late = noise["late_noise_scale"]
+  every = max(1, len(noise["rows"]) // NOISE_ROWS)
+  shown = noise["rows"][every - 1::every]
+  if shown[-1] is not noise["rows"][-1]:
+    shown.append(noise["rows"][-1])
   rows = [[f"{r['epoch']:.2f}", f"{r['samples_seen']:,}",
-           f"{r['noise_scale']:,.0f}"] for r in noise["rows"]]
+           f"{r['noise_scale']:,.0f}"] for r in shown]
   low, high = noise["suggested_batch_range"]
   text = [f"Along {noise['reference']} (`sngm_optax.noise_scale_monitor` "
           f"on {noise['num_devices']} devices), B_simple against samples "
