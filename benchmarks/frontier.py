@@ -433,7 +433,9 @@ def points_of(args) -> list[Point]:
 
 
 def run(args) -> None:
-  jobs = [*points_of(args), *adaptive_of(args), NoiseReference(args)]
+  jobs = {"points": points_of(args), "adaptive": adaptive_of(args),
+          "noise": [NoiseReference(args)]}
+  jobs = [job for part in args.parts for job in jobs[part]]
   if args.workers <= 1:
     results = map(_work, jobs)
   else:
@@ -441,6 +443,9 @@ def run(args) -> None:
     results = pool.imap_unordered(_work, jobs)
   for line in results:
     print(line, flush=True)
+
+
+PARTS = ["points", "adaptive", "noise"]
 
 
 def adaptive_of(args) -> list[Adaptive]:
@@ -566,7 +571,7 @@ def report(args) -> None:
 def command(args) -> str:
   """The `run` command that trains these results (the defaults left out
   where they are long: the results directory and the adaptive list)."""
-  exclude = ["stage", "stop_after", "stop_time", "workers"]
+  exclude = ["stage", "stop_after", "stop_time", "workers", "parts"]
   if args.out == str(_common.RESULTS):
     exclude.append("out")
   if args.adaptive == list(ADAPTIVE):
@@ -659,6 +664,8 @@ def main(argv=None):
   parser.add_argument("--adaptive", nargs="+",
                       choices=[*ADAPTIVE, "none"],
                       help="adaptive contenders (default: all of them)")
+  parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                      help="what `run` trains (default: all, in this order)")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--stop-after", help="HH:MM (UTC): start no run after")
   parser.add_argument("--out", default=str(_common.RESULTS),
