@@ -2841,25 +2841,46 @@ def frontier_noise_scale(record: dict) -> str:
   if not noise:
     return "The noise-scale reference run is not in the results yet."
   curves = _frontier_curves(record)
-  knee = perfect_scaling_limit(curves.get("msgd", {}))
   late = noise["late_noise_scale"]
   every = max(1, len(noise["rows"]) // NOISE_ROWS)
   shown = noise["rows"][every - 1::every]
   if shown[-1] is not noise["rows"][-1]:
     shown.append(noise["rows"][-1])
   rows = [[f"{r['epoch']:.2f}", f"{r['samples_seen']:,}",
-           f"{r['noise_scale']:,.0f}"] for r in shown]
+           percent(r.get("val_accuracy"), 2), f"{r['noise_scale']:,.0f}"]
+          for r in shown]
   low, high = noise["suggested_batch_range"]
-  text = [f"Along {noise['reference']} (`sngm_optax.noise_scale_monitor` "
-          f"on {noise['num_devices']} devices), B_simple against samples "
-          "seen:", "", table(["epoch", "samples seen", "B_simple"], rows,
-                             "rrr"), "",
-          f"Late in training (the median of the last third) B_simple is "
-          f"{late:,.0f}, which suggests batches of {low:,} to {high:,}."]
-  if knee is not None:
-    text.append(f"Momentum SGD's measured knee (its largest batch in "
-                f"perfect scaling) is B = {knee:,}: B_simple is "
-                f"{late / knee:.2g}× it.")
+  reference = noise["reference_config"]
+  text = [f"Along a reference run, "
+          f"{FRONTIER_LABELS.get(reference['optimizer'])} at B = "
+          f"{reference['batch_size']:,} with its frontier pick (learning "
+          f"rate {reference['learning_rate']:g}, a decay of "
+          f"{reference['epochs']:g} epochs, seed {reference['seed']}), "
+          f"`sngm_optax.noise_scale_monitor` on {noise['num_devices']} "
+          f"devices (B_small = {reference['batch_size'] // noise['num_devices']}"
+          "), B_simple against samples seen:", "", table(["epoch", "samples seen",
+                              "validation accuracy (%)", "B_simple"], rows,
+                             "rrrr"), "",
+          f"Late in training (the median of the last third of the "
+          f"evaluations) B_simple is {late:,.0f}, which suggests batches of "
+          f"{low:,} to {high:,} (`sngm_optax.harness.noise_scale`'s rule)."
+          " It grows as the loss falls (McCandlish et al. predict the "
+          "critical batch of a target from B_simple at that target):"]
+  at_target = next((r for r in noise["rows"]
+                    if r.get("val_accuracy", 0.0) >= record["target"]), None)
+  if at_target is not None:
+    text[-1] += (f" at the reference run's first evaluation at or above "
+                 f"the target (epoch {at_target['epoch']:.2f}) it is "
+                 f"{at_target['noise_scale']:,.0f}.")
+  knees = {name: perfect_scaling_limit(curve)
+           for name, curve in curves.items()}
+  knees = {name: knee for name, knee in knees.items() if knee is not None}
+  if knees and at_target is not None:
+    text.append("Measured knees (the largest batch in perfect scaling): "
+                + ", ".join(f"{FRONTIER_LABELS.get(name, name)} {knee:,} "
+                            "(B_simple at the target is "
+                            f"{at_target['noise_scale'] / knee:.2g}× it)"
+                            for name, knee in knees.items()) + ".")
   return "\n".join(text)
 
 
