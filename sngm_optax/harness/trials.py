@@ -229,6 +229,26 @@ def _target_metric(record: Mapping[str, Any]) -> float:
   return record["test_accuracy"] if accuracy is None else accuracy
 
 
+def _check_one_program(configs: list[Config]) -> Config:
+  """The first config, once the trials can share one program.
+
+  Raises:
+    ValueError: they differ in more than the traced fields, or they grow
+      their batch or keep a per-device optimizer state.
+  """
+  config = configs[0]
+  if len({_program_key(c) for c in configs}) > 1:
+    raise ValueError("these trials differ in more than "
+                     f"{TRACED_FIELDS + LENGTH_FIELDS}: use train_trials")
+  if not config.fixed_batch:
+    raise ValueError("vmapped trials need a fixed batch: train adaptive "
+                     "runs one by one")
+  if config.optimizer in PER_DEVICE_STATE:
+    raise ValueError(f"optimizer {config.optimizer!r} keeps a per-device "
+                     "state: train its trials one by one")
+  return config
+
+
 def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
                   eval_every: int, max_steps: int = 0,
                   target: float | None = None, early_stop: bool = False,
@@ -243,16 +263,7 @@ def train_program(configs: Sequence[Config], dataset: data_lib.Dataset, *,
   start_time = time.perf_counter()
   compile_seconds_before = train.compile_clock.seconds
   configs = list(configs)
-  config = configs[0]
-  if len({_program_key(c) for c in configs}) > 1:
-    raise ValueError("these trials differ in more than "
-                     f"{TRACED_FIELDS + LENGTH_FIELDS}: use train_trials")
-  if not config.fixed_batch:
-    raise ValueError("vmapped trials need a fixed batch: train adaptive "
-                     "runs one by one")
-  if config.optimizer in PER_DEVICE_STATE:
-    raise ValueError(f"optimizer {config.optimizer!r} keeps a per-device "
-                     "state: train its trials one by one")
+  config = _check_one_program(configs)
 
   # --- Data, devices, the program and the trials' states.
   dataset, splits, _ = train.evaluation_splits(config, dataset)
