@@ -2784,14 +2784,49 @@ def frontier_findings(record: dict) -> list[str]:
         lines.append(f"SNGM against {label(other)} at the largest batches: "
                      + "; ".join(words) + ".")
   lines += _frontier_adaptive_findings(record)
-  edges = [f"{label(p['optimizer'])} at {p['batch_size']:,} "
-           f"({', '.join(p['search']['on_edge'])})"
-           for p in record["points"]
-           if p.get("complete") and p["search"]["on_edge"]]
-  lines.append(("Picks within 10 % of a range's end (reported, not "
-                "extended: the ranges are the same at every point): "
-                + "; ".join(edges) + ".") if edges else
-               "No pick lies within 10 % of an end of its ranges.")
+  lines += _frontier_edges(record)
+  return lines
+
+
+# What a pick near each end of a frontier range means (`_frontier_edges`).
+_EDGE_MEANING = {
+    ("learning_rate", "low"): "the learning rate's low end",
+    ("learning_rate", "high"): "the learning rate's high end",
+    ("weight_decay", "low"): "the weight decay's low end (next to none)",
+    ("weight_decay", "high"): "the weight decay's high end",
+    ("epochs", "low"): "the shortest decay",
+    ("epochs", "high"): "the decay as long as the step budget"}
+
+
+def _frontier_edges(record: dict) -> list[str]:
+  """The picks within `sweep.EDGE_FRACTION` of an end of a range, by which
+  end: a learning rate there is not a result (the range should be wider); a
+  decay as long as the step budget or the smallest weight decay are bounds
+  of the protocol (the budget; no decay)."""
+  found: dict[tuple[str, str], list[str]] = {}
+  for point in record["points"]:
+    if not point.get("complete") or not point["pick"]:
+      continue
+    for name in point["search"]["on_edge"]:
+      declared = point["search"]["ranges"][name]
+      unit = sweep.Range(**declared).unit(point["pick"][name])
+      end = "low" if unit < 0.5 else "high"
+      found.setdefault((name, end), []).append(
+          f"{FRONTIER_LABELS.get(point['optimizer'], point['optimizer'])} "
+          f"at {point['batch_size']:,}")
+  if not found:
+    return ["No pick lies within 10 % of an end of its ranges."]
+  lines = [f"Picks at {_EDGE_MEANING[key]}: {', '.join(where)}."
+           for key, where in found.items()]
+  rates = sum(len(w) for (name, _), w in found.items()
+              if name == "learning_rate")
+  lines.append(
+      (f"{_plural(rates, 'learning-rate pick')} at a range's end: not a "
+       "result until that range is widened." if rates else
+       "No learning-rate pick is at an end of its range.")
+      + " The other ends are the protocol's bounds: the decay cannot be "
+      "longer than the step budget, and the smallest weight decay is next "
+      "to none.")
   return lines
 
 
