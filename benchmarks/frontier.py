@@ -47,10 +47,12 @@ import datetime
 import math
 import multiprocessing
 import pathlib
+import sys
 
 import _common
 
-_common.force_host_devices(8)  # the noise-scale reference run's devices
+if "jax" not in sys.modules:  # imported by a test: its devices are set up
+  _common.force_host_devices(8)  # the noise-scale reference run's devices
 
 from sngm_optax.harness import config as config_lib  # noqa: E402
 from sngm_optax.harness import sweep  # noqa: E402
@@ -95,6 +97,8 @@ class Workload:
   target: float
   target_reason: str
   out: str
+  # Adaptive contenders and the noise-scale reference run (frontier only).
+  adaptive_and_noise: bool = True
 
 
 WORKLOADS = {
@@ -110,7 +114,7 @@ WORKLOADS = {
         "resnet", ("msgd", "sngm", "lars", "lamb", "sngm_nesterov"),
         (256, 1024, 4096, 8192), 0.975,
         "the CNN frontier's target, so that the two workloads' steps "
-        "compare", "frontier_resnet"),
+        "compare", "frontier_resnet", adaptive_and_noise=False),
 }
 
 
@@ -433,8 +437,9 @@ def points_of(args) -> list[Point]:
 
 
 def run(args) -> None:
+  noise = WORKLOADS[args.workload].adaptive_and_noise
   jobs = {"points": points_of(args), "adaptive": adaptive_of(args),
-          "noise": [NoiseReference(args)]}
+          "noise": [NoiseReference(args)] if noise else []}
   jobs = [job for part in args.parts for job in jobs[part]]
   if args.workers <= 1:
     results = map(_work, jobs)
@@ -553,7 +558,8 @@ def report(args) -> None:
                     for name, ranges in SEARCH_SPACE.items()
                     if name in args.optimizers},
       points=points, adaptive=adaptive,
-      noise_scale=NoiseReference(args).load(),
+      noise_scale=(NoiseReference(args).load()
+                   if workload.adaptive_and_noise else None),
       complete=all(p["complete"] for p in points + adaptive),
       compute_s=sum(p.get("run_time_s", 0.0) for p in points + adaptive),
       run_code_versions=sorted({v for p in points + adaptive
@@ -574,8 +580,11 @@ def command(args) -> str:
   exclude = ["stage", "stop_after", "stop_time", "workers", "parts"]
   if args.out == str(_common.RESULTS):
     exclude.append("out")
-  if args.adaptive == list(ADAPTIVE):
+  if args.adaptive == (list(ADAPTIVE) if WORKLOADS[args.workload]
+                       .adaptive_and_noise else []):
     exclude.append("adaptive")
+  if args.model == WORKLOADS[args.workload].model:
+    exclude.append("model")
   options = _common.command_line(args, exclude=exclude).split(" ", 2)[2:]
   return " ".join(["python benchmarks/frontier.py run", *options])
 
@@ -677,8 +686,10 @@ def main(argv=None):
   args.optimizers = args.optimizers or list(workload.optimizers)
   args.batch_sizes = args.batch_sizes or list(workload.batch_sizes)
   args.target = workload.target if args.target is None else args.target
-  args.adaptive = (list(ADAPTIVE) if args.adaptive is None
-                   else [] if args.adaptive == ["none"] else args.adaptive)
+  if args.adaptive is None:
+    args.adaptive = list(ADAPTIVE) if workload.adaptive_and_noise else []
+  elif args.adaptive == ["none"]:
+    args.adaptive = []
   args.stop_time = _stop_time(args.stop_after)
   if args.stage == "run":
     run(args)

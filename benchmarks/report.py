@@ -2814,6 +2814,8 @@ def _frontier_edges(record: dict) -> list[str]:
       found.setdefault((name, end), []).append(
           f"{FRONTIER_LABELS.get(point['optimizer'], point['optimizer'])} "
           f"at {point['batch_size']:,}")
+  if not any(point.get("complete") for point in record["points"]):
+    return []
   if not found:
     return ["No pick lies within 10 % of an end of its ranges."]
   lines = [f"Picks at {_EDGE_MEANING[key]}: {', '.join(where)}."
@@ -2917,6 +2919,72 @@ def frontier_noise_scale(record: dict) -> str:
                             f"{at_target['noise_scale'] / knee:.2g}× it)"
                             for name, knee in knees.items()) + ".")
   return "\n".join(text)
+
+
+def sngm_standing(cnn: dict, resnet: dict) -> list[str]:
+  """SNGM against each other optimizer at the resnet frontier's batch
+  sizes, on both workloads: whether the verdict changes."""
+  cnn_curves, resnet_curves = _frontier_curves(cnn), _frontier_curves(resnet)
+  lines = []
+  for other in [name for name in resnet_curves if name != "sngm"]:
+    words = []
+    for batch in resnet["budget"]["batch_sizes"]:
+      said = {}
+      for workload, curves in (("CNN", cnn_curves), ("resnet", resnet_curves)):
+        mine = curves.get("sngm", {}).get(batch)
+        theirs = curves.get(other, {}).get(batch)
+        if not (mine and theirs and mine["complete"] and theirs["complete"]):
+          said[workload] = "not yet run"
+          continue
+        a, b = _steps(mine), _steps(theirs)
+        said[workload] = (
+            "neither reaches the target" if a is None and b is None
+            else "only SNGM reaches the target" if b is None
+            else f"only {FRONTIER_LABELS.get(other, other)} reaches it"
+            if a is None else "SNGM " + _VERDICT_PHRASE[sweep.verdict(
+                a, b, higher_is_better=False).word] + " it")
+      change = ("" if "not yet run" in said.values() else
+                " (the same)" if said["CNN"] == said["resnet"]
+                else " (changed)")
+      words.append(f"B = {batch:,}: on the CNN {said['CNN']}, on the "
+                   f"resnet {said['resnet']}{change}")
+    lines.append(f"SNGM against {FRONTIER_LABELS.get(other, other)}: "
+                 + "; ".join(words) + ".")
+  return lines
+
+
+@block("frontier-resnet-setting")
+def _frontier_resnet_setting() -> str:
+  return frontier_setting(load("frontier_resnet"))
+
+
+@block("frontier-resnet-table")
+def _frontier_resnet_table() -> str:
+  return frontier_table(load("frontier_resnet"))
+
+
+@block("frontier-resnet-findings")
+def _frontier_resnet_findings() -> str:
+  record = load("frontier_resnet")
+  return "\n".join([*[f"- {line}" for line in frontier_findings(record)],
+                     "", "Does SNGM's standing change on the normalized "
+                     "residual network? Steps to target, by the spread "
+                     "rule, at the resnet frontier's batch sizes:", "",
+                     *[f"- {line}" for line in sngm_standing(
+                         load("frontier"), record)]])
+
+
+@block("frontier-resnet-readme")
+def _frontier_resnet_readme() -> str:
+  record = load("frontier_resnet")
+  done = sum(p["complete"] for p in record["points"])
+  head = (f"On the BatchNorm resnet (`benchmarks/frontier.py run --workload "
+          f"resnet`, the same protocol, B = "
+          f"{', '.join(f'{b:,}' for b in record['budget']['batch_sizes'])};"
+          f" {done} of {len(record['points'])} points run so far), does "
+          "SNGM's standing change? Steps to target by the spread rule:")
+  return "\n".join([head, "", *[f"- {line}" for line in sngm_standing(
+      load("frontier"), record)]])
 
 
 @block("frontier-setting")
