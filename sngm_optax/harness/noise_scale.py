@@ -3,7 +3,7 @@
 `measure(config)` trains `config` with `Config.monitor_noise_scale`:
 `sngm_optax.noise_scale_monitor` stands first in the optimizer's chain, in
 place of the device mean, and estimates McCandlish et al.'s simple noise
-scale B_simple = tr(Σ)/|G|² each step from the devices' own gradients
+scale ``B_simple = tr(Σ)/|G|²`` each step from the devices' own gradients
 (B_small = one device's batch, B_big = the global batch; EMAs over about the
 last 100 steps). The result holds one row per evaluation (each epoch's end,
 or `Config.evals_per_epoch` an epoch), B_simple late in training and
