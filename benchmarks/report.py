@@ -2862,7 +2862,7 @@ def _frontier_adaptive_findings(record: dict) -> list[str]:
       lines.append(f"{adaptive['name']}: {where}: not beyond the fixed-batch "
                    f"frontier (not fewer steps, by the rule, than {names}"
                    + (", ..." if len(behind) > 4 else "")
-                   + ", which use no more samples).")
+                   + ", with no more samples).")
     else:
       lines.append(f"{adaptive['name']}: {where}: beyond the fixed-batch "
                    f"frontier (fewer steps than all {len(cheaper)} fixed "
