@@ -2497,7 +2497,7 @@ def _resnet_cost() -> str:
           for entry in record["contenders"]}
   said = sweep.verdict(best["resnet"][1], best["cnn"][1])
   return "\n".join([
-      f"{_command_at(record)} (the CNN of that commit: `nn.Conv`); "
+      f"{_command_at(record)} (both models' convolutions `PatchConv`s, as from 2d25c62); "
       f"{_common.load_text(record['machine'])}. Parameters: CNN "
       f"{params['cnn']:,}, resnet {params['resnet']:,}.", "",
       table(["B", "CNN ms/step", "resnet ms/step", "ratio (wall)",
