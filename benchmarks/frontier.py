@@ -413,8 +413,9 @@ class NoiseReference:
 
   def measure(self) -> dict | None:
     from sngm_optax.harness import noise_scale  # pylint: disable=g-import-not-at-top
-    if self.load() is not None:
-      return self.load()
+    saved = self.load()
+    if saved is not None:
+      return saved
     config = self.config()
     if config is None:
       return None
