@@ -204,7 +204,8 @@ def test_frozen_items_sorts_and_freezes_nested_values():
   hash(frozen)
 
 
-def test_compile_time_is_reported_apart_from_run_time(dataset):
+def test_compile_time_is_reported_apart_from_run_time(dataset,
+                                                     no_compilation_cache):
   # A second identical run reuses every compiled step: its compile time is
   # near 0 while the first run's is not.
   train.build_program.cache_clear()
