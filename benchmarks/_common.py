@@ -168,6 +168,13 @@ class Timings:
     return statistics.median(self.ratios(name, baseline, cpu))
 
 
+def flops(compiled) -> float:
+  """XLA's cost-analysis FLOPs of a compiled function."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  return float(analysis.get("flops", 0.0))
+
+
 def time_interleaved(functions: Mapping[str, Callable[[], Any]], repeats: int,
                      calls: int = 1, min_seconds: float = 0.0) -> Timings:
   """Times zero-argument `functions` in rounds, one turn of each per round.

@@ -2488,7 +2488,8 @@ def _resnet_cost() -> str:
   record = load("resnet_cost")
   rows = [[f"{row['batch_size']:,}", f"{row['step_ms']['cnn']:.2f}",
            f"{row['step_ms']['resnet']:.2f}", f"{row['ratio']:.2f}",
-           f"{row['cpu_ratio']:.2f}"] for row in record["step_cost"]]
+           f"{row['cpu_ratio']:.2f}", f"{row['flops_ratio']:.2f}"]
+          for row in record["step_cost"]]
   params = record["step_cost"][0]["params"]
   budget = record["budget"]
   # The script's pick per model: the learning rate of the best mean.
@@ -2501,7 +2502,7 @@ def _resnet_cost() -> str:
       f"{_common.load_text(record['machine'])}. Parameters: CNN "
       f"{params['cnn']:,}, resnet {params['resnet']:,}.", "",
       table(["B", "CNN ms/step", "resnet ms/step", "ratio (wall)",
-             "ratio (CPU time)"], rows, "rrrrr"), "",
+             "ratio (CPU time)", "ratio (XLA FLOPs)"], rows, "rrrrrr"), "",
       f"Accuracy on {budget['num_train']:,} training examples, "
       f"{budget['epochs']:g} epochs at B = {budget['batch_size']}, "
       f"{budget['optimizer']}, the best of the learning rates "

@@ -8,7 +8,9 @@ Two measurements, written to `benchmarks/results/resnet_cost.json`:
   device, timed interleaved (`_common.time_interleaved`), as the median over
   rounds of the resnet's time over the cnn's in the same round (wall time,
   and this process's CPU time, which a shared machine's load disturbs less);
-  the claim is at most about 3x;
+  the claim is at most about 3x; with each step's FLOPs by XLA's cost
+  analysis (the CNN's of its whole-batch formulation), for the part of the
+  ratio that is the models' arithmetic;
 - accuracy: short runs of each model at its default width and depth on
   MNIST-1D (`--num-samples`, 80 % for training), the same optimizer, batch,
   budget and learning-rate grid for both, `--seeds` seeds each; the table
@@ -39,19 +41,26 @@ CLAIM = ("a training step of the resnet costs at most about 3x the cnn's at "
          "the same batch, and at its default width and depth it reaches "
          "clearly higher MNIST-1D test accuracy in a short run")
 MODELS = ("cnn", "resnet")
+# XLA's cost analysis counts a loop body once, so the chunked CNN's FLOPs are
+# taken from its whole-batch formulation: the same arithmetic, without remat.
+WHOLE_BATCH = {"cnn": {"chunk_size": None}, "resnet": {}}
 FEATURES, CLASSES = 40, 10
 
 
-def make_step(model: str, optimizer: str, batch_size: int):
+def make_step(model: str, optimizer: str, batch_size: int,
+              model_kwargs: dict | None = None):
   """One-device train step of `model` on a random batch: a zero-argument
-  call that runs a step and keeps the state; and the parameter count."""
+  call that runs a step and keeps the state; the parameter count; and the
+  step's FLOPs by XLA's cost analysis."""
+  model_kwargs = model_kwargs or {}
   config = config_lib.Config(model=model, optimizer=optimizer,
                              learning_rate=0.01, num_devices=1,
-                             batch_size=batch_size)
+                             batch_size=batch_size, model_kwargs=model_kwargs)
   program = train.build_program(train.ProgramSpec(
       model=model, num_classes=CLASSES, optimizer=optimizer,
       schedule="constant", total_samples=1000, warmup_samples=0,
-      devices=tuple(jax.local_devices()[:1])))
+      devices=tuple(jax.local_devices()[:1]),
+      model_kwargs=train.frozen_items(model_kwargs)))
   rng = np.random.default_rng(0)
   shape = (1, batch_size)
   batch = jax.device_put({
@@ -61,27 +70,32 @@ def make_step(model: str, optimizer: str, batch_size: int):
   }, NamedSharding(program.mesh, P(None, steps_lib.AXIS)))
   state = train.initial_state(program, config, batch["x"][0, :1])
   num_params = sum(p.size for p in jax.tree.leaves(state.params))
+  flops = _common.flops(program.train_step.lower(state, batch).compile())
 
   def one_step():
     nonlocal state
     state, metrics = program.train_step(state, batch)
     return state, metrics
 
-  return one_step, num_params
+  return one_step, num_params, flops
 
 
 def time_steps(args) -> list[dict]:
   rows = []
   for batch_size in args.batch_sizes:
-    steps, params = {}, {}
+    steps, params, flops = {}, {}, {}
     for model in MODELS:
-      steps[model], params[model] = make_step(model, args.optimizer,
-                                              batch_size)
+      steps[model], params[model], _ = make_step(model, args.optimizer,
+                                                 batch_size)
+      flops[model] = make_step(model, args.optimizer, batch_size,
+                               WHOLE_BATCH[model])[2]
     timings = _common.time_interleaved(steps, args.repeats, calls=args.steps,
                                        min_seconds=args.min_seconds)
     seconds = timings.medians()
     row = {"batch_size": batch_size,
            "params": params,
+           "flops": flops,
+           "flops_ratio": flops["resnet"] / flops["cnn"],
            "step_ms": {model: seconds[model] * 1e3 for model in MODELS},
            "ratio": timings.median_ratio("resnet", "cnn"),
            "ratios": timings.ratios("resnet", "cnn"),
@@ -91,7 +105,7 @@ def time_steps(args) -> list[dict]:
     print(_common.markdown_row([
         batch_size, f"{row['step_ms']['cnn']:.2f}",
         f"{row['step_ms']['resnet']:.2f}", f"{row['ratio']:.2f}",
-        f"{row['cpu_ratio']:.2f}"]),
+        f"{row['cpu_ratio']:.2f}", f"{row['flops_ratio']:.2f}"]),
         flush=True)
   return rows
 
@@ -161,7 +175,7 @@ def main():
   machine = _common.machine_description()
   print(_common.machine_line(machine))
   print(_common.markdown_row(["B", "cnn ms/step", "resnet ms/step",
-                              "resnet / cnn", "(CPU time)"]))
+                              "resnet / cnn", "(CPU time)", "(FLOPs)"]))
   rows = time_steps(args)
   dataset = data_lib.load_mnist1d(args.num_samples)
   runs = accuracy_runs(args, dataset)

@@ -102,13 +102,6 @@ CLAIM = ("The harness's large-batch CNN step (B = 8,192, optax.sgd(momentum))"
          "samples/s.")
 
 
-def flops(compiled) -> float:
-  """XLA's cost-analysis FLOPs of a compiled function."""
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, list) else analysis
-  return float(analysis.get("flops", 0.0))
-
-
 def formulations(chunk_sizes) -> dict[str, dict]:
   """name -> the CNN's keyword arguments (`make_model("cnn", **kwargs)`)."""
   result = {BEFORE: {"reference": True},
@@ -212,14 +205,14 @@ def main():
   # nn.Conv step's figure: the same arithmetic.
   pieces = {name: bare_pieces(kwargs, x, y)
             for name, kwargs in models_kwargs.items()}
-  xla_flops = {name: {piece: flops(fn.lower(*fn_args).compile())
+  xla_flops = {name: {piece: _common.flops(fn.lower(*fn_args).compile())
                       for piece, (fn, fn_args) in parts.items()}
                for name, parts in pieces.items()}
   model_flops = xla_flops[BEFORE]["step"]
   a = jnp.asarray(np.random.default_rng(1).normal(size=(1024, 1024)),
                   jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  matmul_flops = flops(matmul.lower(a, a).compile())
+  matmul_flops = _common.flops(matmul.lower(a, a).compile())
 
   # --- Bare steps and the matmul, interleaved.
   functions = {MATMUL: lambda: matmul(a, a)}
