@@ -80,6 +80,8 @@ def machine_description() -> dict[str, Any]:
   return {
       "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
+      # The cores this process may run on (`taskset` pins them).
+      "cpu_affinity": sorted(os.sched_getaffinity(0)),
       "load_average": list(os.getloadavg()),
       "platform": platform.platform(),
       "python": platform.python_version(),
@@ -290,17 +292,23 @@ def legacy_timing_record(old: Mapping[str, Any], *, benchmark: str,
 
 
 def load_text(machine: Mapping[str, Any]) -> str:
-  """The load average (1, 5, 15 min) a timing JSON recorded, as words."""
+  """The load average (1, 5, 15 min) a timing JSON recorded, as words, and
+  the cores it was pinned to, if any."""
   def triple(values):
     return ", ".join(f"{value:.1f}" for value in values)
   start, end = machine.get("load_average"), machine.get("load_average_end")
   if start and end:
-    return (f"load average {triple(start)} at the start, {triple(end)} at "
+    text = (f"load average {triple(start)} at the start, {triple(end)} at "
             "the end (1, 5, 15 min)")
-  if start or end:
-    return (f"load average {triple(start or end)} (1, 5, 15 min) at the "
+  elif start or end:
+    text = (f"load average {triple(start or end)} (1, 5, 15 min) at the "
             f"{'start' if start else 'end'}")
-  return "no load average recorded"
+  else:
+    text = "no load average recorded"
+  cores = machine.get("cpu_affinity")
+  if cores and len(cores) < machine.get("cpu_count", len(cores) + 1):
+    text += f"; pinned to core {', '.join(map(str, cores))}"
+  return text
 
 
 def times_less(before: float, after: float) -> float:

@@ -2569,8 +2569,9 @@ def _sparse_update_cost() -> str:
                  if (tree, optimizer, "before") in ratios else "–",
                  "not measured" if after is None else f"{after:.2f}",
                  verdict])
-  runs = [f"{when}: {_command_at(records[name])}, "
-          f"{_common.load_text(records[name]['machine'])}"
+  runs = [f"{when}: {_command_at(records[name])}, on "
+          f"{records[name]['machine'].get('cpu_model', 'an unrecorded CPU')}"
+          f", {_common.load_text(records[name]['machine'])}"
           for when, names in _SPARSE_UPDATE_FILES.items() for name in names]
   return "\n".join([
       "CPU time of one update under `pmap` over 8 simulated workers, density "
