@@ -306,7 +306,7 @@ def load_text(machine: Mapping[str, Any]) -> str:
   else:
     text = "no load average recorded"
   cores = machine.get("cpu_affinity")
-  if cores and len(cores) < machine.get("cpu_count", len(cores) + 1):
+  if cores and len(cores) < machine.get("cpu_count", 0):
     text += f"; pinned to core {', '.join(map(str, cores))}"
   return text
 

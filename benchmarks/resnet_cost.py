@@ -47,11 +47,10 @@ WHOLE_BATCH = {"cnn": {"chunk_size": None}, "resnet": {}}
 FEATURES, CLASSES = 40, 10
 
 
-def make_step(model: str, optimizer: str, batch_size: int,
-              model_kwargs: dict | None = None):
-  """One-device train step of `model` on a random batch: a zero-argument
-  call that runs a step and keeps the state; the parameter count; and the
-  step's FLOPs by XLA's cost analysis."""
+def _program_and_inputs(model: str, optimizer: str, batch_size: int,
+                        model_kwargs: dict | None = None):
+  """The one-device harness program of `model`, its initial state and a
+  random batch."""
   model_kwargs = model_kwargs or {}
   config = config_lib.Config(model=model, optimizer=optimizer,
                              learning_rate=0.01, num_devices=1,
@@ -69,15 +68,29 @@ def make_step(model: str, optimizer: str, batch_size: int,
       "weight": np.ones(shape, np.float32),
   }, NamedSharding(program.mesh, P(None, steps_lib.AXIS)))
   state = train.initial_state(program, config, batch["x"][0, :1])
+  return program, state, batch
+
+
+def make_step(model: str, optimizer: str, batch_size: int):
+  """One-device train step of `model` on a random batch: a zero-argument
+  call that runs a step and keeps the state; and the parameter count."""
+  program, state, batch = _program_and_inputs(model, optimizer, batch_size)
   num_params = sum(p.size for p in jax.tree.leaves(state.params))
-  flops = _common.flops(program.train_step.lower(state, batch).compile())
 
   def one_step():
     nonlocal state
     state, metrics = program.train_step(state, batch)
     return state, metrics
 
-  return one_step, num_params, flops
+  return one_step, num_params
+
+
+def step_flops(model: str, optimizer: str, batch_size: int) -> float:
+  """XLA's cost-analysis FLOPs of `model`'s train step, in its whole-batch
+  formulation (`WHOLE_BATCH`)."""
+  program, state, batch = _program_and_inputs(model, optimizer, batch_size,
+                                              WHOLE_BATCH[model])
+  return _common.flops(program.train_step.lower(state, batch).compile())
 
 
 def time_steps(args) -> list[dict]:
@@ -85,10 +98,9 @@ def time_steps(args) -> list[dict]:
   for batch_size in args.batch_sizes:
     steps, params, flops = {}, {}, {}
     for model in MODELS:
-      steps[model], params[model], _ = make_step(model, args.optimizer,
-                                                 batch_size)
-      flops[model] = make_step(model, args.optimizer, batch_size,
-                               WHOLE_BATCH[model])[2]
+      steps[model], params[model] = make_step(model, args.optimizer,
+                                              batch_size)
+      flops[model] = step_flops(model, args.optimizer, batch_size)
     timings = _common.time_interleaved(steps, args.repeats, calls=args.steps,
                                        min_seconds=args.min_seconds)
     seconds = timings.medians()

@@ -303,8 +303,8 @@ class ResNet(nn.Module):
   10 -> 5), then global average pooling and a linear classifier: 19.4k
   parameters at the defaults. Most of them work at length 5, where they
   are cheap. In a short run on 4,000 MNIST-1D examples it reaches clearly
-  higher test accuracy than the CNN, at about 2-4x the CNN's step cost
-  (`benchmarks/resnet_cost.py`). BatchNorm's momentum is 0.9, as in flax's
+  higher test accuracy than the CNN, at a few times its step cost (both
+  measured by `benchmarks/resnet_cost.py`). BatchNorm's momentum is 0.9, as in flax's
   ImageNet ResNet. Call it with `train=True` and `mutable=["batch_stats"]`
   to train.
 
