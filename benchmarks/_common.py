@@ -15,9 +15,11 @@ devices can still be forced after `import _common`.
 
 import dataclasses
 import json
+import mmap
 import os
 import pathlib
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -90,7 +92,34 @@ def machine_description() -> dict[str, Any]:
       "backend": jax.default_backend(),
       "device_kind": devices[0].device_kind,
       "device_count": len(devices),
+      "first_touch_ms": first_touch_ms(),
   }
+
+
+def first_touch_ms(nbytes: int = 16 * 2**20, repeats: int = 3
+                   ) -> dict[str, float]:
+  """Milliseconds to write `nbytes` of freshly mapped memory, and to write
+  them again (medians of `repeats`).
+
+  The first write takes a page fault per page. Where that costs many times a
+  write (in some virtual machines), a program whose temporaries are mapped
+  afresh at every call (XLA:CPU's, once above glibc's 32 MiB mmap
+  threshold) pays it at every step (`faulted_mib_per_call`).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  first, again = [], []
+  for _ in range(repeats):
+    with mmap.mmap(-1, nbytes) as buffer:
+      view = np.frombuffer(buffer, np.uint8)
+      start = time.perf_counter()
+      view.fill(1)
+      middle = time.perf_counter()
+      view.fill(2)
+      first.append(middle - start)
+      again.append(time.perf_counter() - middle)
+      del view
+  return {"mib": nbytes / 2**20, "first": 1e3 * statistics.median(first),
+          "again": 1e3 * statistics.median(again)}
 
 
 def machine_line(machine: Mapping[str, Any]) -> str:
@@ -146,6 +175,26 @@ def seconds_per_call(function: Callable[[], Any],
   jax.block_until_ready(result)
   return ((time.perf_counter() - wall) / calls,
           (time.process_time() - cpu) / calls)
+
+
+def faulted_mib_per_call(function: Callable[[], Any], calls: int = 3) -> float:
+  """MiB of memory first touched per call of `function()`: this process's
+  minor page faults times the page size (see `first_touch_ms`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(function())
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    result = function()
+  jax.block_until_ready(result)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+  return faults * resource.getpagesize() / calls / 2**20
+
+
+def temp_mib(compiled) -> float | None:
+  """XLA's temporary buffer of a compiled program, in MiB (None where the
+  backend does not say)."""
+  analysis = compiled.memory_analysis()
+  return None if analysis is None else analysis.temp_size_in_bytes / 2**20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,16 +73,18 @@ def _program_and_inputs(model: str, optimizer: str, batch_size: int,
 
 def make_step(model: str, optimizer: str, batch_size: int):
   """One-device train step of `model` on a random batch: a zero-argument
-  call that runs a step and keeps the state; and the parameter count."""
+  call that runs a step and keeps the state, the parameter count, and the
+  step's XLA temp buffer in MiB."""
   program, state, batch = _program_and_inputs(model, optimizer, batch_size)
   num_params = sum(p.size for p in jax.tree.leaves(state.params))
+  train_step = program.train_step.lower(state, batch).compile()
 
   def one_step():
     nonlocal state
-    state, metrics = program.train_step(state, batch)
+    state, metrics = train_step(state, batch)
     return state, metrics
 
-  return one_step, num_params
+  return one_step, num_params, _common.temp_mib(train_step)
 
 
 def step_flops(model: str, optimizer: str, batch_size: int) -> float:
@@ -96,13 +98,15 @@ def step_flops(model: str, optimizer: str, batch_size: int) -> float:
 def time_steps(args) -> list[dict]:
   rows = []
   for batch_size in args.batch_sizes:
-    steps, params, flops = {}, {}, {}
+    steps, params, flops, temp = {}, {}, {}, {}
     for model in MODELS:
-      steps[model], params[model] = make_step(model, args.optimizer,
-                                              batch_size)
+      steps[model], params[model], temp[model] = make_step(
+          model, args.optimizer, batch_size)
       flops[model] = step_flops(model, args.optimizer, batch_size)
     timings = _common.time_interleaved(steps, args.repeats, calls=args.steps,
                                        min_seconds=args.min_seconds)
+    faulted = {model: _common.faulted_mib_per_call(steps[model])
+               for model in MODELS}
     seconds = timings.medians()
     row = {"batch_size": batch_size,
            "params": params,
@@ -112,7 +116,11 @@ def time_steps(args) -> list[dict]:
            "ratio": timings.median_ratio("resnet", "cnn"),
            "ratios": timings.ratios("resnet", "cnn"),
            "cpu_ratio": timings.median_ratio("resnet", "cnn", cpu=True),
-           "cpu_ratios": timings.ratios("resnet", "cnn", cpu=True)}
+           "cpu_ratios": timings.ratios("resnet", "cnn", cpu=True),
+           # What each step asks of the OS: XLA's temp buffer, and the MiB
+           # first touched per step (`_common.first_touch_ms`).
+           "temp_mib": temp,
+           "faulted_mib_per_step": faulted}
     rows.append(row)
     print(_common.markdown_row([
         batch_size, f"{row['step_ms']['cnn']:.2f}",

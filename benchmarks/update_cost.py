@@ -148,7 +148,8 @@ def make_tree(shapes, dtype, seed):
 
 
 def median_seconds(fn, args, repeats, donate, cpu=False):
-  """Median wall (or, with `cpu`, process CPU) time of `fn(*args)`.
+  """Median wall (or, with `cpu`, also process CPU) time of `fn(*args)`,
+  and then the MiB first touched per call (`_common.faulted_mib_per_call`).
 
   Donated outputs feed the next call.
   """
@@ -161,7 +162,8 @@ def median_seconds(fn, args, repeats, donate, cpu=False):
 
   timings = _common.time_interleaved({"call": call}, repeats)
   if cpu:
-    return timings.medians()["call"], timings.medians(cpu=True)["call"]
+    return (timings.medians()["call"], timings.medians(cpu=True)["call"],
+            _common.faulted_mib_per_call(call))
   return timings.medians()["call"]
 
 
@@ -184,22 +186,25 @@ def norm_bandwidth(grads, repeats):
 
 
 def time_update(factory, params, grads, repeats):
-  """Median seconds of one jitted update + apply_updates (donated)."""
+  """One jitted update + apply_updates (donated): median (wall, CPU)
+  seconds, MiB first touched per call and XLA's temp MiB."""
   tx = factory()
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  step = jax.jit(step, donate_argnums=(0, 1))
   state = tx.init(params)
   params = jax.tree.map(jnp.copy, params)
-  return median_seconds(step, (params, state, grads), repeats, donate=True,
-                        cpu=True)
+  step = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, grads).compile()
+  return (*median_seconds(step, (params, state, grads), repeats, donate=True,
+                          cpu=True), _common.temp_mib(step))
 
 
 def time_pmapped_update(factory, params, grads, repeats, num_devices):
-  """Median seconds of one pmapped update (all devices), params donated.
+  """One pmapped update (all devices), params donated: as `time_update`,
+  with the temp of one device's program.
 
   Every device gets a different gradient (the tree scaled by 1 + d / D), as
   per-device statistics and GMC need.
@@ -210,7 +215,6 @@ def time_pmapped_update(factory, params, grads, repeats, num_devices):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  step = jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1))
   scales = 1.0 + jnp.arange(num_devices, dtype=jnp.float32) / num_devices
   grads = jax.tree.map(
       lambda g: (scales.reshape((-1,) + (1,) * g.ndim) * g).astype(g.dtype),
@@ -218,8 +222,10 @@ def time_pmapped_update(factory, params, grads, repeats, num_devices):
   params = jax.tree.map(
       lambda p: jnp.broadcast_to(p, (num_devices,) + p.shape), params)
   state = jax.pmap(tx.init)(params)
-  return median_seconds(step, (params, state, grads), repeats, donate=True,
-                        cpu=True)
+  step = jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1)).lower(
+      params, state, grads).compile()
+  return (*median_seconds(step, (params, state, grads), repeats, donate=True,
+                          cpu=True), _common.temp_mib(step))
 
 
 def main():
@@ -267,16 +273,19 @@ def main():
       # of its own round, so a slow spell of the machine hits both.
       times = {group[:2]: [] for group in groups}
       cpu_times = {group[:2]: [] for group in groups}
+      memory = {}  # (temp MiB, MiB first touched per call), the last round's
       bandwidths, norm_bandwidths = [], []
       for _ in range(args.rounds):
         bandwidths.append(copy_bandwidth(nbytes, repeats))
         norm_bandwidths.append(norm_bandwidth(grads, repeats))
         for mode, name, factory, _ in groups:
           if mode == "jit":
-            seconds, cpu = time_update(factory, params, grads, repeats)
+            seconds, cpu, faulted, temp = time_update(factory, params, grads,
+                                                      repeats)
           else:
-            seconds, cpu = time_pmapped_update(factory, params, grads,
-                                               repeats, args.devices)
+            seconds, cpu, faulted, temp = time_pmapped_update(
+                factory, params, grads, repeats, args.devices)
+          memory[mode, name] = temp, faulted
           times[mode, name].append(seconds)
           cpu_times[mode, name].append(cpu)
       bandwidth = statistics.median(bandwidths)
@@ -307,6 +316,10 @@ def main():
             "fraction_of_roofline": roofline_seconds / seconds,
             "copy_bandwidth_gb_s": bandwidth / 1e9,
             "global_norm_bandwidth_gb_s": norm_bandwidth_gb_s,
+            # XLA's temporary buffer of the program (one device's, under
+            # pmap) and the MiB this process first touched per call.
+            "temp_mib": memory[mode, name][0],
+            "faulted_mib_per_call": memory[mode, name][1],
         })
         print(f"{tree_name:17s} {dtype_name:9s} {mode:4s} {name:48s} "
               f"{seconds * 1e3:9.2f} ms  x{ratio:5.2f}  CPU "

@@ -2,10 +2,14 @@
 
 import argparse
 import ast
+import mmap
 import pathlib
 import shlex
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import sngm_optax
@@ -24,6 +28,26 @@ def test_machine_description_has_the_cpu_model_and_versions():
     assert machine[key] not in (None, ""), key
   assert len(machine["load_average"]) == 3
   assert machine["cpu_model"] in _common.machine_line(machine)
+  touch = machine["first_touch_ms"]
+  assert touch["mib"] == 16 and touch["first"] > 0 and touch["again"] > 0
+
+
+def test_faulted_mib_per_call_counts_the_pages_first_touched():
+  def touch_8_mib():
+    with mmap.mmap(-1, 8 * 2**20) as fresh:
+      np.frombuffer(fresh, np.uint8).fill(1)
+
+  assert 8 <= _common.faulted_mib_per_call(touch_8_mib) < 9
+  assert _common.faulted_mib_per_call(lambda: None) < 0.5
+
+
+def test_temp_mib_is_what_xla_keeps_between_ops():
+  x = jnp.ones(2**20, jnp.float32)  # 4 MiB
+  fused = jax.jit(lambda x: x + 1).lower(x).compile()
+  # The sort's output is materialized before the cumulative sum reads it.
+  two_ops = jax.jit(lambda x: jnp.cumsum(jnp.sort(x))).lower(x).compile()
+  assert _common.temp_mib(fused) == 0
+  assert _common.temp_mib(two_ops) >= 4
 
 
 def test_force_host_devices_refuses_after_jax_is_imported(monkeypatch):
