@@ -2488,7 +2488,9 @@ def _resnet_cost() -> str:
   record = load("resnet_cost")
   rows = [[f"{row['batch_size']:,}", f"{row['step_ms']['cnn']:.2f}",
            f"{row['step_ms']['resnet']:.2f}", f"{row['ratio']:.2f}",
-           f"{row['cpu_ratio']:.2f}", f"{row['flops_ratio']:.2f}"]
+           f"{row['cpu_ratio']:.2f}", f"{row['flops_ratio']:.2f}",
+           _by_model(row.get("temp_mib"), ".1f"),
+           _by_model(row.get("faulted_mib_per_step"), ".0f")]
           for row in record["step_cost"]]
   params = record["step_cost"][0]["params"]
   budget = record["budget"]
@@ -2499,10 +2501,14 @@ def _resnet_cost() -> str:
   said = sweep.verdict(best["resnet"][1], best["cnn"][1])
   return "\n".join([
       f"{_command_at(record)} (both models' convolutions `PatchConv`s, as from 2d25c62); "
-      f"{_common.load_text(record['machine'])}. Parameters: CNN "
+      f"{_common.load_text(record['machine'])}"
+      f"{_first_touch_text(record['machine'])}. Parameters: CNN "
       f"{params['cnn']:,}, resnet {params['resnet']:,}.", "",
       table(["B", "CNN ms/step", "resnet ms/step", "ratio (wall)",
-             "ratio (CPU time)", "ratio (XLA FLOPs)"], rows, "rrrrrr"), "",
+             "ratio (CPU time)", "ratio (XLA FLOPs)",
+             "temp MiB, CNN / resnet",
+             "MiB first touched per step, CNN / resnet"], rows, "rrrrrrrr"),
+      "",
       f"Accuracy on {budget['num_train']:,} training examples, "
       f"{budget['epochs']:g} epochs at B = {budget['batch_size']}, "
       f"{budget['optimizer']}, the best of the learning rates "
@@ -2513,6 +2519,13 @@ def _resnet_cost() -> str:
       f"{_VERDICT_PHRASE[said.word]} the CNN by the rule (gap "
       f"{100 * said.gap:+.1f} points, spread {100 * said.spread:.1f})."])
 
+
+
+def _by_model(values: dict | None, spec: str) -> str:
+  """"cnn / resnet" of a per-model figure; "–" where the run lacks it."""
+  if not values:
+    return "–"
+  return f"{values['cnn']:{spec}} / {values['resnet']:{spec}}"
 
 
 @block("grid-compile-time")
@@ -2545,41 +2558,68 @@ _SPARSE_UPDATE_FILES = {"before": ("update_cost_gmc_fast_before_bb71a70",),
                         "after": ("update_cost_gmc_fast",
                                   "update_cost_gmc_fast_resnet")}
 _SPARSE_UPDATE_LIMIT = 2.0  # issue 27: gmc and dgc at most 2x the dense one
+_SPARSE_UPDATE_BASELINE = "pmean + optax.sgd(momentum)"
 
 
 @block("sparse-update-cost")
 def _sparse_update_cost() -> str:
-  ratios, records = {}, {}
+  ratios, memory, records = {}, {}, {}
   for when, names in _SPARSE_UPDATE_FILES.items():
     for name in names:
       record = records[name] = load(name)
       for row in record["rows"]:
-        if row["mode"] != "jit" and row["optimizer"].startswith(("gmc",
-                                                                  "dgc")):
-          ratios[(row["tree"], row["optimizer"], when)] = row[
-              "cpu_ratio_to_sgd_momentum"]
-  keys = sorted({(tree, optimizer) for tree, optimizer, _ in ratios})
+        if row["mode"] == "jit":
+          continue
+        ratios[(row["tree"], row["optimizer"], when)] = row[
+            "cpu_ratio_to_sgd_momentum"]
+        if when == "after":
+          memory[(row["tree"], row["optimizer"])] = _memory_cells(
+              row.get("temp_mib"), row.get("faulted_mib_per_call"))
+  keys = sorted({(tree, optimizer) for tree, optimizer, _ in ratios},
+                key=lambda key: (key[0], key[1] != _SPARSE_UPDATE_BASELINE,
+                                 key[1]))
   rows = []
   for tree, optimizer in keys:
     after = ratios.get((tree, optimizer, "after"))
-    verdict = ("–" if after is None else "yes" if after <= _SPARSE_UPDATE_LIMIT
-               else "no")
+    verdict = ("baseline" if optimizer == _SPARSE_UPDATE_BASELINE
+               else "–" if after is None
+               else "yes" if after <= _SPARSE_UPDATE_LIMIT else "no")
     rows.append([tree, f"`{optimizer}`",
                  f"{ratios[(tree, optimizer, 'before')]:.2f}"
                  if (tree, optimizer, "before") in ratios else "–",
                  "not measured" if after is None else f"{after:.2f}",
-                 verdict])
+                 verdict, *memory.get((tree, optimizer), ("–", "–"))])
   runs = [f"{when}: {_command_at(records[name])}, on "
           f"{records[name]['machine'].get('cpu_model', 'an unrecorded CPU')}"
           f", {_common.load_text(records[name]['machine'])}"
+          f"{_first_touch_text(records[name]['machine'])}"
           for when, names in _SPARSE_UPDATE_FILES.items() for name in names]
   return "\n".join([
       "CPU time of one update under `pmap` over 8 simulated workers, density "
       "1 %, float32, over `pmean` + `optax.sgd(momentum)` in the same run "
-      f"(median of per-round ratios); the limit is {_SPARSE_UPDATE_LIMIT:g}×.",
+      f"(median of per-round ratios); the limit is {_SPARSE_UPDATE_LIMIT:g}×. "
+      "With the after runs: XLA's temp buffer of one worker's program, and "
+      "the memory the process first touched per update (all 8 workers; "
+      "minor page faults × page size).",
       "", table(["tree", "update", "before", "after",
-                 f"≤ {_SPARSE_UPDATE_LIMIT:g}×"], rows, "llrrl"), "",
+                 f"≤ {_SPARSE_UPDATE_LIMIT:g}×", "temp MiB per worker",
+                 "MiB first touched per update"], rows, "llrrlrr"), "",
       *[f"- {run}." for run in runs]])
+
+
+def _memory_cells(temp, faulted) -> tuple[str, str]:
+  return ("–" if temp is None else f"{temp:.1f}",
+          "–" if faulted is None else f"{faulted:.0f}")
+
+
+def _first_touch_text(machine: dict) -> str:
+  """What first touching memory cost on the machine of a timing JSON."""
+  touch = machine.get("first_touch_ms")
+  if not touch:
+    return ""
+  return (f"; writing {touch['mib']:g} MiB of freshly mapped memory took "
+          f"{touch['first']:.1f} ms there, {touch['first'] / touch['again']:.0f}"
+          f"× writing it again ({touch['again']:.1f} ms)")
 
 _VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
                    "behind": "is behind", "no verdict": "has no verdict against"}
