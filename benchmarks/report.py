@@ -2520,12 +2520,16 @@ def _resnet_cost() -> str:
       f"{100 * said.gap:+.1f} points, spread {100 * said.spread:.1f})."])
 
 
+def _figure(value: float | None, spec: str) -> str:
+  """`value` in the format `spec`; "–" where the run lacks it."""
+  return "–" if value is None else f"{value:{spec}}"
+
 
 def _by_model(values: dict | None, spec: str) -> str:
   """"cnn / resnet" of a per-model figure; "–" where the run lacks it."""
   if not values:
     return "–"
-  return f"{values['cnn']:{spec}} / {values['resnet']:{spec}}"
+  return f"{_figure(values['cnn'], spec)} / {_figure(values['resnet'], spec)}"
 
 
 @block("grid-compile-time")
@@ -2573,8 +2577,9 @@ def _sparse_update_cost() -> str:
         ratios[(row["tree"], row["optimizer"], when)] = row[
             "cpu_ratio_to_sgd_momentum"]
         if when == "after":
-          memory[(row["tree"], row["optimizer"])] = _memory_cells(
-              row.get("temp_mib"), row.get("faulted_mib_per_call"))
+          memory[(row["tree"], row["optimizer"])] = (
+              _figure(row.get("temp_mib"), ".1f"),
+              _figure(row.get("faulted_mib_per_call"), ".0f"))
   keys = sorted({(tree, optimizer) for tree, optimizer, _ in ratios},
                 key=lambda key: (key[0], key[1] != _SPARSE_UPDATE_BASELINE,
                                  key[1]))
@@ -2607,11 +2612,6 @@ def _sparse_update_cost() -> str:
       *[f"- {run}." for run in runs]])
 
 
-def _memory_cells(temp, faulted) -> tuple[str, str]:
-  return ("–" if temp is None else f"{temp:.1f}",
-          "–" if faulted is None else f"{faulted:.0f}")
-
-
 def _first_touch_text(machine: dict) -> str:
   """What first touching memory cost on the machine of a timing JSON."""
   touch = machine.get("first_touch_ms")
@@ -2620,6 +2620,7 @@ def _first_touch_text(machine: dict) -> str:
   return (f"; writing {touch['mib']:g} MiB of freshly mapped memory took "
           f"{touch['first']:.1f} ms there, {touch['first'] / touch['again']:.0f}"
           f"× writing it again ({touch['again']:.1f} ms)")
+
 
 _VERDICT_PHRASE = {"beats": "beats", "level": "is level with",
                    "behind": "is behind", "no verdict": "has no verdict against"}
