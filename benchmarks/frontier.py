@@ -99,6 +99,9 @@ class Workload:
   out: str
   # Adaptive contenders and the noise-scale reference run (frontier only).
   adaptive_and_noise: bool = True
+  # The model's settings, declared in every store's budget, so that the runs
+  # of another model are refused rather than read as this one's.
+  model_kwargs: tuple[tuple[str, object], ...] = ()
 
 
 WORKLOADS = {
@@ -114,7 +117,11 @@ WORKLOADS = {
         "resnet", ("msgd", "sngm", "lars", "lamb", "sngm_nesterov"),
         (256, 1024, 4096, 8192), 0.975,
         "the CNN frontier's target, so that the two workloads' steps "
-        "compare", "frontier_resnet", adaptive_and_noise=False),
+        "compare", "frontier_resnet", adaptive_and_noise=False,
+        # BatchNorm over groups of 128 examples whatever the batch, as in
+        # Hoffer et al. (2017) and Goyal et al. (2017): the large-batch
+        # practice, and what keeps the large-batch step cheap.
+        model_kwargs=(("ghost_batch_size", 128),)),
 }
 
 
@@ -142,6 +149,10 @@ class Point:
   settings: argparse.Namespace
 
   @property
+  def model_kwargs(self) -> dict:
+    return dict(WORKLOADS[self.settings.workload].model_kwargs)
+
+  @property
   def num_train(self) -> int:
     total_train = self.settings.num_samples * 4 // 5  # MNIST-1D's 80/20
     return total_train - round(total_train * self.settings.val_fraction)
@@ -166,6 +177,7 @@ class Point:
   def base(self) -> config_lib.Config:
     return config_lib.Config(
         model=self.settings.model, optimizer=self.optimizer,
+        model_kwargs=self.model_kwargs,
         batch_size=self.batch_size, num_samples=self.settings.num_samples,
         val_fraction=self.settings.val_fraction,
         data_seed=self.settings.data_seed, schedule="warmup_linear",
@@ -183,8 +195,10 @@ class Point:
             "trials_per_program": 1}
 
   def budget(self) -> dict:
-    return {"model": self.settings.model, "optimizer": self.optimizer,
-            "batch_size": self.batch_size,
+    return {"model": self.settings.model,
+            **({"model_kwargs": self.model_kwargs} if self.model_kwargs
+               else {}),
+            "optimizer": self.optimizer, "batch_size": self.batch_size,
             "num_samples": self.settings.num_samples,
             "val_fraction": self.settings.val_fraction,
             "step_budget": self.budget_steps, "target": self.settings.target}
@@ -539,7 +553,10 @@ def report(args) -> None:
   adaptive = [adaptive_record(each) for each in adaptive_of(args)]
   complete = [p for p in points if p["complete"]]
   print(f"{len(complete)} of {len(points)} points complete")
-  budget = {"model": args.model, "num_samples": args.num_samples,
+  budget = {"model": args.model,
+            **({"model_kwargs": dict(workload.model_kwargs)}
+               if workload.model_kwargs else {}),
+            "num_samples": args.num_samples,
             "val_fraction": args.val_fraction, "data_seed": args.data_seed,
             "batch_sizes": list(args.batch_sizes),
             "budget_epochs": args.budget_epochs,

@@ -342,14 +342,38 @@ class ResNet(nn.Module):
   depth: int = 1
   stages: int = 2
   widening: int = 4
+  ghost_batch_size: int | None = 128
   cross_device_batch_norm: bool = False
   axis_name: str = "data"
   reference: bool = False
 
-  @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     if x.ndim == 2:  # [batch, length] -> [batch, length, 1 channel]
       x = x[..., None]
+    batch, group = x.shape[0], self.ghost_batch_size
+    if not train or not group or batch <= group or self.is_initializing():
+      return self._logits(x, train)
+    groups, rest = divmod(batch, group)
+    whole = x[:groups * group]
+    if self.reference:  # one group after the other, as written
+      logits = [self._logits(xs, train)
+                for xs in jnp.split(whole, groups)]
+    else:  # the same as a loop over the groups, compiled once
+      body = nn.remat(lambda module, carry, xs: (
+          carry, module._logits(xs, train)))  # pylint: disable=protected-access
+      _, stacked = nn.scan(body, variable_broadcast="params",
+                           variable_carry="batch_stats",
+                           split_rngs={"params": False})(
+                               self, None,
+                               whole.reshape((groups, group) + x.shape[1:]))
+      logits = [stacked.reshape((-1,) + stacked.shape[2:])]
+    if rest:  # the last, smaller group
+      logits.append(self._logits(x[groups * group:], train))
+    return jnp.concatenate(logits)
+
+  @nn.compact
+  def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    """The network on `[batch, length, channels]`: one BatchNorm batch."""
     if not self.reference:
       x = jnp.transpose(x, (1, 2, 0))  # [length, channels, batch]
     axis_name = self.axis_name if self.cross_device_batch_norm else None
