@@ -6,6 +6,8 @@ microbatch in order (padding leaves them) and averaged over the devices at
 the end of the step; evaluation uses the running averages.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,57 @@ def test_microbatches_update_the_averages_in_order_padding_leaves_them(
   _assert_close(summed.params, fused.params)
   np.testing.assert_allclose(summed_metrics["loss"], fused_metrics["loss"],
                              rtol=1e-5)
+
+
+def test_ghost_batch_norm_is_the_model_on_each_group_in_order(dataset):
+  # Groups of 8 (the last one of 4) against the model without groups
+  # applied to each group in turn, the running averages threaded through:
+  # the same logits, gradient of the summed loss and running averages, in
+  # the scanned formulation and in nn.Conv's loop over the groups. One stage
+  # is enough for the groups, and quick to compile.
+  small = dict(TINY, stages=1)
+  ghosts = [models.make_model("resnet", ghost_batch_size=8, reference=r,
+                              **small) for r in (False, True)]
+  whole = models.make_model("resnet", ghost_batch_size=None, **small)
+  x, y = jnp.asarray(dataset.x[:12]), jnp.asarray(dataset.y[:12])
+  variables = whole.init(jax.random.key(0), x[:1])
+  params = jax.tree.map(  # no zero scale, so every gradient is nonzero
+      lambda p: p + 0.1 * jnp.asarray(np.random.default_rng(p.size).normal(
+          size=p.shape), jnp.float32), variables["params"])
+
+  def ghost_loss(params, ghost):
+    logits, updates = ghost.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x,
+        train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), (
+        logits, updates["batch_stats"])
+
+  def groups_loss(params):
+    stats, total, logits = variables["batch_stats"], 0.0, []
+    for group in (slice(0, 8), slice(8, 12)):
+      out, updates = whole.apply({"params": params, "batch_stats": stats},
+                                 x[group], train=True,
+                                 mutable=["batch_stats"])
+      stats = updates["batch_stats"]
+      total += optax.softmax_cross_entropy_with_integer_labels(
+          out, y[group]).sum()
+      logits.append(out)
+    return total, (jnp.concatenate(logits), stats)
+
+  @jax.jit
+  def everything(params):
+    grad = functools.partial(jax.grad, has_aux=True)
+    return ([grad(functools.partial(ghost_loss, ghost=g))(params)
+             for g in ghosts], grad(groups_loss)(params),
+            whole.apply({"params": params,
+                         "batch_stats": variables["batch_stats"]}, x,
+                        train=True, mutable=["batch_stats"])[0])
+
+  ghosted, expected, whole_logits = everything(params)
+  for result in ghosted:
+    _assert_close(result, expected, rtol=1e-4, atol=1e-5)
+  # Not the whole batch's statistics: the groups were normalized apart.
+  assert not np.allclose(expected[1][0], whole_logits, rtol=1e-3)
 
 
 def test_evaluation_uses_the_running_averages(dataset):

@@ -314,13 +314,27 @@ class ResNet(nn.Module):
   length and the batch. The parameter and `batch_stats` trees are those of
   `nn.Conv` and `nn.BatchNorm` layers on `[batch, length, channels]`
   (`reference=True`), and the outputs, running statistics and gradients
-  the same to float32 rounding. The batch is not split into chunks as in
-  the CNN: BatchNorm normalizes over all of it.
+  the same to float32 rounding.
+
+  Ghost BatchNorm (Hoffer et al. 2017, "Train longer, generalize better",
+  section 4): in training, a batch larger than `ghost_batch_size` goes
+  through the network in groups of that many examples, in order (the last
+  group takes the rest), and each group is one BatchNorm batch, normalized
+  over itself, its statistics updating the running averages after the
+  previous group's, as separate forward passes would. So BatchNorm sees the
+  same number of examples whatever the batch, as in the large-batch
+  experiments of Goyal et al. (2017, 32 per worker) and Hoffer et al. (128).
+  It also keeps the large-batch step cheap: the groups run as a loop
+  (`nn.scan`), with their activations recomputed in the backward pass
+  (`nn.remat`), as the CNN's chunks do, so the step holds one group's
+  activations instead of the whole batch's. Evaluation (`train=False`)
+  uses the running averages, so it runs on the whole batch at once.
 
   BatchNorm statistics: in training each device normalizes over its own
-  examples (flax's default); with `cross_device_batch_norm` over the
-  examples of every device on the axis `axis_name` (which only exists
-  inside the harness's `shard_map`, so such a model trains there only).
+  examples (flax's default), in groups as above; with
+  `cross_device_batch_norm` over the examples of every device on the axis
+  `axis_name` (each group's, on every device), which only exists inside
+  the harness's `shard_map`, so such a model trains there only.
 
   Attributes:
     num_classes: number of output logits.
@@ -328,6 +342,8 @@ class ResNet(nn.Module):
     depth: residual blocks per stage.
     stages: number of stages.
     widening: the channels grow by this factor from one stage to the next.
+    ghost_batch_size: examples per BatchNorm batch in training (a positive
+      integer), or None for the whole batch (of each device).
     cross_device_batch_norm: normalize over the global batch (BatchNorm's
       `axis_name`) instead of each device's shard.
     axis_name: the device axis of `cross_device_batch_norm` (the harness's
@@ -370,6 +386,15 @@ class ResNet(nn.Module):
     if rest:  # the last, smaller group
       logits.append(self._logits(x[groups * group:], train))
     return jnp.concatenate(logits)
+
+  def __post_init__(self):
+    if self.ghost_batch_size is not None and (
+        isinstance(self.ghost_batch_size, bool)
+        or not isinstance(self.ghost_batch_size, int)
+        or self.ghost_batch_size < 1):
+      raise ValueError("ghost_batch_size must be a positive integer or None, "
+                       f"got {self.ghost_batch_size!r}")
+    super().__post_init__()
 
   @nn.compact
   def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:

@@ -21,8 +21,9 @@ averages, and the evaluation step uses the running averages. Under
 `shard_map` each device normalizes over its own shard (the usual large-batch
 practice; the model's `cross_device_batch_norm` normalizes over the global
 batch instead). With microbatches, each microbatch (this device's slice of
-it) is one BatchNorm batch: it is normalized over itself, and the running
-averages are updated once per microbatch, in order, as a loop that
+it) is one BatchNorm batch, or, beyond the ResNet's `ghost_batch_size`,
+its groups of that size are: it is normalized over itself, and the running
+averages are updated once per microbatch (group), in order, as a loop that
 accumulates gradients over forward passes would; a weight-0 (padding)
 microbatch leaves them as they are. At the end of every step the running
 averages are averaged over the devices (`lax.pmean`), so the state stays
