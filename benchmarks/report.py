@@ -2720,7 +2720,10 @@ def frontier_setting(record: dict) -> str:
       f"- Data and model: MNIST-1D with {budget['num_samples']:,} examples "
       f"({num_train:,.0f} trained on, a validation split of "
       f"{budget['val_fraction']:.0%} of the training set, the test set "
-      f"apart), the harness's `{budget['model']}`.",
+      f"apart), the harness's `{budget['model']}`"
+      + "".join(f", `{key}={value!r}`"
+                for key, value in budget.get("model_kwargs", {}).items())
+      + ".",
       f"- Target: {percent(record['target'])} % validation accuracy: "
       f"{reason}.",
       f"- Search at every point: {record['trial_budget']} scrambled Halton "

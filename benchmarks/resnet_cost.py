@@ -9,8 +9,9 @@ Two measurements, written to `benchmarks/results/resnet_cost.json`:
   rounds of the resnet's time over the cnn's in the same round (wall time,
   and this process's CPU time, which a shared machine's load disturbs less);
   the claim is at most about 3x; with each step's FLOPs by XLA's cost
-  analysis (the CNN's of its whole-batch formulation), for the part of the
-  ratio that is the models' arithmetic;
+  analysis (of each model's whole-batch formulation, `WHOLE_BATCH`), for the
+  part of the ratio that is the models' arithmetic, XLA's temp buffer and
+  the MiB first touched per step;
 - accuracy: short runs of each model at its default width and depth on
   MNIST-1D (`--num-samples`, 80 % for training), the same optimizer, batch,
   budget and learning-rate grid for both, `--seeds` seeds each; the table
@@ -41,9 +42,12 @@ CLAIM = ("a training step of the resnet costs at most about 3x the cnn's at "
          "the same batch, and at its default width and depth it reaches "
          "clearly higher MNIST-1D test accuracy in a short run")
 MODELS = ("cnn", "resnet")
-# XLA's cost analysis counts a loop body once, so the chunked CNN's FLOPs are
-# taken from its whole-batch formulation: the same arithmetic, without remat.
-WHOLE_BATCH = {"cnn": {"chunk_size": None}, "resnet": {}}
+# XLA's cost analysis counts a loop body once, so the FLOPs of both models'
+# steps, which loop over groups of the batch (the CNN's chunks, the resnet's
+# ghost BatchNorm groups), are taken from their whole-batch formulations: the
+# same arithmetic, without remat.
+WHOLE_BATCH = {"cnn": {"chunk_size": None},
+               "resnet": {"ghost_batch_size": None}}
 FEATURES, CLASSES = 40, 10
 
 
