@@ -363,6 +363,15 @@ class ResNet(nn.Module):
   axis_name: str = "data"
   reference: bool = False
 
+  def __post_init__(self):
+    if self.ghost_batch_size is not None and (
+        isinstance(self.ghost_batch_size, bool)
+        or not isinstance(self.ghost_batch_size, int)
+        or self.ghost_batch_size < 1):
+      raise ValueError("ghost_batch_size must be a positive integer or None, "
+                       f"got {self.ghost_batch_size!r}")
+    super().__post_init__()
+
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     if x.ndim == 2:  # [batch, length] -> [batch, length, 1 channel]
       x = x[..., None]
@@ -386,15 +395,6 @@ class ResNet(nn.Module):
     if rest:  # the last, smaller group
       logits.append(self._logits(x[groups * group:], train))
     return jnp.concatenate(logits)
-
-  def __post_init__(self):
-    if self.ghost_batch_size is not None and (
-        isinstance(self.ghost_batch_size, bool)
-        or not isinstance(self.ghost_batch_size, int)
-        or self.ghost_batch_size < 1):
-      raise ValueError("ghost_batch_size must be a positive integer or None, "
-                       f"got {self.ghost_batch_size!r}")
-    super().__post_init__()
 
   @nn.compact
   def _logits(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
