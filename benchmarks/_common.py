@@ -153,8 +153,18 @@ def command_line(args=None, exclude: Sequence[str] = ()) -> str:
       words.append(flag)
       continue
     values = value if isinstance(value, (list, tuple)) else [value]
-    words += [flag, *map(shlex.quote, map(str, values))]
+    words += [flag, *map(shlex.quote, map(_from_repository, values))]
   return " ".join(words)
+
+
+def _from_repository(value: Any) -> str:
+  """`value` as text; a path inside the repository relative to its root, so
+  that a default such as `RESULTS / "x.json"` reads the same on any machine."""
+  if isinstance(value, pathlib.Path) and value.is_absolute():
+    root = RESULTS.parent.parent
+    if value.is_relative_to(root):
+      return str(value.relative_to(root))
+  return str(value)
 
 
 # ----------------------------------------------------------------------------

@@ -144,3 +144,14 @@ def test_command_line_spells_flags_so_that_it_parses_back():
   words = _common.command_line(args).split(" ", 2)[2]
   assert vars(parser.parse_args(shlex.split(words))) == vars(args)
   assert "--fresh" not in words and "--limit" not in words
+
+
+def test_command_line_gives_paths_in_the_repository_from_its_root():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=_common.RESULTS / "x.json")
+  parser.add_argument("--elsewhere", type=pathlib.Path,
+                      default=pathlib.Path("/elsewhere/y.json"))
+  words = _common.command_line(parser.parse_args([]))
+  assert words.endswith(
+      "--out benchmarks/results/x.json --elsewhere /elsewhere/y.json")
