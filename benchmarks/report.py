@@ -3024,10 +3024,13 @@ def _frontier_resnet_findings() -> str:
 def _frontier_resnet_readme() -> str:
   record = load("frontier_resnet")
   done = sum(p["complete"] for p in record["points"])
+  total = len(record["points"])
+  progress = ("every point run" if done == total
+              else f"{done} of {total} points run so far")
   head = (f"On the BatchNorm resnet (`benchmarks/frontier.py run --workload "
           f"resnet`, the same protocol, B = "
           f"{', '.join(f'{b:,}' for b in record['budget']['batch_sizes'])};"
-          f" {done} of {len(record['points'])} points run so far), does "
+          f" {progress}), does "
           "SNGM's standing change? Steps to target by the spread rule:")
   return "\n".join([head, "", *[f"- {line}" for line in sngm_standing(
       load("frontier"), record)]])
