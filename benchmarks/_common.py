@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository's
+RESULTS = ROOT / "benchmarks" / "results"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -160,10 +161,8 @@ def command_line(args=None, exclude: Sequence[str] = ()) -> str:
 def _from_repository(value: Any) -> str:
   """`value` as text; a path inside the repository relative to its root, so
   that a default such as `RESULTS / "x.json"` reads the same on any machine."""
-  if isinstance(value, pathlib.Path) and value.is_absolute():
-    root = RESULTS.parent.parent
-    if value.is_relative_to(root):
-      return str(value.relative_to(root))
+  if isinstance(value, pathlib.Path) and value.is_relative_to(ROOT):
+    return str(value.relative_to(ROOT))
   return str(value)
 
 

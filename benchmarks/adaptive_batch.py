@@ -468,7 +468,7 @@ def convert_legacy(args):
   benchmark's own flow on them: every run the flow asks for is found among
   the old rows, with its status recomputed by the engine's rule."""
   path, _, commit = args.convert_legacy.partition("@")
-  legacy, root = pathlib.Path(path), _common.RESULTS.parent.parent
+  legacy, root = pathlib.Path(path), _common.ROOT
   name = (legacy.resolve().relative_to(root)
           if legacy.resolve().is_relative_to(root) else legacy)
   if commit:  # the file as that commit wrote it

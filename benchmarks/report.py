@@ -28,7 +28,7 @@ import _common
 
 from sngm_optax.harness import sweep
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = _common.ROOT
 RESULTS = _common.RESULTS
 DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
 
